@@ -30,6 +30,7 @@ demo: $(STAMP)
 	$(PY) examples/demo/run_demo.py
 
 test: $(STAMP)
+	$(PY) -m ruff check fflayers analysis examples tests benchmarks
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
