@@ -1,0 +1,107 @@
+"""Convert a trigger-examples JSONL file (``generate_outputs.py --get_trigger_examples``) into one text file
+per key, ``{dim}_{layer}.txt``, each line ``fc1_value<TAB>prefix *next token*`` (see
+:mod:`fflayers.memories.textual`).
+
+    python analysis/trigger_examples_jsonl_to_textual.py --input_file top50.jsonl \
+        --model_dir checkpoints/adaptive_lm_wiki103.v2 --output_dir top50_output
+
+``--model_dir`` (fairseq, word-level: only its dict.txt is checked, no checkpoint is loaded) or ``--hf_model``
+(its tokenizer re-tokenizes each text as for mining; ``--gguf_file`` for GGUF folders). ``--output_dir``
+defaults to the input name with ``.jsonl`` replaced by ``.outp``; a non-empty folder is refused unless
+``--overwrite`` (the original asked interactively). Bad input: one line on stderr, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fflayers.backends.base import AdapterError
+from fflayers.backends.hf import HFAdapter
+
+PROG = "trigger_examples_jsonl_to_textual.py"
+
+
+class CLIError(Exception):
+    """Bad command-line input (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise CLIError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--input_file", type=str, required=True, help="trigger examples .jsonl")
+    p.add_argument("--model_dir", type=str, default=None, help="fairseq model dir (dict.txt)")
+    p.add_argument("--hf_model", type=str, default=None, help="HuggingFace model id or folder (its tokenizer)")
+    p.add_argument("--gguf_file", type=str, default=None, help="GGUF file name inside --hf_model's folder")
+    p.add_argument("--output_dir", type=str, default="", help="output folder (default: INPUT with .jsonl -> .outp)")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+class _TokenizerOnly:
+    """The text methods of :class:`~fflayers.backends.hf.HFAdapter` over a bare tokenizer (no model load)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    _tok = HFAdapter._tok
+    tokenize = HFAdapter.tokenize
+    id_to_token = HFAdapter.id_to_token
+    detokenize = HFAdapter.detokenize
+    bos_id = HFAdapter.bos_id
+
+
+def tokens_for(args: argparse.Namespace):
+    from fflayers.memories.textual import AdapterTokens, WordLevel
+
+    if (args.model_dir is None) == (args.hf_model is None):
+        raise CLIError("pass exactly one of --model_dir (fairseq) and --hf_model (HuggingFace)")
+    if args.model_dir is not None:
+        if not (Path(args.model_dir) / "dict.txt").is_file():
+            raise CLIError(f"--model_dir {args.model_dir} has no dict.txt; pass a fairseq model dir")
+        return WordLevel()
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.hf_model, **kwargs)
+    except (OSError, ValueError) as err:
+        raise CLIError(f"cannot load a tokenizer from {args.hf_model!r} ({str(err).splitlines()[0]})") from None
+    return AdapterTokens(_TokenizerOnly(tokenizer))
+
+
+def run(args: argparse.Namespace) -> int:
+    from fflayers.memories.textual import check_output_dir, write_textual
+
+    output_dir = args.output_dir
+    if not output_dir:
+        if not args.input_file.endswith(".jsonl"):
+            raise CLIError("--output_dir is required when --input_file does not end in .jsonl")
+        output_dir = args.input_file[: -len(".jsonl")] + ".outp"
+    if not Path(args.input_file).is_file():
+        raise CLIError(f"--input_file {args.input_file} does not exist")
+    check_output_dir(output_dir, args.overwrite)
+    tokens = tokens_for(args)
+    n = write_textual(args.input_file, output_dir, tokens, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"{PROG}: wrote {n} files to {output_dir}")
+    return n
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 for bad input, with one line on stderr)."""
+    try:
+        run(build_parser().parse_args(argv))
+    except (CLIError, AdapterError) as err:
+        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

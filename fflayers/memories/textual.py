@@ -1,0 +1,197 @@
+"""Trigger examples as readable text: one file per key, one line per trigger example.
+
+File ``{dim}_{layer}.txt``; line ``fc1_value<TAB>prefix *target*``: ``prefix`` is the sentence up to and
+including the token at the trigger position, ``target`` the token that position predicts (the next token of
+the input, ``</s>`` after the last one). Example: ``3.14\tthe cat sat *on*``. A trigger at the BOS position
+has an empty prefix: ``2.5\t*the*``. Tabs and newlines inside tokens are written as spaces.
+
+Word-level models (fairseq: input ``</s> w1 .. wn``, ``text`` = the space-joined words) need no tokenizer:
+position ``t`` has prefix ``w1 .. wt`` and target ``w(t+1)``. Subword models re-tokenize ``text`` with their
+adapter, exactly as the sentences were tokenized for mining.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from functools import lru_cache
+from pathlib import Path
+
+from fflayers.backends.base import AdapterError, LMAdapter
+
+EOS = "</s>"
+_FILE = re.compile(r"^(\d+)_(\d+)\.txt$")
+_WS = re.compile(r"[\t\r\n]")
+
+
+class WordLevel:
+    """Word-level input ``</s> w1 .. wn`` (fairseq LMs): position t predicts word t+1 (1-based)."""
+
+    def prefix_and_target(self, text: str, position: int) -> tuple[str, str]:
+        words = text.split()
+        if not 0 <= position <= len(words):
+            raise AdapterError(
+                f"token_indice {position} is out of range for a {len(words)}-word sentence; "
+                "was the file made with a word-level (fairseq) model?"
+            )
+        target = words[position] if position < len(words) else EOS
+        return " ".join(words[:position]), target
+
+
+class AdapterTokens:
+    """Subword models: ``text`` is re-tokenized with ``adapter.tokenize(text)`` (BOS added as for mining)."""
+
+    def __init__(self, adapter: LMAdapter) -> None:
+        self.adapter = adapter
+        self._ids = lru_cache(maxsize=4096)(lambda text: tuple(adapter.tokenize(text)))
+
+    def prefix_and_target(self, text: str, position: int) -> tuple[str, str]:
+        ids = self._ids(text)
+        if not 0 <= position < len(ids):
+            raise AdapterError(
+                f"token_indice {position} is out of range for a {len(ids)}-token input; "
+                "was the file made with this model and tokenizer?"
+            )
+        bos = self.adapter.bos_id
+        start = 1 if bos is not None and ids and ids[0] == bos else 0
+        prefix = self.adapter.detokenize(list(ids[start : position + 1])).strip() if position >= start else ""
+        target = self.adapter.id_to_token([ids[position + 1]])[0].strip() if position + 1 < len(ids) else EOS
+        return prefix, target
+
+
+def format_line(value: float, prefix: str, target: str) -> str:
+    """``value<TAB>prefix *target*`` (no space before ``*`` when the prefix is empty), no newline."""
+    prefix, target = _WS.sub(" ", prefix), _WS.sub(" ", target)
+    star = f"*{target}*"
+    return f"{value}\t{prefix} {star}" if prefix else f"{value}\t{star}"
+
+
+def parse_line(line: str) -> tuple[float, str, str]:
+    """Inverse of :func:`format_line`: ``(value, prefix, target)``."""
+    line = line.rstrip("\n")
+    value, sep, rest = line.partition("\t")
+    if not sep or len(rest) < 2 or not rest.endswith("*"):
+        raise AdapterError(f"malformed trigger-example line {line!r}; expected 'value<TAB>prefix *target*'")
+    cut = rest.rfind(" *", 0, len(rest) - 1)
+    if cut >= 0:
+        prefix, target = rest[:cut], rest[cut + 2 : -1]
+    elif rest.startswith("*"):
+        prefix, target = "", rest[1:-1]
+    else:
+        raise AdapterError(f"malformed trigger-example line {line!r}; expected 'value<TAB>prefix *target*'")
+    return float(value), prefix, target
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
+    """Rows of a trigger-examples JSONL file (original schema)."""
+    p = Path(path)
+    if not p.is_file():
+        raise AdapterError(f"input file {p} does not exist; pass the .jsonl written by generate_outputs.py")
+    with open(p, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise AdapterError(f"{p} line {lineno} is not JSON ({e.msg}); pass a trigger-examples .jsonl file") from None
+            if not isinstance(row, dict) or "dim" not in row or "top_values" not in row:
+                raise AdapterError(f"{p} line {lineno} lacks 'dim'/'top_values'; pass a trigger-examples .jsonl file")
+            yield row
+
+
+def textual_files(rows: Iterable[dict], tokens) -> Iterator[tuple[str, list[str]]]:
+    """``(file name, lines)`` per key, streaming over ``rows``; ``tokens`` is a :class:`WordLevel` or
+    :class:`AdapterTokens`.
+
+    The layer of a key is its records' ``layer_index``; a key without records takes the layer seen at the
+    same place of ``top_values`` in other rows (or that place's index), and its (empty) file comes last.
+    """
+    slot_layers: dict[int, int] = {}
+    empty: list[tuple[int, int]] = []
+    for row in rows:
+        dim = int(row["dim"])
+        for j, records in enumerate(row["top_values"]):
+            if not records:
+                empty.append((dim, j))
+                continue
+            layer = int(records[0]["layer_index"])
+            slot_layers.setdefault(j, layer)
+            lines = []
+            for rec in records:
+                prefix, target = tokens.prefix_and_target(rec["text"], int(rec["token_indice"]))
+                lines.append(format_line(rec["fc1_value"], prefix, target))
+            yield f"{dim}_{layer}.txt", lines
+    for dim, j in empty:
+        yield f"{dim}_{slot_layers.get(j, j)}.txt", []
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse a non-empty folder unless ``overwrite``; create it when missing."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise AdapterError(f"output path {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise AdapterError(f"output folder {out} is not empty; pass --overwrite or choose another folder")
+    if not out.exists() and not out.parent.is_dir():
+        raise AdapterError(f"folder {out.parent} does not exist; create it or choose another output folder")
+    if not os.access(out if out.exists() else out.parent, os.W_OK):
+        raise AdapterError(f"output folder {out} is not writable; choose another folder")
+    return out
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename: readers never see a partial file. No fsync per file (tens of
+    thousands of small files; :func:`fflayers.io.atomic_write` would spend minutes in fsync)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_textual(input_file: str | os.PathLike, output_dir: str | os.PathLike, tokens, overwrite: bool = False,
+                  progress: bool = True) -> int:
+    """Convert a trigger-examples JSONL file to one text file per key; returns the number of files.
+
+    With ``overwrite`` the folder's old ``{dim}_{layer}.txt`` files are removed first. Each file appears
+    whole (written under a temporary name, then renamed).
+    """
+    from tqdm.auto import tqdm
+
+    out = check_output_dir(output_dir, overwrite)
+    if next(read_jsonl(input_file), None) is None:
+        raise AdapterError(f"input file {input_file} holds no trigger examples; pass a non-empty .jsonl")
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for old in out.iterdir():
+            if _FILE.match(old.name) and old.is_file():
+                old.unlink()
+    n = 0
+    for name, lines in tqdm(textual_files(read_jsonl(input_file), tokens), disable=not progress, unit="file",
+                            desc="textual"):
+        _replace_text(out / name, "".join(line + "\n" for line in lines))
+        n += 1
+    return n
+
+
+def read_textual_dir(directory: str | os.PathLike) -> dict[tuple[int, int], list[tuple[float, str, str]]]:
+    """``{(layer, dim): [(value, prefix, target), ...]}`` from a folder written by :func:`write_textual`."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise AdapterError(f"folder {d} does not exist; pass the output folder of trigger_examples_jsonl_to_textual.py")
+    out: dict[tuple[int, int], list[tuple[float, str, str]]] = {}
+    for path in sorted(d.iterdir()):
+        m = _FILE.match(path.name)
+        if not m or not path.is_file():
+            continue
+        dim, layer = int(m.group(1)), int(m.group(2))
+        with open(path, encoding="utf-8") as f:
+            out[layer, dim] = [parse_line(line) for line in f if line.strip()]
+    if not out:
+        raise AdapterError(f"folder {d} holds no {{dim}}_{{layer}}.txt files; run trigger_examples_jsonl_to_textual.py first")
+    return out

@@ -1,0 +1,336 @@
+"""Trigger examples of FFN keys: for every key, the k sentences on which it fires hardest.
+
+For key ``i`` of layer ``l`` and a sentence, the score is the max over positions of the key's pre-activation
+``a = fc1(LN(r))`` (hook point ``mlp_key``), with the argmax position (ties: first position). Every position
+of the model input counts, the BOS position 0 included. Per key, the k sentences with the largest positive
+score are kept (:class:`~fflayers.memories.topk.StreamingTopK`: larger value first, equal values by smaller
+sentence id). Differences from the original code: sentences whose best activation is <= 0 are never listed
+(the original padded the list with zero-valued entries), the order of equal values is fixed, and sentence
+order does not depend on multiprocessing.
+
+The pass is batched (length-bucketed batches of at most ``batch_tokens`` padded tokens) and stops after the
+last requested layer's keys; each hooked layer is reduced to ``[batch, dims]`` maxima inside its hook, so
+memory stays bounded by one layer's activations. With ``checkpoint_dir`` the state is saved after every shard
+of ``shard_size`` sentences and a rerun with the same inputs and settings continues from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.hooks import StopForward, hooked
+from fflayers.memories.topk import StreamingTopK, all_gather_merge
+
+CHECKPOINT_NAME = "trigger_examples_state.pt"
+
+
+@dataclass
+class TriggerExamples:
+    """Top-k trigger examples of the keys ``(layer, dim)`` for ``layer in layers``, ``dim in dims``.
+
+    Buffers are ``[len(layers) * len(dims), k]`` (key index ``li * len(dims) + di``), on the CPU, best first;
+    empty slots (fewer than k sentences with a positive activation) hold ``value=-inf``, ``sentence_id=-1``,
+    ``position=-1``. ``position`` indexes the model input (0 = BOS when the sentences start with one).
+    """
+
+    values: torch.Tensor
+    sentence_ids: torch.Tensor
+    positions: torch.Tensor
+    layers: list[int]
+    dims: list[int]
+    k: int
+    n_sentences: int
+
+    def key_index(self, layer: int, dim: int) -> int:
+        """Row of key ``(layer, dim)`` in the buffers."""
+        try:
+            return self.layers.index(layer) * len(self.dims) + self.dims.index(dim)
+        except ValueError:
+            raise AdapterError(f"key ({layer}, {dim}) was not mined; mined layers {self.layers}, dims {len(self.dims)}") from None
+
+    def examples(self, layer: int, dim: int) -> list[tuple[float, int, int]]:
+        """``(value, sentence_id, position)`` of one key, best first (filled slots only)."""
+        row = self.key_index(layer, dim)
+        ids = self.sentence_ids[row].tolist()
+        return [(v, s, p) for v, s, p in zip(self.values[row].tolist(), ids, self.positions[row].tolist(), strict=True)
+                if s >= 0]
+
+    def to_frame(self):
+        """Long table: one row per filled slot, columns layer, dim, rank, sentence_id, position, value."""
+        import pandas as pd
+
+        n_dims, k = len(self.dims), self.k
+        filled = (self.sentence_ids >= 0).numpy()
+        key, rank = np.nonzero(filled)
+        layers = np.asarray(self.layers, dtype=np.int64)[key // n_dims]
+        dims = np.asarray(self.dims, dtype=np.int64)[key % n_dims]
+        flat = key * k + rank
+        return pd.DataFrame({
+            "layer": layers,
+            "dim": dims,
+            "rank": rank.astype(np.int64),
+            "sentence_id": self.sentence_ids.numpy().reshape(-1)[flat],
+            "position": self.positions.numpy().reshape(-1)[flat],
+            "value": self.values.numpy().reshape(-1)[flat],
+        })
+
+    def to_jsonl_rows(self, texts: Sequence[str]) -> Iterator[dict]:
+        """Rows of the original JSONL schema, one per dim::
+
+            {"dim": i, "top_values": [per layer: [{"rank", "layer_index", "token_indice", "fc1_value", "text"}]]}
+
+        ``texts[sentence_id]`` is the sentence's text (space-joined tokens without BOS for word-level models).
+        """
+        if len(texts) < self.n_sentences:
+            raise AdapterError(f"{len(texts)} texts for {self.n_sentences} mined sentences; pass one text per sentence")
+        n_dims = len(self.dims)
+        values = self.values.tolist()
+        ids = self.sentence_ids.tolist()
+        pos = self.positions.tolist()
+        for di, dim in enumerate(self.dims):
+            per_layer = []
+            for li, layer in enumerate(self.layers):
+                row = li * n_dims + di
+                per_layer.append([
+                    {"rank": r, "layer_index": layer, "token_indice": p, "fc1_value": v, "text": texts[s]}
+                    for r, (v, s, p) in enumerate(zip(values[row], ids[row], pos[row], strict=True)) if s >= 0
+                ])
+            yield {"dim": dim, "top_values": per_layer}
+
+
+# ----- configuration and checkpoints ---------------------------------------------------------------------
+
+
+def _check_selection(adapter: LMAdapter, layers: Sequence[int] | None, dims: Sequence[int] | None) -> tuple[list[int], list[int]]:
+    if layers is None:
+        layers = list(range(adapter.n_layers))
+    else:
+        layers = list(dict.fromkeys(adapter.check_layer(int(layer)) for layer in layers))
+        if not layers:
+            raise AdapterError("no layers selected; pass layers=None for all layers")
+    d_ff = adapter.d_ff
+    if dims is None:
+        dims = list(range(d_ff))
+    else:
+        dims = list(dict.fromkeys(int(d) for d in dims))
+        if not dims:
+            raise AdapterError("no dims selected; pass dims=None for all dims")
+        bad = [d for d in dims if not 0 <= d < d_ff]
+        if bad:
+            raise AdapterError(f"dim {bad[0]} is out of range: the model has {d_ff} FFN dims per layer (0..{d_ff - 1})")
+    return layers, dims
+
+
+def _sentences_digest(sentences: Sequence[Sequence[int]]) -> str:
+    h = hashlib.sha256()
+    lengths = np.fromiter((len(s) for s in sentences), dtype=np.int64, count=len(sentences))
+    h.update(lengths.tobytes())
+    chunk: list[int] = []
+    for s in sentences:
+        chunk.extend(int(t) for t in s)
+        if len(chunk) > 1 << 20:
+            h.update(np.asarray(chunk, dtype=np.int64).tobytes())
+            chunk = []
+    h.update(np.asarray(chunk, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _model_digest(adapter: LMAdapter, layer: int) -> str:
+    h = hashlib.sha256()
+    h.update(repr((type(adapter).__name__, adapter.n_layers, adapter.d_model, adapter.d_ff, adapter.vocab_size)).encode())
+    keys = adapter.ffn_keys(layer).detach().to("cpu", torch.float32).contiguous()
+    h.update(keys.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _config_hash(adapter, sentences, k, layers, dims, batch_tokens, shard_size, world) -> str:
+    parts = [_model_digest(adapter, layers[0]), _sentences_digest(sentences),
+             repr((k, layers, dims, batch_tokens, shard_size, world))]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def _save_checkpoint(path: Path, config_hash: str, done_shards: int, done_sentences: int, topk: StreamingTopK) -> None:
+    from fflayers.io import atomic_write
+
+    with atomic_write(path, "wb") as f:
+        torch.save({"config_hash": config_hash, "done_shards": done_shards, "done_sentences": done_sentences,
+                    "topk": topk.state_dict()}, f)
+
+
+def _load_checkpoint(path: Path, config_hash: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise AdapterError(f"checkpoint {path} is unreadable ({type(err).__name__}); delete it to start over") from None
+    if state.get("config_hash") != config_hash:
+        raise AdapterError(
+            f"checkpoint {path} was made with other inputs or settings (sentences, model, k, layers, dims, "
+            "batch_tokens or shard_size differ); rerun with the same ones, or delete it to start over"
+        )
+    return state
+
+
+# ----- mining ----------------------------------------------------------------------------------------------
+
+
+class _BatchReducer:
+    """Hooks that reduce each selected layer's ``mlp_key`` to per-sentence max and argmax over positions."""
+
+    def __init__(self, adapter: LMAdapter, layers: list[int], dims: list[int]) -> None:
+        self.adapter = adapter
+        self.layers = layers
+        self.last = max(layers)
+        dev = adapter.device
+        self.dim_index = None if dims == list(range(adapter.d_ff)) else torch.tensor(dims, device=dev)
+        self.n_dims = len(dims)
+        self.pad = None
+        self.min_len = 1
+        self.arange: torch.Tensor | None = None
+        self.out_v: torch.Tensor | None = None
+        self.out_i: torch.Tensor | None = None
+
+    def hooks(self):
+        return [("mlp_key", layer, self._fn(li, layer == self.last)) for li, layer in enumerate(self.layers)]
+
+    def _fn(self, li: int, last: bool):
+        def fn(x: torch.Tensor):
+            if self.dim_index is not None:
+                x = x.index_select(-1, self.dim_index)
+            v, i = self._max_argmax(x)
+            self.out_v[li].copy_(v.T)
+            self.out_i[li].copy_(i.T)
+            if last:
+                raise StopForward
+            return None
+
+        return fn
+
+    def _max_argmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Max over real positions of ``x`` ``[B, T, F]`` and the first position holding it, both ``[B, F]``.
+
+        ``amax`` plus a first-match search (vectorized) instead of ``max(dim)`` with indices (a slow strided
+        reduction on CPU). Positions below the shortest length hold no padding, so only the (short:
+        batches are length-bucketed) tail is masked.
+        """
+        m, T = self.min_len, x.shape[1]
+        head = x[:, :m]
+        tail = x[:, m:].masked_fill(self.pad[:, m:], float("-inf")) if m < T else None
+        v = head.amax(dim=1)
+        if tail is not None:
+            v = torch.maximum(v, tail.amax(dim=1))
+        v_ = v.unsqueeze(1)
+        pos = self.arange[:, :m]
+        i = torch.where(head == v_, pos, T).amin(dim=1)
+        if tail is not None:
+            i = torch.minimum(i, torch.where(tail == v_, self.arange[:, m:], T).amin(dim=1))
+        return v, i
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per key ``[n_keys, B]`` max activation and argmax position of one right-padded batch."""
+        dev = self.adapter.device
+        self.min_len = max(1, int(attention_mask.sum(1).min()))  # on the host copy: no device sync
+        input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev).bool()
+        B = input_ids.shape[0]
+        L = len(self.layers)
+        self.pad = ~attention_mask[:, :, None]
+        T = input_ids.shape[1]
+        self.arange = torch.arange(T, device=dev, dtype=torch.int16 if T < 16_000 else torch.int32)[None, :, None]
+        # [layer, dim, sentence]: row li * n_dims + di is key (layers[li], dims[di])
+        self.out_v = torch.empty(L, self.n_dims, B, dtype=torch.float32, device=dev)
+        self.out_i = torch.empty(L, self.n_dims, B, dtype=torch.int64, device=dev)
+        self.adapter.run(input_ids, attention_mask)
+        v, i = self.out_v.view(L * self.n_dims, B), self.out_i.view(L * self.n_dims, B)
+        self.pad = self.out_v = self.out_i = self.arange = None
+        return v, i
+
+
+def trigger_examples(
+    adapter: LMAdapter,
+    sentences: Sequence[Sequence[int]],
+    k: int = 50,
+    layers: Sequence[int] | None = None,
+    dims: Sequence[int] | None = None,
+    batch_tokens: int = 4096,
+    progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+    shard_size: int = 10_000,
+    distributed: bool = False,
+) -> TriggerExamples:
+    """Top-``k`` trigger examples of every key ``(layer, dim)`` over ``sentences`` (token ids, each exactly as
+    the model reads it: BOS included where the model uses one; sentence id = index in ``sentences``).
+
+    ``layers`` / ``dims`` (default: all) select keys. Sentences longer than the model's maximum are truncated.
+    ``checkpoint_dir``: save the state after each shard of ``shard_size`` sentences and resume from it.
+    ``distributed=True`` (inside an initialised ``torch.distributed`` job): shard ``s`` goes to rank
+    ``s % world_size`` and the ranks' top-k are merged at the end; every rank returns the full result.
+    """
+    from tqdm.auto import tqdm
+
+    from fflayers.data import iter_batches
+
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise AdapterError(f"k={k!r} must be a positive integer (the number of trigger examples per key)")
+    if shard_size < 1:
+        raise AdapterError(f"shard_size={shard_size} must be >= 1")
+    if len(sentences) == 0:
+        raise AdapterError("no sentences to mine; pass a non-empty list of token-id sequences")
+    layers, dims = _check_selection(adapter, layers, dims)
+    rank, world = 0, 1
+    if distributed:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise AdapterError("distributed=True needs an initialised torch.distributed process group (run under torchrun)")
+        rank, world = dist.get_rank(), dist.get_world_size()
+
+    n = len(sentences)
+    n_shards = (n + shard_size - 1) // shard_size
+    my_shards = list(range(rank, n_shards, world))
+    topk = StreamingTopK(len(layers) * len(dims), k, device=adapter.device)
+    done_shards = 0
+    ckpt_path = config_hash = None
+    if checkpoint_dir is not None:
+        ckpt_dir = Path(checkpoint_dir)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        name = CHECKPOINT_NAME if world == 1 else CHECKPOINT_NAME.replace(".pt", f".rank{rank}-of-{world}.pt")
+        ckpt_path = ckpt_dir / name
+        config_hash = _config_hash(adapter, sentences, k, layers, dims, batch_tokens, shard_size, world)
+        state = _load_checkpoint(ckpt_path, config_hash)
+        if state is not None:
+            topk.load_state_dict(state["topk"])
+            done_shards = int(state["done_shards"])
+
+    reducer = _BatchReducer(adapter, layers, dims)
+    max_len = adapter.max_positions
+    done_sentences = sum(min(shard_size, n - s * shard_size) for s in my_shards[:done_shards])
+    total = sum(min(shard_size, n - s * shard_size) for s in my_shards)
+    bar = tqdm(total=total, initial=done_sentences, disable=not progress, unit="sent", desc="trigger examples")
+    try:
+        with hooked(adapter, reducer.hooks()), torch.inference_mode():
+            for j in range(done_shards, len(my_shards)):
+                start = my_shards[j] * shard_size
+                shard = sentences[start : start + shard_size]
+                for batch in iter_batches(shard, adapter.pad_id, batch_tokens=batch_tokens, max_length=max_len,
+                                          truncate=True):
+                    v, i = reducer(batch.input_ids, batch.attention_mask)
+                    ids = torch.tensor(batch.index, dtype=torch.int64) + start
+                    topk.update(v, i, ids)
+                    bar.update(len(batch))
+                done_sentences += len(shard)
+                if ckpt_path is not None:
+                    _save_checkpoint(ckpt_path, config_hash, j + 1, done_sentences, topk)
+    finally:
+        bar.close()
+    if world > 1:
+        topk = all_gather_merge(topk)
+    return TriggerExamples(topk.values.cpu(), topk.sentence_ids.cpu(), topk.positions.cpu(), layers, dims, k, n)
