@@ -1,0 +1,159 @@
+"""Agreement between each FFN value's top prediction and its key's trigger examples (``key_value_agreement.py``).
+
+Reads a folder of textual trigger files (``{dim}_{layer}.txt``, written by ``trigger_examples_jsonl_to_textual.py``),
+projects every value of the model through its own output head and writes ``{output_base}.tsv`` (layer, W2_dim,
+max_prob, embedding_index, embedding_token, embedding_token_target_count, target_rankings as a JSON list),
+``{output_base}_max_probs.json`` (``[L][d_ff]``; ``null`` for layers left out with ``--layers``) and
+``{output_base}.meta.json``; with ``--random_baseline`` also ``{output_base}_random.tsv`` (random vectors with the
+values' norms). See :mod:`fflayers.memories.agreement` for the definitions and where they differ from the
+original script (real output layer in eval mode; the starred next token as target).
+
+Example::
+
+    python analysis/key_value_agreement.py --model_dir checkpoints/adaptive_lm_wiki103.v2 \\
+        --data_dir top50_textual --output_base key_value_top50
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from fflayers.backends.base import AdapterError
+
+PROG = "key_value_agreement.py"
+
+
+class CLIError(Exception):
+    """Bad command-line input (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        raise CLIError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--model_dir", type=str, default=None, help="fairseq model dir (model.pt + dict.txt)")
+    p.add_argument("--hf_model", type=str, default=None, help="HuggingFace model id or local folder (instead of --model_dir)")
+    p.add_argument("--gguf_file", type=str, default=None, help="GGUF file name inside --hf_model's folder")
+    p.add_argument("--data_dir", type=str, default=None, help="folder of {dim}_{layer}.txt trigger files")
+    p.add_argument("--output_base", type=str, default=None, help="writes OUTPUT_BASE.tsv and OUTPUT_BASE_max_probs.json")
+    p.add_argument("--layers", nargs="*", type=int, default=None, help="layers to analyse (default: all)")
+    p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--chunk_values", type=int, default=None, help="values projected at once (default: ~16M log-probs)")
+    p.add_argument("--random_baseline", action="store_true", help="also write OUTPUT_BASE_random.tsv (random values)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    p.add_argument("--trust-checkpoint", dest="trust_checkpoint", action="store_true",
+                   help="allow full unpickling of a fairseq checkpoint you trust (old Namespace checkpoints)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if (args.model_dir is None) == (args.hf_model is None):
+        raise CLIError("pass exactly one of --model_dir (fairseq) and --hf_model (HuggingFace)")
+    if args.gguf_file and not args.hf_model:
+        raise CLIError("--gguf_file goes with --hf_model")
+    if not args.data_dir:
+        raise CLIError("--data_dir is required: the folder written by trigger_examples_jsonl_to_textual.py")
+    if not args.output_base:
+        raise CLIError("--output_base is required")
+    if args.chunk_values is not None and args.chunk_values < 1:
+        raise CLIError(f"--chunk_values {args.chunk_values} must be >= 1")
+    if not Path(args.data_dir).is_dir():
+        raise CLIError(f"--data_dir {args.data_dir} does not exist; pass the output folder of trigger_examples_jsonl_to_textual.py")
+
+
+def output_paths(base: str, random_baseline: bool) -> dict[str, Path]:
+    from fflayers.io import check_writable
+
+    paths = {"tsv": base + ".tsv", "json": base + "_max_probs.json", "meta": base + ".meta.json"}
+    if random_baseline:
+        paths["random"] = base + "_random.tsv"
+    return {k: check_writable(v) for k, v in paths.items()}
+
+
+def load_adapter(args: argparse.Namespace):
+    import logging
+
+    logging.getLogger("fairseq").setLevel(logging.WARNING)  # keep stderr for progress and errors
+    if args.model_dir is not None:
+        from fflayers.backends.fairseq_lm import load_fairseq_lm
+
+        return load_fairseq_lm(args.model_dir, device=args.device, trust_checkpoint=args.trust_checkpoint)
+    from transformers.utils import logging as hf_logging
+
+    from fflayers.backends.hf import load_hf_lm
+
+    hf_logging.disable_progress_bar()
+    return load_hf_lm(args.hf_model, device=args.device, gguf_file=args.gguf_file)
+
+
+def to_tsv_frame(table):
+    """The table with ``target_rankings`` as JSON lists (one cell each)."""
+    out = table.copy()
+    out["target_rankings"] = [json.dumps(list(map(int, r))) for r in table["target_rankings"]]
+    return out
+
+
+def run(args: argparse.Namespace) -> None:
+    from fflayers.io import run_metadata, write_json, write_table
+    from fflayers.memories.agreement import key_value_agreement, max_probs_by_layer, targets_from_examples
+    from fflayers.memories.textual import read_textual_dir
+
+    check_args(args)
+    start = time.time()
+    examples = read_textual_dir(args.data_dir)
+    paths = output_paths(args.output_base, args.random_baseline)
+    adapter = load_adapter(args)
+    layers = None if not args.layers else [adapter.check_layer(x) for x in args.layers]
+    targets, n_unknown = targets_from_examples(adapter, examples)
+    n_targets = sum(len(t) for t in targets.values())
+    print(f"{PROG}: {len(targets)} keys, {n_targets} trigger targets ({n_unknown} not in the vocabulary -> unk), "
+          f"model {adapter}")
+    table = key_value_agreement(adapter, targets, layers=layers, chunk_values=args.chunk_values, progress=not args.quiet)
+    random_table = None
+    if args.random_baseline:
+        random_table = key_value_agreement(adapter, targets, layers=layers, chunk_values=args.chunk_values,
+                                           random_baseline=True, seed=args.seed, progress=not args.quiet)
+    config = dict(vars(args))
+    config.update(model=repr(adapter), keys=len(targets), targets=n_targets, unknown_targets=n_unknown,
+                  seconds=round(time.time() - start, 3))
+    written: list[Path] = []
+    try:
+        write_table(paths["tsv"], to_tsv_frame(table))
+        written.append(paths["tsv"])
+        write_json(paths["json"], max_probs_by_layer(table, adapter.n_layers))
+        written.append(paths["json"])
+        if random_table is not None:
+            write_table(paths["random"], to_tsv_frame(random_table))
+            written.append(paths["random"])
+        write_json(paths["meta"], run_metadata(config))
+    except BaseException:
+        for path in written:  # no partial output
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
+    print(f"{PROG}: wrote {paths['tsv']} and {paths['json']} in {time.time() - start:.1f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 for bad input, with one line on stderr)."""
+    try:
+        run(build_parser().parse_args(argv))
+    except (CLIError, AdapterError) as err:
+        message = " ".join(str(err).split())
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Key-value agreement: does a value's top prediction match the tokens its key's trigger examples predict?
+
+For every value ``v_i`` of layer ``l``: ``p_i = P(v_i)``, the model's own output head applied to the value
+(:meth:`LMAdapter.project`: final norm where the model has one, the real output layer in eval mode, fairseq's
+adaptive softmax with its trained cluster and tail projections included). For key ``(l, i)``, the targets are
+the tokens its trigger examples predict: in a textual trigger file the starred token, i.e. the token *after*
+the trigger position (the hidden state at position t predicts token t+1).
+
+Per value the table holds (column names of the original ``key_value_agreement.py``):
+
+* ``layer``, ``W2_dim``: the value's layer and index;
+* ``max_prob``: ``max p_i``; ``embedding_index`` / ``embedding_token``: its argmax and token string;
+* ``embedding_token_target_count``: how many trigger targets equal the top-1 token;
+* ``target_rankings``: the rank of each trigger target under ``p_i`` (0 = top-1; rank = number of tokens with
+  a strictly larger probability), in trigger order (largest key activation first). Values whose key has no
+  trigger examples get ``[]`` and count 0.
+
+Target strings are mapped to ids with :func:`target_id` (subword vocabularies: the spaced form after a prefix);
+targets that are not one vocabulary entry are mapped to the model's unknown-token id (fairseq ``<unk>``, the
+tokenizer's ``unk_token_id``) and ranked as that token; a model without one gets rank ``-1`` for them.
+
+Memory stays bounded: values are projected ``chunk_values`` at a time and ranks are counted against each
+chunk's log-probs with a sort of the (few) targets and one bucketing pass over the vocabulary, so nothing
+of size ``[all values, vocab]`` exists (the original held every value's log-probs at once: ~150 GB for
+WikiText-103).
+
+Where fflayers differs from the original code (both are departures of that code from the paper):
+
+1. The original built a fresh adaptive softmax and copied only the embedding weights into it, so the cluster
+   and tail projections were random and dropout was on. fflayers uses the model's trained output layer in
+   eval mode.
+2. The original took the token *before* the starred one as each trigger's target. fflayers takes the starred
+   token: the next token, the one the trigger position predicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.memories.value_projections import (
+    _progress,
+    check_layers,
+    default_chunk_rows,
+    iter_projected,
+    random_values,
+)
+
+__all__ = [
+    "AGREEMENT_COLUMNS",
+    "count_greater",
+    "unk_id",
+    "target_id",
+    "targets_from_examples",
+    "key_value_agreement",
+    "max_probs_by_layer",
+    "agreement_by_layer",
+]
+
+AGREEMENT_COLUMNS = ["layer", "W2_dim", "max_prob", "embedding_index", "embedding_token",
+                     "embedding_token_target_count", "target_rankings"]
+
+Key = tuple[int, int]
+
+
+def count_greater(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """``out[r, k] = #{j : scores[r, j] > thresholds[r, k]}`` (exact, strict), as int64 ``[R, K]``.
+
+    Sorts the ``K`` thresholds of each row and buckets every score among them (``searchsorted``), then counts
+    with one ``bincount``: ``O(R V log K)`` time and ``O(R V)`` memory, never ``[R, K, V]``. NaN scores never count.
+    """
+    R, V = scores.shape
+    K = thresholds.shape[1]
+    if K == 0:
+        return torch.zeros(R, 0, dtype=torch.long, device=scores.device)
+    sorted_t, order = thresholds.to(scores.dtype).sort(dim=1)
+    # bucket b(x) = number of thresholds strictly below x; x > sorted_t[k]  <=>  b(x) >= k + 1
+    bucket = torch.searchsorted(sorted_t.contiguous(), scores.contiguous(), right=False)
+    bucket = bucket.masked_fill(torch.isnan(scores), 0)
+    offsets = bucket + torch.arange(R, device=scores.device)[:, None] * (K + 1)
+    hist = torch.bincount(offsets.reshape(-1), minlength=R * (K + 1)).reshape(R, K + 1)
+    at_least = hist.flip(1).cumsum(1).flip(1)  # at_least[:, j] = #{b(x) >= j}
+    out = torch.empty(R, K, dtype=torch.long, device=scores.device)
+    out.scatter_(1, order, at_least[:, 1:])
+    return out
+
+
+def unk_id(adapter: LMAdapter) -> int | None:
+    """The model's unknown-token id (fairseq dictionary, HF tokenizer), or None."""
+    value = getattr(adapter, "unk_id", None)
+    if isinstance(value, int):
+        return value
+    dictionary = getattr(adapter, "dictionary", None)
+    if dictionary is not None and hasattr(dictionary, "unk"):
+        return int(dictionary.unk())
+    tok = getattr(adapter, "tokenizer", None)
+    value = getattr(tok, "unk_token_id", None)
+    return value if isinstance(value, int) else None
+
+
+def _eos_id(adapter: LMAdapter) -> int | None:
+    tok = getattr(adapter, "tokenizer", None)
+    value = getattr(tok, "eos_token_id", None)
+    return value if isinstance(value, int) else None
+
+
+def target_id(adapter: LMAdapter, token: str, after_prefix: bool = True) -> int | None:
+    """Token id of a trigger target string, or None when it is not one vocabulary entry.
+
+    Textual files strip the target's leading space, so after a non-empty prefix the spaced form is tried first
+    (``" Paris"``: GPT-2 BPE), then the bare form (word-level dictionaries, SentencePiece). The end-of-sentence
+    target ``</s>`` falls back to the tokenizer's EOS id.
+    """
+    candidates = [" " + token, token] if after_prefix and token and not token[0].isspace() else [token]
+    for cand in candidates:
+        tid = adapter.token_to_id(cand)
+        if tid is not None:
+            return int(tid)
+    return _eos_id(adapter) if token == "</s>" else None
+
+
+def targets_from_examples(
+    adapter: LMAdapter, examples: Mapping[Key, Sequence[tuple[float, str, str]]]
+) -> tuple[dict[Key, list[int]], int]:
+    """Trigger targets as token ids per key, from ``{(layer, dim): [(fc1_value, prefix, target_token)]}``
+    (what :func:`fflayers.memories.textual.read_textual_dir` returns), mapped with :func:`target_id`.
+
+    Each key's targets are ordered by activation, largest first (stable: the file order for equal values).
+    Target strings not in the vocabulary become the unknown-token id (-1 when the model has none).
+    Returns ``(targets, n_unknown)``.
+    """
+    unk = unk_id(adapter)
+    cache: dict[tuple[str, bool], int | None] = {}
+    n_unknown = 0
+    out: dict[Key, list[int]] = {}
+    for key, rows in examples.items():
+        ordered = sorted(rows, key=lambda row: -float(row[0]))
+        ids = []
+        for _value, prefix, token in ordered:
+            ck = (token, bool(prefix))
+            if ck not in cache:
+                cache[ck] = target_id(adapter, token, after_prefix=bool(prefix))
+            tid = cache[ck]
+            if tid is None:
+                n_unknown += 1
+                tid = unk if unk is not None else -1
+            ids.append(tid)
+        out[(int(key[0]), int(key[1]))] = ids
+    return out, n_unknown
+
+
+def _check_targets(adapter: LMAdapter, targets: Mapping[Key, Sequence[int]]) -> None:
+    d_ff, vocab = adapter.d_ff, adapter.vocab_size
+    for (layer, dim), ids in targets.items():
+        if not 0 <= layer < adapter.n_layers:
+            raise AdapterError(f"trigger examples for layer {layer}, but the model has {adapter.n_layers} layers "
+                               f"(0..{adapter.n_layers - 1}); use trigger examples mined from this model")
+        if not 0 <= dim < d_ff:
+            raise AdapterError(f"trigger examples for dim {dim} of layer {layer}, but layers have {d_ff} dims; "
+                               "use trigger examples mined from this model")
+        for t in ids:
+            if not -1 <= int(t) < vocab:
+                raise AdapterError(f"target id {t} of key ({layer}, {dim}) is outside the vocabulary of {vocab}")
+
+
+def key_value_agreement(
+    adapter: LMAdapter,
+    targets: Mapping[Key, Sequence[int]],
+    layers: Iterable[int] | None = None,
+    chunk_values: int | None = None,
+    random_baseline: bool = False,
+    seed: int = 0,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """The agreement table (see the module docstring) for every value of the chosen layers (default: all).
+
+    ``targets`` maps ``(layer, dim)`` to trigger target token ids (``-1``: unknown, ranked -1).
+    ``chunk_values`` bounds the values projected at once (default: about 16M log-probs per chunk).
+    ``random_baseline=True`` replaces each value by a random vector with its norm (the chance level).
+    """
+    layers = check_layers(adapter, layers)
+    _check_targets(adapter, targets)
+    chunk = chunk_values or default_chunk_rows(adapter, 1 << 24)
+    frames = []
+    bar = _progress(sum(adapter.d_ff for _ in layers), "key-value agreement", progress)
+    with torch.no_grad():
+        for layer in layers:
+            values = random_values(adapter, layer, seed) if random_baseline else adapter.ffn_values(layer).detach()
+            n = values.shape[0]
+            per_dim = [list(targets.get((layer, i), ())) for i in range(n)]
+            width = max((len(t) for t in per_dim), default=0)
+            tgt = torch.full((n, width), -1, dtype=torch.long)
+            for i, ids in enumerate(per_dim):
+                if ids:
+                    tgt[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+            max_prob = np.empty(n)
+            top1 = np.empty(n, dtype=np.int64)
+            ranks = np.full((n, width), -1, dtype=np.int64)
+            for rows, lp in iter_projected(adapter, values, chunk):
+                best, arg = lp.max(dim=1)
+                max_prob[rows] = best.exp().double().cpu().numpy()
+                top1[rows] = arg.cpu().numpy()
+                if width:
+                    t = tgt[rows].to(lp.device)
+                    known = t >= 0
+                    thr = lp.gather(1, t.clamp_min(0)).masked_fill(~known, float("inf"))
+                    r = count_greater(lp, thr).masked_fill(~known, -1)
+                    ranks[rows] = r.cpu().numpy()
+                bar.update(rows.stop - rows.start)
+            tgt_np = tgt.numpy()
+            counts = ((tgt_np == top1[:, None]) & (tgt_np >= 0)).sum(1) if width else np.zeros(n, dtype=np.int64)
+            frames.append(pd.DataFrame({
+                "layer": np.full(n, layer, dtype=np.int64),
+                "W2_dim": np.arange(n, dtype=np.int64),
+                "max_prob": max_prob,
+                "embedding_index": top1,
+                "embedding_token": adapter.id_to_token(top1.tolist()),
+                "embedding_token_target_count": counts.astype(np.int64),
+                "target_rankings": [ranks[i, : len(per_dim[i])].tolist() for i in range(n)],
+            }))
+    bar.close()
+    return pd.concat(frames, ignore_index=True)[AGREEMENT_COLUMNS]
+
+
+def max_probs_by_layer(table: pd.DataFrame, n_layers: int) -> list[list[float] | None]:
+    """``[L][d_ff]`` max probabilities from an agreement table (``None`` for layers not in the table)."""
+    out: list[list[float] | None] = [None] * n_layers
+    for layer, group in table.groupby("layer", sort=True):
+        group = group.sort_values("W2_dim")
+        out[int(layer)] = [float(p) for p in group["max_prob"]]
+    return out
+
+
+def _rankings(value) -> list[int]:
+    if isinstance(value, str):
+        import json
+
+        return [int(v) for v in json.loads(value)]
+    return [int(v) for v in value]
+
+
+def agreement_by_layer(table: pd.DataFrame) -> pd.DataFrame:
+    """Per-layer summary of an agreement table, over the values whose key has trigger examples.
+
+    ``with_triggers``: number of such values; ``top1_in_targets``: share whose top-1 equals at least one
+    trigger target; ``agreement_rate``: share whose top-1 equals the target of the key's top trigger example
+    (the paper's agreement rate); ``mean_max_prob``: mean ``max_prob`` over all values of the layer.
+    """
+    rankings = table["target_rankings"].map(_rankings)
+    has = rankings.map(len) > 0
+    top_match = rankings.map(lambda r: bool(r) and r[0] == 0)
+    any_match = table["embedding_token_target_count"] > 0
+    frame = pd.DataFrame({"layer": table["layer"], "has": has, "any": any_match & has, "top": top_match,
+                          "max_prob": table["max_prob"]})
+    rows = []
+    for layer, g in frame.groupby("layer", sort=True):
+        n = int(g["has"].sum())
+        rows.append({
+            "layer": int(layer),
+            "values": len(g),
+            "with_triggers": n,
+            "top1_in_targets": float(g["any"].sum() / n) if n else float("nan"),
+            "agreement_rate": float(g["top"].sum() / n) if n else float("nan"),
+            "mean_max_prob": float(g["max_prob"].mean()),
+        })
+    return pd.DataFrame(rows)
