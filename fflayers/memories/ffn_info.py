@@ -56,7 +56,11 @@ Exact shortcuts (:func:`scaled_head`, verified numerically against ``adapter.pro
   tail clusters' ``logsumexp(m z)``, and only where cheap bounds on it leave the top-1 or a rank count undecided
   (see :func:`_scaled_subupdates`).
 
-Heads with a final norm (GPT-2, Llama, fairseq pre-LN with a final LayerNorm) use the general path: every
+* sign-invariant head (RMSNorm without bias followed by a bias-free linear head: Llama-style models such as
+  SmolLM2): ``P(m v)`` orders tokens as ``sign(m) log P(v)``, and sub-update top-1s and ranks need nothing more,
+  so the linear shortcut above applies to them (:func:`sign_invariant_head`).
+
+Other heads with a final norm (GPT-2 and GPT-NeoX's LayerNorm with bias, fairseq pre-LN with a final LayerNorm) use the general path: every
 ``m_i v_i`` goes through the head, in batched chunks. Results agree with the general path up to floating-point
 rounding at near-ties.
 """
@@ -199,9 +203,38 @@ def scaled_head(adapter: LMAdapter, seed: int = 0) -> ScaledHead | None:
             ok = False
         if ok:
             return head
+    def project(h: torch.Tensor) -> list[torch.Tensor]:
+        return [adapter.project(h, chunk_size=max(1, h.shape[0]))]
+
     if homogeneous_head(adapter, seed):
-        return ScaledHead(lambda h: [adapter.project(h, chunk_size=max(1, h.shape[0]))], [adapter.vocab_size], "linear")
+        return ScaledHead(project, [adapter.vocab_size], "linear")
+    if sign_invariant_head(adapter, seed):
+        return ScaledHead(project, [adapter.vocab_size], "sign-invariant")
     return None
+
+
+@torch.no_grad()
+def sign_invariant_head(adapter: LMAdapter, seed: int = 0) -> bool:
+    """True when ``log P(c h)`` is, up to a per-row constant, ``s * sign(c) * log P(h)`` with ``s > 0``.
+
+    Then ``P(c h)`` orders tokens as ``sign(c) log P(h)`` for every ``c != 0``. This holds exactly for a
+    scale-invariant final norm without bias or centring (RMSNorm: ``norm(c h) = s(c) norm(h)``, ``s`` of the sign
+    of ``c``) followed by a bias-free linear head (Llama-style models). Sub-update top-1s and ranks depend only on
+    that order, so the linear shortcut applies to them. Checked on probe vectors at scales 3, 0.02, -0.7 and -5.
+    """
+    probe = _probe(adapter, seed)
+    base = full_precision(adapter.project(probe))
+    base = base - base.mean(1, keepdim=True)
+    for c in (3.0, 0.02, -0.7, -5.0):
+        got = full_precision(adapter.project(probe * c))
+        if not torch.isfinite(got).all():
+            return False
+        got = got - got.mean(1, keepdim=True)
+        want = base if c > 0 else -base
+        s = (got * want).sum(1, keepdim=True) / (want * want).sum(1, keepdim=True).clamp_min(1e-30)
+        if (s <= 0).any() or not _close(got, s * want):
+            return False
+    return True
 
 
 def _is_post_ln(adapter: LMAdapter) -> bool:

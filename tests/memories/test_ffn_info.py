@@ -218,14 +218,17 @@ def _double_adapter(arch, final_norm=True):
     return model, HFAdapter(model, device="cpu", spec=spec)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch,shortcut,kind", [("gpt2", None, "none"), ("llama", False, "none"),
+                                                 ("llama", None, "sign-invariant")])
 @pytest.mark.parametrize("mode", ["layer", "dim"])
-def test_hf_matches_loop(arch, mode):
+def test_hf_matches_loop(arch, shortcut, kind, mode):
+    """Final norms: LayerNorm with bias (GPT-2) takes the general path; RMSNorm (Llama) the sign-invariant
+    shortcut, or the general path when it is switched off; all equal the per-example loop."""
     model, adapter = _double_adapter(arch)
-    assert not homogeneous_head(adapter)  # final norm: the general path
+    assert not homogeneous_head(adapter)
     sents = _sentences()
-    df = extract_ffn_info(adapter, sents, mode, seed=SEED, batch_tokens=40, progress=False)
-    assert df.attrs["head_shortcut"] == "none"
+    df = extract_ffn_info(adapter, sents, mode, seed=SEED, batch_tokens=40, progress=False, head_shortcut=shortcut)
+    assert df.attrs["head_shortcut"] == kind
     parts = hf_parts(model)
     ref = reference(parts, sents, SEED)
     (check_layer_table if mode == "layer" else check_dim_table)(df, ref, parts.tol)
