@@ -11,6 +11,7 @@ scores a line.
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 from collections.abc import Sequence
@@ -22,6 +23,9 @@ from torch import nn
 
 from fflayers.backends.base import AdapterError, HookSite, LMAdapter
 from fflayers.backends.checkpoints import load_checkpoint, upgrade_checkpoint
+
+# fairseq's speech tasks log an install hint for tensorboardX when fairseq is imported; irrelevant to LMs
+logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)
 
 __all__ = ["FairseqLMAdapter", "load_fairseq_lm", "find_checkpoint"]
 
