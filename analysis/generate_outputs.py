@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from fflayers.backends.base import AdapterError
+from fflayers.cli import CLIError, Parser, add_model_args, check_model_args, load_adapter, run_main
 
 PROG = "generate_outputs.py"
 DEFAULT_SEED = 0xDEAD
@@ -38,21 +38,10 @@ TABLE_SUFFIXES = (".parquet", ".pkl", ".pickle", ".tsv", ".csv")
 UNK_LIMIT = 0.5
 
 
-class CLIError(Exception):
-    """Bad command-line input (exit code 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of usage + message
-        raise CLIError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--data_file", type=str, help="corpus: WikiText-format .tokens, plain text or .jsonl")
-    p.add_argument("--model_dir", type=str, default=None, help="fairseq model dir (model.pt + dict.txt)")
-    p.add_argument("--hf_model", type=str, default=None, help="HuggingFace model id or local folder (instead of --model_dir)")
-    p.add_argument("--gguf_file", type=str, default=None, help="GGUF file name inside --hf_model's folder")
+    add_model_args(p)
     p.add_argument("--output_file", type=str, default="",
                    help=".jsonl for trigger examples, .pkl for ffn info (.parquet/.tsv/.csv: tables)")
     p.add_argument("--max_sentences", type=int, default=-1, help="number of sentences to use, -1 for all")
@@ -63,12 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extract_ffn_info", action="store_true", help="extract layer / value predictions")
     p.add_argument("--extract_mode", choices=["dim", "layer", "layer-raw"], default="layer-raw")
     p.add_argument("--layers", nargs="*", type=int, default=None, help="layers to analyse (default: all)")
-    p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--batch_tokens", type=int, default=4096, help="padded tokens per batch")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="line shuffling seed (default 0xdead, the original's)")
     p.add_argument("--resume", action="store_true", help="checkpoint to OUTPUT_FILE.ckpt and continue from it")
-    p.add_argument("--trust-checkpoint", dest="trust_checkpoint", action="store_true",
-                   help="allow full unpickling of a fairseq checkpoint you trust (old Namespace checkpoints)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -81,10 +67,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise CLIError("--get_trigger_examples needs --extract_mode layer-raw")
     if args.extract_ffn_info and args.extract_mode == "layer-raw":
         raise CLIError("--extract_ffn_info needs --extract_mode layer or dim")
-    if (args.model_dir is None) == (args.hf_model is None):
-        raise CLIError("pass exactly one of --model_dir (fairseq) and --hf_model (HuggingFace)")
-    if args.gguf_file and not args.hf_model:
-        raise CLIError("--gguf_file goes with --hf_model")
+    check_model_args(args)
     if not args.data_file:
         raise CLIError("--data_file is required")
     if not args.output_file:
@@ -112,32 +95,10 @@ def check_parquet() -> None:
                        "install one that matches numpy, or write .pkl / .jsonl") from None
 
 
-def load_adapter(args: argparse.Namespace, raw_text: bool):
-    if args.model_dir is not None:
-        from fflayers.backends.fairseq_lm import load_fairseq_lm
-
-        return load_fairseq_lm(args.model_dir, device=args.device, trust_checkpoint=args.trust_checkpoint,
-                               raw_text=raw_text)
-    from transformers.utils import logging as hf_logging
-
-    from fflayers.backends.hf import load_hf_lm
-
-    hf_logging.disable_progress_bar()  # stderr is kept for progress of the run and for errors
-    return load_hf_lm(args.hf_model, device=args.device, gguf_file=args.gguf_file)
-
-
-def unk_id(adapter) -> int | None:
-    """The adapter's unknown-token id, if it has one."""
-    dictionary = getattr(adapter, "dictionary", None)
-    if dictionary is not None and hasattr(dictionary, "unk"):
-        return int(dictionary.unk())
-    tok = getattr(adapter, "tokenizer", None)
-    value = getattr(tok, "unk_token_id", None)
-    return value if isinstance(value, int) else None
-
-
 def check_vocabulary(adapter, ids: list[list[int]]) -> None:
     """Fail when most corpus tokens are unknown to the model (corpus and dictionary do not match)."""
+    from fflayers.memories.agreement import unk_id
+
     unk = unk_id(adapter)
     if unk is None:
         return
@@ -230,13 +191,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for bad input, with one line on stderr)."""
-    try:
-        run(build_parser().parse_args(argv))
-    except (CLIError, AdapterError) as err:
-        message = " ".join(str(err).split())
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(PROG, build_parser, run, argv)
 
 
 if __name__ == "__main__":

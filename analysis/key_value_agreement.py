@@ -24,43 +24,26 @@ import sys
 import time
 from pathlib import Path
 
-from fflayers.backends.base import AdapterError
+from fflayers.cli import CLIError, Parser, add_model_args, check_model_args, load_adapter, run_main
 
 PROG = "key_value_agreement.py"
 
 
-class CLIError(Exception):
-    """Bad command-line input (exit code 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of usage + message
-        raise CLIError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--model_dir", type=str, default=None, help="fairseq model dir (model.pt + dict.txt)")
-    p.add_argument("--hf_model", type=str, default=None, help="HuggingFace model id or local folder (instead of --model_dir)")
-    p.add_argument("--gguf_file", type=str, default=None, help="GGUF file name inside --hf_model's folder")
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    add_model_args(p)
     p.add_argument("--data_dir", type=str, default=None, help="folder of {dim}_{layer}.txt trigger files")
     p.add_argument("--output_base", type=str, default=None, help="writes OUTPUT_BASE.tsv and OUTPUT_BASE_max_probs.json")
     p.add_argument("--layers", nargs="*", type=int, default=None, help="layers to analyse (default: all)")
-    p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--chunk_values", type=int, default=None, help="values projected at once (default: ~16M log-probs)")
     p.add_argument("--random_baseline", action="store_true", help="also write OUTPUT_BASE_random.tsv (random values)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
-    p.add_argument("--trust-checkpoint", dest="trust_checkpoint", action="store_true",
-                   help="allow full unpickling of a fairseq checkpoint you trust (old Namespace checkpoints)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if (args.model_dir is None) == (args.hf_model is None):
-        raise CLIError("pass exactly one of --model_dir (fairseq) and --hf_model (HuggingFace)")
-    if args.gguf_file and not args.hf_model:
-        raise CLIError("--gguf_file goes with --hf_model")
+    check_model_args(args)
     if not args.data_dir:
         raise CLIError("--data_dir is required: the folder written by trigger_examples_jsonl_to_textual.py")
     if not args.output_base:
@@ -80,20 +63,11 @@ def output_paths(base: str, random_baseline: bool) -> dict[str, Path]:
     return {k: check_writable(v) for k, v in paths.items()}
 
 
-def load_adapter(args: argparse.Namespace):
+def load_model(args: argparse.Namespace):
     import logging
 
     logging.getLogger("fairseq").setLevel(logging.WARNING)  # keep stderr for progress and errors
-    if args.model_dir is not None:
-        from fflayers.backends.fairseq_lm import load_fairseq_lm
-
-        return load_fairseq_lm(args.model_dir, device=args.device, trust_checkpoint=args.trust_checkpoint)
-    from transformers.utils import logging as hf_logging
-
-    from fflayers.backends.hf import load_hf_lm
-
-    hf_logging.disable_progress_bar()
-    return load_hf_lm(args.hf_model, device=args.device, gguf_file=args.gguf_file)
+    return load_adapter(args)
 
 
 def to_tsv_frame(table):
@@ -112,7 +86,7 @@ def run(args: argparse.Namespace) -> None:
     start = time.time()
     examples = read_textual_dir(args.data_dir)
     paths = output_paths(args.output_base, args.random_baseline)
-    adapter = load_adapter(args)
+    adapter = load_model(args)
     layers = None if not args.layers else [adapter.check_layer(x) for x in args.layers]
     targets, n_unknown = targets_from_examples(adapter, examples)
     n_targets = sum(len(t) for t in targets.values())
@@ -146,13 +120,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for bad input, with one line on stderr)."""
-    try:
-        run(build_parser().parse_args(argv))
-    except (CLIError, AdapterError) as err:
-        message = " ".join(str(err).split())
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(PROG, build_parser, run, argv)
 
 
 if __name__ == "__main__":

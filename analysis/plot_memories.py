@@ -20,22 +20,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from fflayers.backends.base import AdapterError
+from fflayers.cli import CLIError, Parser, run_main
 
 PROG = "plot_memories.py"
 
 
-class CLIError(Exception):
-    """Bad command-line input (exit code 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise CLIError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--agreement_tsv", type=str, default=None, help="OUTPUT_BASE.tsv of key_value_agreement.py")
     p.add_argument("--baseline_tsv", type=str, default=None, help="OUTPUT_BASE_random.tsv (random-values baseline)")
     p.add_argument("--ffn_info", nargs="*", default=[], help="ffn info tables (layer and/or dim mode)")
@@ -163,13 +154,11 @@ def run(args: argparse.Namespace) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for bad input, with one line on stderr)."""
-    try:
-        written = run(build_parser().parse_args(argv))
-    except (CLIError, AdapterError) as err:
-        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    print(f"{PROG}: wrote {len(written)} files")
-    return 0
+    written: list[Path] = []
+    code = run_main(PROG, build_parser, lambda args: written.extend(run(args)), argv)
+    if code == 0:
+        print(f"{PROG}: wrote {len(written)} files")
+    return code
 
 
 if __name__ == "__main__":

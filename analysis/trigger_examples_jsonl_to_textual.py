@@ -17,27 +17,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from fflayers.backends.base import AdapterError
 from fflayers.backends.hf import HFAdapter
+from fflayers.cli import CLIError, Parser, add_model_args, run_main
 
 PROG = "trigger_examples_jsonl_to_textual.py"
 
 
-class CLIError(Exception):
-    """Bad command-line input (exit code 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise CLIError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--input_file", type=str, required=True, help="trigger examples .jsonl")
-    p.add_argument("--model_dir", type=str, default=None, help="fairseq model dir (dict.txt)")
-    p.add_argument("--hf_model", type=str, default=None, help="HuggingFace model id or folder (its tokenizer)")
-    p.add_argument("--gguf_file", type=str, default=None, help="GGUF file name inside --hf_model's folder")
+    add_model_args(p, tokenizer_only=True)
     p.add_argument("--output_dir", type=str, default="", help="output folder (default: INPUT with .jsonl -> .outp)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -95,12 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for bad input, with one line on stderr)."""
-    try:
-        run(build_parser().parse_args(argv))
-    except (CLIError, AdapterError) as err:
-        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(PROG, build_parser, run, argv)
 
 
 if __name__ == "__main__":
