@@ -70,10 +70,15 @@ def load_model(args: argparse.Namespace):
     return load_adapter(args)
 
 
+_CONTROL = str.maketrans({"\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
 def to_tsv_frame(table):
-    """The table with ``target_rankings`` as JSON lists (one cell each)."""
+    """The table with ``target_rankings`` as JSON lists (one cell each) and tab / newline / carriage-return
+    characters of token strings written as ``\\t``, ``\\n``, ``\\r``, so that every value stays on one line."""
     out = table.copy()
     out["target_rankings"] = [json.dumps(list(map(int, r))) for r in table["target_rankings"]]
+    out["embedding_token"] = [str(t).translate(_CONTROL) for t in table["embedding_token"]]
     return out
 
 

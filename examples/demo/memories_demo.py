@@ -36,8 +36,13 @@ def _run(script: str, *args: str) -> None:
 
 
 def run_memories(name: str, adapter: LMAdapter, corpus: Path, out: Path, n_sentences: int,
-                 model_dir: Path | None = None, k: int = 20, info_sentences: int = 100) -> None:
-    """Trigger examples -> textual files -> key-value agreement (+ random baseline) -> layer-mode info -> figures."""
+                 model_dir: Path | None = None, k: int = 20, info_sentences: int = 100,
+                 agreement_layers: list[int] | None = None) -> None:
+    """Trigger examples -> textual files -> key-value agreement (+ random baseline) -> layer-mode info -> figures.
+
+    ``agreement_layers`` limits the agreement step (every value through the full vocabulary, twice with the
+    baseline) to some layers, to keep the demo short on a CPU; the command-line tools default to all layers.
+    """
     out.mkdir(parents=True, exist_ok=True)
     flags = _model_flags(adapter, model_dir)
     jsonl, textual, base = out / "trigger_examples.jsonl", out / "trigger_examples", out / "agreement"
@@ -52,8 +57,9 @@ def run_memories(name: str, adapter: LMAdapter, corpus: Path, out: Path, n_sente
         _run("trigger_examples_jsonl_to_textual.py", "--input_file", str(jsonl), *flags, "--output_dir", str(textual),
              "--quiet")
     if not Path(f"{base}.tsv").is_file():
+        layer_flags = ["--layers", *map(str, agreement_layers)] if agreement_layers else []
         _run("key_value_agreement.py", *flags, "--data_dir", str(textual), "--output_base", str(base),
-             "--random_baseline", "--quiet")
+             *layer_flags, "--random_baseline", "--quiet")
     if not layer_info.is_file():
         _run("generate_outputs.py", "--data_file", str(corpus), *flags, "--extract_ffn_info", "--extract_mode", "layer",
              "--max_sentences", str(info_sentences), "--output_file", str(layer_info), "--quiet")

@@ -116,7 +116,9 @@ def main() -> None:
         banner("5. Key-value memories")
         corpus = out / "corpus" / "wiki.train.tokens"
         run_memories("fairseq demo LM", fairseq_lm, corpus, out / "memories_fairseq", args.sentences, model_dir=model_dir)
-        run_memories("SmolLM2-135M", smollm2, corpus, out / "memories_smollm2", args.hf_sentences)
+        every_third = sorted({*range(0, smollm2.n_layers, 3), smollm2.n_layers - 1})
+        run_memories("SmolLM2-135M", smollm2, corpus, out / "memories_smollm2", args.hf_sentences,
+                     agreement_layers=every_third)
 
     print(f"\ndemo finished in {time.time() - start:.0f} s; outputs in {out}/")
 

@@ -152,3 +152,20 @@ def test_script_exit_code(setup, tmp_path):
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "does not exist" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tsv_keeps_one_line_per_value_with_control_characters_in_tokens():
+    import io
+
+    import pandas as pd
+
+    from analysis.key_value_agreement import to_tsv_frame
+
+    table = pd.DataFrame({"layer": [0, 0, 1], "embedding_token": ["a\rb", "\n", "e\tf"],
+                          "target_rankings": [[1, 0], [], [3]]})
+    buf = io.StringIO()
+    to_tsv_frame(table).to_csv(buf, sep="\t", index=False)
+    assert buf.getvalue().count("\n") == 4  # header + 3 rows
+    back = pd.read_csv(io.StringIO(buf.getvalue()), sep="\t", keep_default_na=False)
+    assert back["embedding_token"].tolist() == ["a\\rb", "\\n", "e\\tf"]
+    assert back["target_rankings"].tolist() == ["[1, 0]", "[]", "[3]"]
