@@ -197,6 +197,7 @@ def _distributed_worker(rank: int, world: int, store: str, out: str) -> None:
         te = trigger_examples(adapter, random_sentences(23, 97, seed=3), k=6, batch_tokens=60, progress=False,
                               shard_size=4, distributed=True)
         torch.save({"values": te.values, "ids": te.sentence_ids, "pos": te.positions}, f"{out}.{rank}")
+        dist.barrier()  # no rank tears its connections down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 
