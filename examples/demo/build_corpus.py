@@ -21,12 +21,12 @@ import bz2
 import importlib.util
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fflayers.backends.base import AdapterError
+from fflayers.io import atomic_write
 
 SAMPLE_NAME = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 #: Sections holding references and link lists rather than prose; skipped with everything under them.
@@ -167,14 +167,8 @@ def _render(articles: list[Article]) -> list[str]:
 
 
 def _write_atomic(path: Path, lines: list[str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write("\n".join(lines) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def build_corpus(
