@@ -62,39 +62,34 @@ def is_wikitext_heading(line: str) -> bool:
     return bool(_HEADING.match(line.strip()))
 
 
+def _stripped_lines(path: str | os.PathLike, max_lines: int | None, skip, what: str) -> list[str]:
+    """Stripped non-empty lines for which ``skip(line)`` is false, at most ``max_lines``; an error if none."""
+    limit = _check_max_lines(max_lines)
+    out: list[str] = []
+    for _, text in _decoded_lines(path):
+        line = text.strip()
+        if not line or skip(line):
+            continue
+        out.append(line)
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        raise _empty_error(path, what)
+    return out
+
+
 def read_wikitext_lines(path: str | os.PathLike, max_lines: int | None = None) -> list[str]:
     """Paragraph lines of a WikiText token file (e.g. ``wiki.train.tokens``), stripped.
 
     Blank lines and heading lines are dropped; tokens (``@-@`` escapes, ``<unk>``) are kept as they are.
     ``max_lines`` (None or -1 = all) stops after that many returned lines.
     """
-    limit = _check_max_lines(max_lines)
-    out: list[str] = []
-    for _, text in _decoded_lines(path):
-        line = text.strip()
-        if not line or is_wikitext_heading(line):
-            continue
-        out.append(line)
-        if limit is not None and len(out) >= limit:
-            break
-    if not out:
-        raise _empty_error(path, "only blank or heading lines")
-    return out
+    return _stripped_lines(path, max_lines, is_wikitext_heading, "only blank or heading lines")
 
 
 def read_text_lines(path: str | os.PathLike, max_lines: int | None = None) -> list[str]:
     """Non-empty lines of a plain UTF-8 text file, stripped."""
-    limit = _check_max_lines(max_lines)
-    out: list[str] = []
-    for _, text in _decoded_lines(path):
-        line = text.strip()
-        if line:
-            out.append(line)
-            if limit is not None and len(out) >= limit:
-                break
-    if not out:
-        raise _empty_error(path, "only blank lines")
-    return out
+    return _stripped_lines(path, max_lines, lambda line: False, "only blank lines")
 
 
 def read_jsonl_texts(path: str | os.PathLike, field: str = "text", max_lines: int | None = None) -> list[str]:
