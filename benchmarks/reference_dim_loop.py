@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fflayers.backends.base import HookSite, LMAdapter
-from fflayers.hooks import _install, capture
+from fflayers.backends.base import LMAdapter
+from fflayers.hooks import capture
 from fflayers.memories.ffn_info import DIM_COLUMNS, _is_post_ln, choose_positions
 
 
@@ -50,27 +50,14 @@ def reference_dim_mode(
         limit = adapter.max_positions or len(seq)
         ids = torch.tensor([list(seq)[:limit]])
         t0 = time.perf_counter()
-        ffn_in: dict = {}
-        handles = []
-        if post_ln:
-            for layer in layers:
-                site = adapter.hook_site("mlp_key", layer)
-
-                def keep(x, layer=layer, store=ffn_in):
-                    store[layer] = x.detach()
-
-                handles.append(_install(HookSite(site.module, "input", site.time_first, "input"), keep))
-        try:
-            with capture(adapter, ["resid_pre", "attn_out", "mlp_coef"], layers=layers) as cache:
-                final = adapter.run(ids)
-        finally:
-            for h in handles:
-                h.remove()
+        points = ["mlp_in", "mlp_coef"] if post_ln else ["resid_pre", "attn_out", "mlp_coef"]
+        with capture(adapter, points, layers=layers) as cache:
+            final = adapter.run(ids)
         final_top1 = int(adapter.project(final[0, t][None])[0].argmax())
         t_fwd += time.perf_counter() - t0
         t0 = time.perf_counter()
         for layer in layers:
-            r = ffn_in[layer][0, t] if post_ln else cache["resid_pre", layer][0, t] + cache["attn_out", layer][0, t]
+            r = cache["mlp_in", layer][0, t] if post_ln else cache["resid_pre", layer][0, t] + cache["attn_out", layer][0, t]
             m = cache["mlp_coef", layer][0, t]
             lp_r = adapter.project(r[None])[0]
             coef, top, rank = [], [], []

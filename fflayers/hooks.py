@@ -47,6 +47,16 @@ def _check_point(point: str) -> None:
         raise AdapterError(f"unknown hook point {point!r}; choose from {', '.join(HOOK_POINTS)}")
 
 
+def site_of(adapter: LMAdapter, point: str, layer: int) -> HookSite:
+    """The module and side carrying ``point`` in block ``layer``; ``mlp_in`` is the input of ``mlp_key``'s module."""
+    _check_point(point)
+    layer = adapter.check_layer(layer)
+    if point == "mlp_in":
+        key = adapter.hook_site("mlp_key", layer)
+        return HookSite(key.module, "input", key.time_first, "input")
+    return adapter.hook_site(point, layer)
+
+
 def _install(site: HookSite, fn: Callable[[torch.Tensor], torch.Tensor | None]):
     """Hook ``fn`` (batch-first tensor -> replacement or None) onto a site; returns the handle."""
 
@@ -95,8 +105,7 @@ def hooked(adapter: LMAdapter, hooks: Iterable[tuple[str, int, Callable[[torch.T
     handles = []
     try:
         for point, layer, fn in hooks:
-            _check_point(point)
-            handles.append(_install(adapter.hook_site(point, adapter.check_layer(layer)), fn))
+            handles.append(_install(site_of(adapter, point, layer), fn))
         yield
     finally:
         for h in handles:

@@ -22,9 +22,10 @@ from torch import nn
 
 #: Named places in a block where activations can be read or edited.
 #: ``resid_pre``: stream entering the block; ``attn_out``: attention sublayer output (before the residual add);
-#: ``mlp_key``: FFN pre-activations (fc1 / gate output); ``mlp_coef``: FFN coefficients m (input of fc2 / down);
-#: ``mlp_out``: FFN output (before the residual add); ``resid_post``: stream leaving the block.
-HOOK_POINTS: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_key", "mlp_coef", "mlp_out", "resid_post")
+#: ``mlp_in``: the FFN's input (after its norm: what the keys read); ``mlp_key``: FFN pre-activations (fc1 / gate
+#: output); ``mlp_coef``: FFN coefficients m (input of fc2 / down); ``mlp_out``: FFN output (before the residual
+#: add); ``resid_post``: stream leaving the block.
+HOOK_POINTS: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_in", "mlp_key", "mlp_coef", "mlp_out", "resid_post")
 
 
 class AdapterError(ValueError):
@@ -192,7 +193,8 @@ class LMAdapter(ABC):
     # ----- hook plumbing (used by fflayers.hooks) ----------------------------------------------------------
     @abstractmethod
     def hook_site(self, point: str, layer: int) -> HookSite:
-        """Module and side that carry hook point ``point`` of block ``layer``."""
+        """Module and side that carry hook point ``point`` of block ``layer`` (``mlp_in`` is derived from
+        ``mlp_key`` by :func:`fflayers.hooks.site_of`: the input of the same module)."""
 
     @abstractmethod
     def attention_module(self, layer: int) -> nn.Module:

@@ -73,9 +73,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fflayers.backends.base import AdapterError, HookSite, LMAdapter
+from fflayers.backends.base import AdapterError, LMAdapter
 from fflayers.data.batching import iter_batches
-from fflayers.hooks import _install, hooked
+from fflayers.hooks import hooked
 from fflayers.memories.agreement import count_greater
 from fflayers.memories.value_projections import _progress, check_layers, full_precision
 
@@ -259,26 +259,17 @@ def _gather_forward(adapter: LMAdapter, batch, layers: list[int], post_ln: bool)
 
         return fn
 
-    points = ("mlp_coef", "mlp_out") if post_ln else ("resid_pre", "attn_out", "mlp_coef", "mlp_out")
-    handles = []
-    try:
-        if post_ln:  # r = the FFN input: the input of the module that computes mlp_key
-            for layer in layers:
-                site = adapter.hook_site("mlp_key", layer)
-                handles.append(_install(HookSite(site.module, "input", site.time_first, "input"),
-                                        saver(("ffn_in", layer))))
-        with hooked(adapter, [(p, layer, saver((p, layer))) for p in points for layer in layers]):
-            h = adapter.run(ids, mask)
-    finally:
-        for handle in handles:
-            handle.remove()
+    # post-LN: r = the FFN input (mlp_in); otherwise the stream entering the FFN's norm
+    points = ("mlp_in", "mlp_coef", "mlp_out") if post_ln else ("resid_pre", "attn_out", "mlp_coef", "mlp_out")
+    with hooked(adapter, [(p, layer, saver((p, layer))) for p in points for layer in layers]):
+        h = adapter.run(ids, mask)
     if h is None:
         raise AdapterError("the forward pass stopped early; remove stop_early hooks before extracting ffn info")
 
     def stack(name):
         return torch.stack([store[name, layer] for layer in layers])
 
-    r = stack("ffn_in") if post_ln else stack("resid_pre") + stack("attn_out")
+    r = stack("mlp_in") if post_ln else stack("resid_pre") + stack("attn_out")
     return {"final": h[rows, pos].detach(), "r": r, "y": stack("mlp_out"), "m": stack("mlp_coef")}
 
 

@@ -13,7 +13,7 @@ from fflayers.backends.hf import ARCHITECTURES, HFAdapter
 from fflayers.hooks import block_attention, capture, intervene, replace, scale
 from tests.fixtures.hf_models import HF_ARCHS, VOCAB, tiny_model
 
-ALL_POINTS = ["resid_pre", "attn_out", "mlp_key", "mlp_coef", "mlp_out", "resid_post"]
+ALL_POINTS = ["resid_pre", "attn_out", "mlp_in", "mlp_key", "mlp_coef", "mlp_out", "resid_post"]
 
 
 def batch(seed: int = 1, B: int = 2, T: int = 9):
@@ -61,6 +61,7 @@ def test_hook_values_equal_recomputation_from_weights(arch):
     for layer in range(adapter.n_layers):
         block = adapter.blocks[layer]
         x = mlp_input(adapter, layer, c)
+        torch.testing.assert_close(c["mlp_in", layer], x, rtol=1e-5, atol=1e-5)
         K, V = adapter.ffn_keys(layer), adapter.ffn_values(layer)
         fc_in = block.get_submodule(ARCHITECTURES[arch].fc_in)
         fc_out = block.get_submodule(ARCHITECTURES[arch].fc_out)
