@@ -89,15 +89,14 @@ def read_ffn_info(path: str):
 
 
 def prepare_output_dir(path: str) -> Path:
-    import os
+    from fflayers.io import check_folder_writable
 
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise CLIError(f"cannot create output folder {out} ({err.strerror}); choose another --output_dir") from None
-    if not os.access(out, os.W_OK):
-        raise CLIError(f"output folder {out} is not writable; choose another --output_dir")
+    check_folder_writable(out)
     return out
 
 

@@ -18,16 +18,30 @@ from fflayers.backends.base import AdapterError
 
 
 def check_writable(path: str | Path) -> Path:
-    """Fail early, in one line, when ``path`` cannot be written (missing or read-only folder)."""
+    """Fail early, in one line, when ``path`` cannot be written (missing, read-only or special folder).
+
+    The test is real: a temporary file is created in the folder and removed (permission bits say nothing for
+    root, and pseudo file systems such as ``/proc`` refuse new files whatever the bits say).
+    """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise AdapterError(f"output folder {parent} does not exist; create it or choose another output path")
-    if not os.access(parent, os.W_OK):
-        raise AdapterError(f"output folder {parent} is not writable; choose another output path")
     if path.is_dir():
         raise AdapterError(f"output path {path} is a folder; give a file name")
+    check_folder_writable(parent)
     return path
+
+
+def check_folder_writable(folder: str | Path) -> None:
+    """One-line :class:`AdapterError` unless a file can be created in the existing ``folder``."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".fflayers-write-test.", suffix=".tmp")
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise AdapterError(f"cannot write in folder {folder} ({reason}); choose another output path") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 @contextlib.contextmanager

@@ -88,9 +88,14 @@ _GLOBAL_RE = re.compile(r"GLOBAL (\S+)")
 _UNKNOWN_FN_RE = re.compile(r"(?:unrecognized function|got) <?(?:class |built-in function )?'?([\w.]+)")
 
 
-def _offending_global(message: str) -> str:
+def _offending_global(message: str) -> str | None:
+    """The global a weights-only load refused (``posix.system``, ``mymodule.MyClass``), from torch's message."""
     m = _GLOBAL_RE.search(message) or _UNKNOWN_FN_RE.search(message)
-    return m.group(1) if m else "an object that is not a tensor"
+    if m:
+        return m.group(1).rstrip(".,;:'")
+    if "Unsupported global" in message or "allowlisted" in message:
+        return "an object that is not a tensor"
+    return None
 
 
 def _looks_like_checkpoint(path: Path) -> bool:
@@ -124,12 +129,12 @@ def load_checkpoint(path: str | Path, trust_checkpoint: bool = False) -> dict:
         refused = "Weights only load failed" in msg
         if "WeightsUnpickler error:" in msg:
             msg = msg.split("WeightsUnpickler error:", 1)[1].strip()
-        if not trust_checkpoint and refused and (
-            "Unsupported global" in msg or "unrecognized function" in msg or "allowlisted" in msg
-        ):
+        offending = _offending_global(msg)
+        if not trust_checkpoint and refused and offending is not None:
             raise AdapterError(
-                f"checkpoint {path} contains {_offending_global(msg)}, which is not on fflayers' allow-list for "
-                "safe loading; pass trust_checkpoint=True (--trust-checkpoint) only if you trust the file"
+                f"checkpoint {path} was refused: it needs {offending}, which is not on fflayers' allow-list for "
+                "safe loading, and nothing in it was executed; if you trust the file, pass --trust-checkpoint "
+                "(trust_checkpoint=True), which unpickles it in full and runs its code"
             ) from None
         raise AdapterError(f"checkpoint {path} could not be read (corrupt or truncated?): {msg[:160]}") from None
     except (ImportError, AttributeError) as e:  # full unpickling met a class this environment does not have

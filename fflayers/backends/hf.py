@@ -28,7 +28,6 @@ class ArchSpec:
     final_norm: str | None  # norm applied before the head (None: the head does its own)
     attn: str  # module whose output element 0 is the attention sublayer output (block-relative)
     attn_core: str  # module that computes softmax(QK^T)V (edge blocking; block-relative)
-    attn_kind: str  # "interface" (transformers attention functions) or "method" (a ``_attn`` method)
     fc_in: str  # its output is mlp_key (block-relative)
     fc_out: str  # its input is mlp_coef (block-relative)
     mlp_out: str  # its output is mlp_out (block-relative)
@@ -37,31 +36,31 @@ class ArchSpec:
     masked_lm: bool = False
 
 
-_GPT2 = ArchSpec("transformer.h", "transformer.wte", "transformer.ln_f", "attn", "attn", "interface",
+_GPT2 = ArchSpec("transformer.h", "transformer.wte", "transformer.ln_f", "attn", "attn",
                  "mlp.c_fc", "mlp.c_proj", "mlp", conv1d=True)
-_LLAMA = ArchSpec("model.layers", "model.embed_tokens", "model.norm", "self_attn", "self_attn", "interface",
+_LLAMA = ArchSpec("model.layers", "model.embed_tokens", "model.norm", "self_attn", "self_attn",
                   "mlp.gate_proj", "mlp.down_proj", "mlp")
 
 #: model_type -> where its parts live.
 ARCHITECTURES: dict[str, ArchSpec] = {
     "gpt2": _GPT2,
-    "gpt_neo": ArchSpec("transformer.h", "transformer.wte", "transformer.ln_f", "attn", "attn.attention", "method",
+    "gpt_neo": ArchSpec("transformer.h", "transformer.wte", "transformer.ln_f", "attn", "attn.attention",
                         "mlp.c_fc", "mlp.c_proj", "mlp"),
-    "gptj": ArchSpec("transformer.h", "transformer.wte", "transformer.ln_f", "attn", "attn", "method",
+    "gptj": ArchSpec("transformer.h", "transformer.wte", "transformer.ln_f", "attn", "attn",
                      "mlp.fc_in", "mlp.fc_out", "mlp"),
     "gpt_neox": ArchSpec("gpt_neox.layers", "gpt_neox.embed_in", "gpt_neox.final_layer_norm", "attention",
-                         "attention", "interface", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "mlp"),
+                         "attention", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "mlp"),
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "bert": ArchSpec("bert.encoder.layer", "bert.embeddings.word_embeddings", None, "attention.output.dense",
-                     "attention.self", "interface", "intermediate.dense", "output.dense", "output.dense",
+                     "attention.self", "intermediate.dense", "output.dense", "output.dense",
                      head="cls", masked_lm=True),
 }
 
 #: BERT checkpoints without an MLM head (encoders such as sentence-transformers models) load as BertModel,
 #: whose paths have no ``bert.`` prefix.
 _BERT_ENCODER = ArchSpec("encoder.layer", "embeddings.word_embeddings", None, "attention.output.dense",
-                         "attention.self", "interface", "intermediate.dense", "output.dense", "output.dense",
+                         "attention.self", "intermediate.dense", "output.dense", "output.dense",
                          head=None, masked_lm=True)
 
 _ATTN_NAME = "fflayers_sdpa"
@@ -227,16 +226,10 @@ class HFAdapter(LMAdapter):
         return _get(self.blocks[layer], self.spec.attn_core)
 
     def prepare_edge_blocking(self) -> None:
-        if self._edge_blocking_ready:
-            return
-        if self.spec.attn_kind == "interface":
-            _register_attention_function()
-            _set_attn_implementation(self.model, _ATTN_NAME)
-        else:
-            for layer in range(self.n_layers):
-                module = self.attention_module(layer)
-                module._attn = types.MethodType(_blocking_attn_method(type(module)._attn, self.family), module)
-        self._edge_blocking_ready = True
+        """Route attention through fflayers' blocking function (see :func:`prepare_edge_blocking`)."""
+        if not self._edge_blocking_ready:
+            self.edge_blocking_route = prepare_edge_blocking(self)
+            self._edge_blocking_ready = True
 
 
 # ----- edge blocking ---------------------------------------------------------------------------------------
@@ -256,11 +249,13 @@ def _allowed_from_additive(mask: torch.Tensor | None, scores: torch.Tensor, caus
 
 def _blocking_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: SDPA normally; explicit attention when edges are blocked."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers import AttentionInterface
 
+    _PROBE_SEEN.add(id(module))
     blocked = blocked_edges(module)
     if blocked is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        sdpa = AttentionInterface()["sdpa"]
+        return sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     n_rep = query.shape[1] // key.shape[1]
     if n_rep > 1:
         key = key.repeat_interleave(n_rep, dim=1)
@@ -273,23 +268,86 @@ def _blocking_attention(module, query, key, value, attention_mask, scaling=None,
     return out.transpose(1, 2).contiguous(), None
 
 
-def _register_attention_function() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+#: ids of the attention modules that called :func:`_blocking_attention` (the probe of :func:`_interface_reaches`)
+_PROBE_SEEN: set[int] = set()
 
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _attn_implementation(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
+def _interface_reaches(adapter: HFAdapter) -> bool:
+    """Register the blocking attention function, select it on the model (public ``set_attn_implementation``)
+    and check with a two-token forward that every layer's attention calls it. Restores the model's own
+    implementation and returns False when it does not."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    model = adapter.model
+    setter = getattr(model, "set_attn_implementation", None)
+    if not callable(setter):
+        return False
     AttentionInterface.register(_ATTN_NAME, _blocking_attention)
-    # the 4D additive mask of eager attention: padding + causal, in a form SDPA also accepts
-    AttentionMaskInterface.register(_ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    # the 4D additive mask of eager attention (padding + causal), a form SDPA also accepts
+    AttentionMaskInterface.register(_ATTN_NAME, AttentionMaskInterface()["eager"])
+    previous = _attn_implementation(model)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "does not support setting its attention implementation" is expected here
+    try:
+        setter(_ATTN_NAME)
+    except (ValueError, KeyError, TypeError):
+        return False
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    targets = {id(adapter.attention_module(layer)) for layer in range(adapter.n_layers)}
+    _PROBE_SEEN.clear()
+    ids = torch.zeros((1, 2), dtype=torch.long, device=adapter.device)
+    with torch.no_grad():
+        adapter._run_model(ids, torch.ones_like(ids, dtype=torch.bool))
+    reached = targets <= _PROBE_SEEN
+    _PROBE_SEEN.clear()
+    if not reached and previous is not None:
+        hf_logging.set_verbosity_error()
+        try:
+            setter(previous)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    return reached
 
 
-def _set_attn_implementation(model: nn.Module, name: str) -> None:
-    for module in model.modules():
-        cfg = getattr(module, "config", None)
-        if cfg is not None and hasattr(cfg, "_attn_implementation"):
-            try:
-                cfg._attn_implementation = name
-            except (AttributeError, ValueError):
-                cfg._attn_implementation_internal = name
+def prepare_edge_blocking(adapter: HFAdapter) -> str:
+    """Make every attention layer of ``adapter`` honour :func:`fflayers.hooks.block_attention`; returns the route.
+
+    ``"interface"``: the model's attention calls transformers' attention-function interface (the public
+    ``AttentionInterface``), checked by running it; fflayers registers its own function there (SDPA when
+    nothing is blocked). ``"method"``: older attention classes without the interface (GPT-Neo) compute
+    attention in a ``_attn`` method, which is wrapped per module instance. Neither: :class:`AdapterError`
+    naming the architecture and the transformers version.
+    """
+    if _interface_reaches(adapter):
+        return "interface"
+    modules = [adapter.attention_module(layer) for layer in range(adapter.n_layers)]
+    if adapter.family in _METHOD_FAMILIES and all(callable(getattr(type(m), "_attn", None)) for m in modules):
+        for module in modules:
+            original = type(module)._attn
+            module._attn = types.MethodType(_blocking_attn_method(original, adapter.family), module)
+        return "method"
+    raise AdapterError(
+        f"attention-edge blocking is not available for {adapter.family} models with transformers "
+        f"{_transformers_version()}: their attention neither calls the attention-function interface nor has the "
+        "_attn method fflayers wraps; install the tested version (make install, requirements.lock)"
+    )
+
+
+#: families whose older transformers releases compute attention in ``_attn(query, key, value, mask)``.
+_METHOD_FAMILIES = ("gpt_neo", "gptj")
 
 
 def _blocking_attn_method(original, family: str):

@@ -137,8 +137,9 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
         raise AdapterError(f"output folder {out} is not empty; pass --overwrite or choose another folder")
     if not out.exists() and not out.parent.is_dir():
         raise AdapterError(f"folder {out.parent} does not exist; create it or choose another output folder")
-    if not os.access(out if out.exists() else out.parent, os.W_OK):
-        raise AdapterError(f"output folder {out} is not writable; choose another folder")
+    from fflayers.io import check_folder_writable
+
+    check_folder_writable(out if out.exists() else out.parent)
     return out
 
 

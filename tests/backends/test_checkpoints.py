@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import os
 import typing
 
 import numpy as np
@@ -80,6 +81,29 @@ def test_unknown_global_is_refused_with_its_name_unless_trusted(tmp_path, payloa
     assert expected in msg and "trust_checkpoint=True" in msg and "--trust-checkpoint" in msg
     loaded = load_checkpoint(path, trust_checkpoint=True)
     assert type(loaded["extra"]) is type(payload)
+
+
+class RunsCommand:
+    """Unpickling this calls os.system: the classic malicious checkpoint."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_code_running_checkpoint_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "executed"
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "args": RunsCommand(str(marker))}, path)
+    with pytest.raises(AdapterError) as err:
+        load_checkpoint(path)
+    msg = _one_line(err)
+    assert not marker.exists()
+    assert f"{os.system.__module__}.system" in msg  # posix.system on Linux
+    assert "refused" in msg and "nothing in it was executed" in msg and "--trust-checkpoint" in msg
+    assert "corrupt" not in msg and msg.endswith("runs its code")
 
 
 @pytest.mark.parametrize(

@@ -291,3 +291,31 @@ def test_keys_and_values_have_adapter_shapes():
     assert adapter.ffn_values_all().shape == (adapter.n_layers, adapter.d_ff, adapter.d_model)
     assert adapter.input_embeddings().shape == (adapter.vocab_size, adapter.d_model)
     assert F.cosine_similarity(adapter.input_embeddings()[3], adapter.model.transformer.wte.weight[3], dim=0) > 0.999
+
+
+@pytest.mark.parametrize("arch", HF_ARCHS)
+def test_edge_blocking_route_is_the_interface_wherever_the_model_calls_it(arch):
+    """The route is measured, not declared: every family whose attention source calls transformers'
+    attention-function interface must get the interface route (GPT-J does since transformers 5.24)."""
+    import inspect
+
+    adapter = HFAdapter(tiny_model(arch), device="cpu")
+    adapter.prepare_edge_blocking()
+    source = inspect.getsource(type(adapter.attention_module(0)))
+    calls_interface = "ALL_ATTENTION_FUNCTIONS" in source or "attention_interface" in source
+    expected = "interface" if calls_interface else "method"
+    assert adapter.edge_blocking_route == expected
+
+
+def test_edge_blocking_without_interface_or_method_is_a_one_line_error():
+    """GPT-Neo's attention has no interface; an adapter that may not wrap its ``_attn`` has no route."""
+    import transformers
+
+    adapter = HFAdapter(tiny_model("gpt_neo"), device="cpu")
+    adapter.family = "mystery"
+    T = 5
+    with pytest.raises(AdapterError) as err:
+        with block_attention(adapter, {0: torch.zeros(T, T, dtype=torch.bool)}):
+            adapter.run(torch.zeros(1, T, dtype=torch.long))
+    msg = str(err.value)
+    assert "\n" not in msg and "mystery" in msg and transformers.__version__ in msg
