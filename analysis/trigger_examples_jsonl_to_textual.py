@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from fflayers.backends.hf import HFAdapter
-from fflayers.cli import CLIError, Parser, add_model_args, run_main
+from fflayers.cli import CLIError, Parser, add_model_args, quiet_loading, run_main
 
 PROG = "trigger_examples_jsonl_to_textual.py"
 
@@ -59,7 +59,8 @@ def tokens_for(args: argparse.Namespace):
 
     kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.hf_model, **kwargs)
+        with quiet_loading(args.verbose):
+            tokenizer = AutoTokenizer.from_pretrained(args.hf_model, **kwargs)
     except (OSError, ValueError) as err:
         raise CLIError(f"cannot load a tokenizer from {args.hf_model!r} ({str(err).splitlines()[0]})") from None
     return AdapterTokens(_TokenizerOnly(tokenizer))

@@ -7,13 +7,16 @@ into one line ``PROG: error: MESSAGE`` on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from fflayers.backends.base import AdapterError, LMAdapter
 
-__all__ = ["CLIError", "Parser", "add_model_args", "check_model_args", "load_adapter", "run_main"]
+__all__ = ["CLIError", "Parser", "add_model_args", "check_model_args", "load_adapter", "quiet_loading", "run_main"]
 
 
 class CLIError(Exception):
@@ -39,6 +42,8 @@ def add_model_args(parser: argparse.ArgumentParser, tokenizer_only: bool = False
         parser.add_argument("--hf_model", type=str, default=None,
                             help="HuggingFace model id or local folder (instead of --model_dir)")
     parser.add_argument("--gguf_file", type=str, default=None, help="GGUF file name inside --hf_model's folder")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the libraries' own loading output (GGUF de-quantization bars, fairseq INFO lines)")
     if not tokenizer_only:
         parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
         parser.add_argument("--trust-checkpoint", dest="trust_checkpoint", action="store_true",
@@ -53,19 +58,38 @@ def check_model_args(args: argparse.Namespace) -> None:
         raise CLIError("--gguf_file goes with --hf_model")
 
 
-def load_adapter(args: argparse.Namespace, **fairseq_kwargs: Any) -> LMAdapter:
-    """The model of ``--model_dir`` (fairseq; ``fairseq_kwargs`` go to ``load_fairseq_lm``) or ``--hf_model``."""
-    if args.model_dir is not None:
-        from fflayers.backends.fairseq_lm import load_fairseq_lm
+#: loggers whose INFO lines say nothing about the run (fairseq's speech tasks ask for tensorboardX on import)
+_CHATTY_LOGGERS = ("fairseq", "fairseq.tasks.text_to_speech", "fairseq_cli")
 
-        return load_fairseq_lm(args.model_dir, device=args.device, trust_checkpoint=args.trust_checkpoint,
-                               **fairseq_kwargs)
+
+@contextlib.contextmanager
+def quiet_loading(verbose: bool = False) -> Iterator[None]:
+    """Hide the libraries' own output while a model or tokenizer loads (progress bars such as transformers'
+    GGUF de-quantization bar, INFO lines), unless ``verbose``. The run's own progress bars and errors stay."""
+    if verbose:
+        yield
+        return
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     from transformers.utils import logging as hf_logging
 
-    from fflayers.backends.hf import load_hf_lm
+    hf_logging.disable_progress_bar()
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
 
-    hf_logging.disable_progress_bar()  # stderr is kept for progress of the run and for errors
-    return load_hf_lm(args.hf_model, device=args.device, gguf_file=args.gguf_file)
+
+def load_adapter(args: argparse.Namespace, **fairseq_kwargs: Any) -> LMAdapter:
+    """The model of ``--model_dir`` (fairseq; ``fairseq_kwargs`` go to ``load_fairseq_lm``) or ``--hf_model``,
+    loaded quietly unless ``--verbose``."""
+    with quiet_loading(getattr(args, "verbose", False)):
+        if args.model_dir is not None:
+            from fflayers.backends.fairseq_lm import load_fairseq_lm
+
+            return load_fairseq_lm(args.model_dir, device=args.device, trust_checkpoint=args.trust_checkpoint,
+                                   **fairseq_kwargs)
+        from fflayers.backends.hf import load_hf_lm
+
+        return load_hf_lm(args.hf_model, device=args.device, gguf_file=args.gguf_file)
 
 
 def run_main(

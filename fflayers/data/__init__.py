@@ -16,10 +16,12 @@ from fflayers.data.sentences import (
     split_raw_text,
     split_sentences,
 )
+from fflayers.data.wikitext import detokenize_wikitext
 
 __all__ = [
     "Batch",
     "detect_format",
+    "detokenize_wikitext",
     "is_wikitext_heading",
     "iter_batches",
     "iter_sentences",

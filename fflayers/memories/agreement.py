@@ -15,9 +15,11 @@ Per value the table holds (column names of the original ``key_value_agreement.py
   a strictly larger probability), in trigger order (largest key activation first). Values whose key has no
   trigger examples get ``[]`` and count 0.
 
-Target strings are mapped to ids with :func:`target_id` (subword vocabularies: the spaced form after a prefix);
-targets that are not one vocabulary entry are mapped to the model's unknown-token id (fairseq ``<unk>``, the
-tokenizer's ``unk_token_id``) and ranked as that token; a model without one gets rank ``-1`` for them.
+Subword models: the exact target ids stored beside the textual files (``target_ids.jsonl``, the token that
+follows the trigger position in the tokenized sentence) are used. Otherwise (word-level dictionaries, older
+folders) target strings are mapped to ids with :func:`target_id` (subword vocabularies: the spaced form after
+a prefix); targets that are not one vocabulary entry are mapped to the model's unknown-token id (fairseq
+``<unk>``, the tokenizer's ``unk_token_id``) and ranked as that token; a model without one gets rank ``-1``.
 
 Memory stays bounded: values are projected ``chunk_values`` at a time and ranks are counted against each
 chunk's log-probs with a sort of the (few) targets and one bucketing pass over the vocabulary, so nothing
@@ -124,13 +126,17 @@ def target_id(adapter: LMAdapter, token: str, after_prefix: bool = True) -> int 
 
 
 def targets_from_examples(
-    adapter: LMAdapter, examples: Mapping[Key, Sequence[tuple[float, str, str]]]
+    adapter: LMAdapter,
+    examples: Mapping[Key, Sequence[tuple[float, str, str]]],
+    target_ids: Mapping[Key, Sequence[int]] | None = None,
 ) -> tuple[dict[Key, list[int]], int]:
     """Trigger targets as token ids per key, from ``{(layer, dim): [(fc1_value, prefix, target_token)]}``
-    (what :func:`fflayers.memories.textual.read_textual_dir` returns), mapped with :func:`target_id`.
+    (what :func:`fflayers.memories.textual.read_textual_dir` returns).
 
+    ``target_ids`` (:func:`fflayers.memories.textual.read_target_ids`): the exact ids, one per line of each
+    key's file, used as they are. Keys without them map their strings with :func:`target_id`; strings not in
+    the vocabulary become the unknown-token id (-1 when the model has none) and are counted.
     Each key's targets are ordered by activation, largest first (stable: the file order for equal values).
-    Target strings not in the vocabulary become the unknown-token id (-1 when the model has none).
     Returns ``(targets, n_unknown)``.
     """
     unk = unk_id(adapter)
@@ -138,9 +144,20 @@ def targets_from_examples(
     n_unknown = 0
     out: dict[Key, list[int]] = {}
     for key, rows in examples.items():
-        ordered = sorted(rows, key=lambda row: -float(row[0]))
+        key = (int(key[0]), int(key[1]))
+        order = sorted(range(len(rows)), key=lambda j: -float(rows[j][0]))
+        stored = None if target_ids is None else target_ids.get(key)
+        if stored is not None:
+            if len(stored) != len(rows):
+                raise AdapterError(
+                    f"the stored target ids of key {key} ({len(stored)}) do not match its {len(rows)} trigger "
+                    "lines; rerun trigger_examples_jsonl_to_textual.py into an empty folder"
+                )
+            out[key] = [int(stored[j]) for j in order]
+            continue
         ids = []
-        for _value, prefix, token in ordered:
+        for j in order:
+            _value, prefix, token = rows[j]
             ck = (token, bool(prefix))
             if ck not in cache:
                 cache[ck] = target_id(adapter, token, after_prefix=bool(prefix))
@@ -149,7 +166,7 @@ def targets_from_examples(
                 n_unknown += 1
                 tid = unk if unk is not None else -1
             ids.append(tid)
-        out[(int(key[0]), int(key[1]))] = ids
+        out[key] = ids
     return out, n_unknown
 
 

@@ -6,8 +6,11 @@ the input, ``</s>`` after the last one). Example: ``3.14\tthe cat sat *on*``. A 
 has an empty prefix: ``2.5\t*the*``. Tabs and newlines inside tokens are written as spaces.
 
 Word-level models (fairseq: input ``</s> w1 .. wn``, ``text`` = the space-joined words) need no tokenizer:
-position ``t`` has prefix ``w1 .. wt`` and target ``w(t+1)``. Subword models re-tokenize ``text`` with their
-adapter, exactly as the sentences were tokenized for mining.
+position ``t`` has prefix ``w1 .. wt`` and target ``w(t+1)``, and the target word is its own dictionary entry.
+Subword models re-tokenize ``text`` with their adapter, exactly as the sentences were tokenized for mining;
+a subword target cannot be recovered exactly from its string (the leading space is stripped in the line, and
+a piece can have several spellings), so the folder also holds :data:`TARGET_IDS_FILE`: one JSON line per key
+file, ``{"file": "12_3.txt", "target_ids": [...]}``, the target token ids in the order of the file's lines.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from pathlib import Path
 from fflayers.backends.base import AdapterError, LMAdapter
 
 EOS = "</s>"
+#: exact target token ids of subword models, beside the ``{dim}_{layer}.txt`` files
+TARGET_IDS_FILE = "target_ids.jsonl"
 _FILE = re.compile(r"^(\d+)_(\d+)\.txt$")
 _WS = re.compile(r"[\t\r\n]")
 
@@ -38,6 +43,10 @@ class WordLevel:
             )
         target = words[position] if position < len(words) else EOS
         return " ".join(words[:position]), target
+
+    def target_id(self, text: str, position: int) -> int | None:
+        """None: word-level targets are looked up by their string, which is exact."""
+        return None
 
 
 class AdapterTokens:
@@ -59,6 +68,15 @@ class AdapterTokens:
         prefix = self.adapter.detokenize(list(ids[start : position + 1])).strip() if position >= start else ""
         target = self.adapter.id_to_token([ids[position + 1]])[0].strip() if position + 1 < len(ids) else EOS
         return prefix, target
+
+    def target_id(self, text: str, position: int) -> int:
+        """The id of the token after ``position`` in the tokenized ``text`` (after the last one: the tokenizer's
+        EOS id, or -1 when it has none)."""
+        ids = self._ids(text)
+        if position + 1 < len(ids):
+            return int(ids[position + 1])
+        eos = getattr(getattr(self.adapter, "tokenizer", None), "eos_token_id", None)
+        return int(eos) if isinstance(eos, int) else -1
 
 
 def format_line(value: float, prefix: str, target: str) -> str:
@@ -102,9 +120,9 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
             yield row
 
 
-def textual_files(rows: Iterable[dict], tokens) -> Iterator[tuple[str, list[str]]]:
-    """``(file name, lines)`` per key, streaming over ``rows``; ``tokens`` is a :class:`WordLevel` or
-    :class:`AdapterTokens`.
+def textual_files(rows: Iterable[dict], tokens) -> Iterator[tuple[str, list[str], list[int] | None]]:
+    """``(file name, lines, target ids)`` per key, streaming over ``rows``; ``tokens`` is a :class:`WordLevel`
+    (target ids None) or :class:`AdapterTokens`.
 
     The layer of a key is its records' ``layer_index``; a key without records takes the layer seen at the
     same place of ``top_values`` in other rows (or that place's index), and its (empty) file comes last.
@@ -119,13 +137,15 @@ def textual_files(rows: Iterable[dict], tokens) -> Iterator[tuple[str, list[str]
                 continue
             layer = int(records[0]["layer_index"])
             slot_layers.setdefault(j, layer)
-            lines = []
+            lines, ids = [], []
             for rec in records:
-                prefix, target = tokens.prefix_and_target(rec["text"], int(rec["token_indice"]))
+                text, position = rec["text"], int(rec["token_indice"])
+                prefix, target = tokens.prefix_and_target(text, position)
                 lines.append(format_line(rec["fc1_value"], prefix, target))
-            yield f"{dim}_{layer}.txt", lines
+                ids.append(tokens.target_id(text, position))
+            yield f"{dim}_{layer}.txt", lines, None if None in ids else ids
     for dim, j in empty:
-        yield f"{dim}_{slot_layers.get(j, j)}.txt", []
+        yield f"{dim}_{slot_layers.get(j, j)}.txt", [], None
 
 
 def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
@@ -172,11 +192,21 @@ def write_textual(input_file: str | os.PathLike, output_dir: str | os.PathLike, 
         for old in out.iterdir():
             if _FILE.match(old.name) and old.is_file():
                 old.unlink()
+    stale_ids = out / TARGET_IDS_FILE
+    if stale_ids.exists():  # from an earlier run (overwrite): never pair old ids with new files
+        stale_ids.unlink()
     n = 0
-    for name, lines in tqdm(textual_files(read_jsonl(input_file), tokens), disable=not progress, unit="file",
-                            desc="textual"):
+    stored: list[dict] = []
+    for name, lines, ids in tqdm(textual_files(read_jsonl(input_file), tokens), disable=not progress, unit="file",
+                                 desc="textual"):
         _replace_text(out / name, "".join(line + "\n" for line in lines))
+        if ids is not None:
+            stored.append({"file": name, "target_ids": ids})
         n += 1
+    if stored:
+        from fflayers.io import write_jsonl
+
+        write_jsonl(out / TARGET_IDS_FILE, stored)
     return n
 
 
@@ -195,4 +225,27 @@ def read_textual_dir(directory: str | os.PathLike) -> dict[tuple[int, int], list
             out[layer, dim] = [parse_line(line) for line in f if line.strip()]
     if not out:
         raise AdapterError(f"folder {d} holds no {{dim}}_{{layer}}.txt files; run trigger_examples_jsonl_to_textual.py first")
+    return out
+
+
+def read_target_ids(directory: str | os.PathLike) -> dict[tuple[int, int], list[int]] | None:
+    """``{(layer, dim): [target id per line]}`` from the folder's :data:`TARGET_IDS_FILE`, or None when it has
+    none (word-level models, or folders written before it existed)."""
+    path = Path(directory) / TARGET_IDS_FILE
+    if not path.is_file():
+        return None
+    out: dict[tuple[int, int], list[int]] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                m = _FILE.match(row["file"])
+                ids = [int(t) for t in row["target_ids"]]
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                m = None
+            if not m:
+                raise AdapterError(f"{path} line {lineno} is malformed; rerun trigger_examples_jsonl_to_textual.py")
+            out[int(m.group(2)), int(m.group(1))] = ids
     return out
