@@ -94,3 +94,47 @@ def test_tokenizer_only_has_no_device_flags(capsys):
     assert not hasattr(args, "device") and not hasattr(args, "trust_checkpoint")
     with pytest.raises(CLIError, match="unrecognized arguments: --device"):
         p.parse_args(["--model_dir", "d", "--device", "cpu"])
+
+
+def test_quiet_loading_hides_library_bars_and_info_lines_unless_verbose(capsys):
+    import logging
+
+    from tqdm.auto import tqdm
+
+    from fflayers.cli import quiet_loading
+
+    logger = logging.getLogger("fairseq.tasks.text_to_speech")
+    handler = logging.StreamHandler()  # bound to the captured stderr now
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+
+    def load():
+        for _ in tqdm(range(3), desc="Converting and de-quantizing"):
+            pass
+        logger.info("Please install tensorboardX")
+
+    try:
+        with quiet_loading(verbose=True):
+            load()
+        loud = capsys.readouterr().err
+        logger.setLevel(logging.INFO)
+        with quiet_loading(verbose=False):
+            load()
+        logger.info("Please install tensorboardX")  # the level stays raised after loading
+        quiet = capsys.readouterr().err
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    assert "de-quantizing" in loud and "tensorboardX" in loud
+    assert quiet == ""
+    for _ in tqdm(range(2), desc="the run's own bar"):  # bars after loading are shown
+        pass
+    assert "the run's own bar" in capsys.readouterr().err
+
+
+def test_verbose_flag():
+    p = Parser(prog=PROG)
+    add_model_args(p, tokenizer_only=True)
+    assert p.parse_args(["--model_dir", "d", "--verbose"]).verbose is True
+    assert p.parse_args(["--model_dir", "d"]).verbose is False

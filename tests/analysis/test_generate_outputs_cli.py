@@ -34,22 +34,6 @@ LINES = [
 
 
 @pytest.fixture(scope="module")
-def tiny_gpt2_dir(tmp_path_factory) -> Path:
-    """A random GPT-2 with the real 50257-token BPE vocabulary, saved with save_pretrained."""
-    import transformers as tf
-
-    from fflayers.backends.hf import gpt2_tokenizer_dir
-
-    d = tmp_path_factory.mktemp("tiny_gpt2")
-    torch.manual_seed(0)
-    cfg = tf.GPT2Config(vocab_size=50257, n_embd=16, n_inner=32, n_head=2, n_layer=2, n_positions=128,
-                        resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
-    tf.GPT2LMHeadModel(cfg).save_pretrained(d)
-    gpt2_tokenizer_dir(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text("\n".join(LINES) + "\n", encoding="utf-8")
@@ -219,11 +203,55 @@ def test_bad_input_exits_2_with_one_line(case, tiny_gpt2_dir, corpus, tmp_path, 
 
 
 def test_unwritable_output_path(tiny_gpt2_dir, corpus, tmp_path, capsys):
-    for out in (tmp_path / "no_such_dir" / "out.jsonl", tmp_path):
+    # /proc: a folder that exists and looks writable to root, but refuses new files
+    for out in (tmp_path / "no_such_dir" / "out.jsonl", tmp_path, Path("/proc/x.jsonl")):
         rc, err = run_cli(["--data_file", corpus, "--hf_model", tiny_gpt2_dir, "--get_trigger_examples",
                            "--output_file", out], capsys)
         assert rc == 2 and len(err.strip().splitlines()) == 1 and "output" in err
     assert not (tmp_path / "no_such_dir").exists()
+
+
+WIKITEXT = [
+    " = Heading = ",
+    " The state @-@ of @-@ the @-@ art bridge cost 1 @,@ 000 dollars , said John 's report . ",
+    " Pi is about 3 @.@ 14 ( a constant ) . ",
+]
+
+
+def test_hf_model_reads_wikitext_detokenized_unless_raw(tiny_gpt2_dir, tmp_path, capsys):
+    from fflayers.data import detokenize_wikitext
+
+    data = tmp_path / "wiki.valid.tokens"
+    data.write_text("\n".join(WIKITEXT) + "\n", encoding="utf-8")
+    texts = {}
+    for flag in ([], ["--raw_wikitext"]):
+        out = tmp_path / f"t{len(flag)}.jsonl"
+        rc, err = run_cli(["--data_file", data, "--hf_model", tiny_gpt2_dir, "--get_trigger_examples",
+                           "--top_k_trigger_examples", 50, "--output_file", out, *flag], capsys)
+        assert rc == 0, err
+        texts[bool(flag)] = {r["text"] for row in map(json.loads, out.read_text().splitlines())
+                             for layer in row["top_values"] for r in layer}
+    raw = set(shuffled_sentences(read_wikitext_lines(data), seed=0xDEAD))
+    assert texts[True] <= raw and "@-@" in "".join(texts[True])
+    assert texts[False] <= {detokenize_wikitext(s) for s in raw}
+    assert "The state-of-the-art bridge cost 1,000 dollars, said John's report." in texts[False]
+
+
+def test_subword_pipeline_through_the_clis_maps_no_target_to_unk(tiny_gpt2_dir, corpus, tmp_path, capsys):
+    """generate_outputs -> textual -> key_value_agreement: exact target ids, so nothing becomes unk."""
+    from analysis import key_value_agreement as kva
+
+    trig = tmp_path / "top.jsonl"
+    rc, err = run_cli(["--data_file", corpus, "--hf_model", tiny_gpt2_dir, "--get_trigger_examples",
+                       "--top_k_trigger_examples", 5, "--output_file", trig], capsys)
+    assert rc == 0, err
+    assert to_textual.main(["--input_file", str(trig), "--hf_model", str(tiny_gpt2_dir), "--output_dir",
+                            str(tmp_path / "txt"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert kva.main(["--hf_model", str(tiny_gpt2_dir), "--data_dir", str(tmp_path / "txt"), "--output_base",
+                     str(tmp_path / "kv"), "--quiet", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "exact token ids stored by the textual step; 0 not in the vocabulary" in out, out
 
 
 # ----- fairseq ------------------------------------------------------------------------------------------------

@@ -123,11 +123,13 @@ def _bad_cases(tmp: Path, data: Path, model_dir: Path):
         "no model": (["--data_dir", data, "--output_base", out], "exactly one"),
         "bad flag": ([*common, "--data_dir", data, "--output_base", out, "--frobnicate"], "unrecognized"),
         "bad model dir": (["--model_dir", tmp / "nomodel", "--data_dir", data, "--output_base", out], "does not exist"),
+        "output folder refuses files": (["--model_dir", model_dir, "--data_dir", data, "--output_base", "/proc/kv"],
+                                        "cannot write in folder /proc"),
     }
 
 
 CASES = ["missing data_dir", "empty data_dir", "missing output folder", "output parent is a file",
-         "layer out of range", "trigger layer not in model", "two models", "no model", "bad flag", "bad model dir"]
+         "layer out of range", "trigger layer not in model", "two models", "no model", "bad flag", "bad model dir", "output folder refuses files"]
 
 
 @pytest.mark.parametrize("case", CASES)

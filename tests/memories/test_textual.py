@@ -152,6 +152,7 @@ def test_cli_default_output_dir_and_bad_input(jsonl, tmp_path, capsys):
         ["--input_file", str(tmp_path / "missing.jsonl"), "--model_dir", str(model_dir), "--output_dir", str(tmp_path / "x")],
         ["--input_file", str(jsonl), "--output_dir", str(tmp_path / "y")],  # no model
         ["--input_file", str(jsonl), "--model_dir", str(tmp_path), "--output_dir", str(tmp_path / "z")],  # no dict.txt
+        ["--input_file", str(jsonl), "--model_dir", str(model_dir), "--output_dir", "/proc/fflayers_out"],  # no files
     ]
     for argv in bad:
         capsys.readouterr()
