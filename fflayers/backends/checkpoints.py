@@ -189,7 +189,17 @@ def upgrade_checkpoint(state: dict) -> dict:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from fairseq.checkpoint_utils import _upgrade_state_dict
+        # fairseq has no public function that upgrades an in-memory checkpoint; its private one is guarded
+        try:
+            from fairseq.checkpoint_utils import _upgrade_state_dict
+        except ImportError:
+            import fairseq
+
+            raise AdapterError(
+                f"fairseq {getattr(fairseq, '__version__', '?')} has no checkpoint_utils._upgrade_state_dict, "
+                "which fflayers uses to convert checkpoints; install the tested fairseq-fixed==0.12.3.1 "
+                "(make install)"
+            ) from None
 
     if state.get("args") is None and state.get("cfg") is None:
         raise AdapterError("checkpoint has neither 'args' nor 'cfg'; it is not a fairseq training checkpoint")
