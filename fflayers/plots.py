@@ -14,6 +14,12 @@ Key-value memories (seed 000):
 * :func:`plot_top1_matches`: how often the layer's top-1 equals some memory's top-1, the residual's top-1,
   or neither;
 * :func:`plot_coefficients`: distribution of the scaled coefficients ``m_i ||v_i||`` per layer.
+
+Parameters in embedding space (seed 004):
+
+* :func:`plot_token_map`: a 2-D (t-SNE) map of a vector's top tokens, labelled, coloured by score;
+* :func:`plot_neurons_vs_hidden`: per layer, the overlap of the hidden state's top tokens with those of its
+  most active values, beside random values.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ __all__ = [
     "plot_active_memories",
     "plot_top1_matches",
     "plot_coefficients",
+    "plot_token_map",
+    "plot_neurons_vs_hidden",
 ]
 
 
@@ -140,4 +148,30 @@ def plot_coefficients(table: pd.DataFrame, max_per_layer: int = 200_000, seed: i
     _layer_axis(ax, layers)
     ax.set_ylabel("m_i ||v_i||")
     ax.set_title("Scaled memory coefficients")
+    return fig
+
+
+def plot_token_map(table: pd.DataFrame, title: str, max_labels: int = 60) -> Figure:
+    """Scatter of a token map (columns ``x, y, token, score, rank``); the best ``max_labels`` are labelled."""
+    fig, ax = _figure(7.0, 6.0)
+    points = ax.scatter(table["x"], table["y"], c=table["score"], cmap="viridis", s=14)
+    for row in table.sort_values("rank").head(max_labels).itertuples(index=False):
+        ax.annotate(repr(row.token)[1:-1], (row.x, row.y), fontsize=7, xytext=(2, 2), textcoords="offset points")
+    fig.colorbar(points, ax=ax, label="score")
+    ax.set_xlabel("t-SNE 1")
+    ax.set_ylabel("t-SNE 2")
+    ax.set_title(title)
+    return fig
+
+
+def plot_neurons_vs_hidden(summary: pd.DataFrame, title: str | None = None) -> Figure:
+    """Per layer: share of the hidden state's top-k tokens found among its most active values' top-k tokens,
+    and the same for random values (columns ``layer, overlap_active, overlap_random``)."""
+    fig, ax = _figure()
+    ax.plot(summary["layer"], 100 * summary["overlap_active"], marker="o", label="most active values")
+    ax.plot(summary["layer"], 100 * summary["overlap_random"], marker="s", linestyle="--", label="random values")
+    _layer_axis(ax, summary["layer"])
+    ax.set_ylabel("hidden-state top-k tokens found (%)")
+    ax.set_title(title or "Hidden state vs its most active values, in embedding space")
+    ax.legend()
     return fig

@@ -9,6 +9,7 @@ Conventions, for every backend:
   (``mlp_out = sum_i m_i * V[l, i] + bias``).
 * ``project(h)`` maps a residual-stream vector to log-probabilities over the vocabulary with the model's own
   output head (final norm where the model has one, adaptive softmax in eval mode).
+* Attention weights (:class:`AttentionWeights`) and output embeddings act on row vectors: ``x @ W``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,101 @@ class HookSite:
     side: str  # "input" or "output"
     time_first: bool = False
     arg_name: str = "hidden_states"
+
+
+@dataclass(frozen=True)
+class AttentionWeights:
+    """The parameters of one self-attention layer, split per head (row-vector convention).
+
+    With ``x`` the (normalised) stream the attention reads and ``g = kv_head(h)``::
+
+        q_h = x @ W_Q[h] + b_Q[h]      k_g = x @ W_K[g] + b_K[g]      v_g = x @ W_V[g] + b_V[g]
+        attn_out = sum_h (sum_s a_h[t, s] * v_g[s]) @ W_O[h] + b_O
+
+    These are the raw projections as stored in the model: the score scaling (``1/sqrt(d_head)``, which
+    fairseq folds into q inside its forward), rotary position embeddings (GPT-J, GPT-NeoX, Llama) and any
+    other transformation applied between the projections and the softmax are NOT part of the weights.
+    Tensors are detached views of the parameters where possible (in-place edits change the model), in the
+    stored dtype. A bias the layer does not have is None.
+    """
+
+    W_Q: torch.Tensor  #: [n_heads, d_model, d_head]
+    W_K: torch.Tensor  #: [n_kv_heads, d_model, d_head]
+    W_V: torch.Tensor  #: [n_kv_heads, d_model, d_head]
+    W_O: torch.Tensor  #: [n_heads, d_head, d_model]
+    b_Q: torch.Tensor | None  #: [n_heads, d_head]
+    b_K: torch.Tensor | None  #: [n_kv_heads, d_head]
+    b_V: torch.Tensor | None  #: [n_kv_heads, d_head]
+    b_O: torch.Tensor | None  #: [d_model]
+    n_heads: int
+    n_kv_heads: int
+
+    def __post_init__(self) -> None:
+        H, G = self.n_heads, self.n_kv_heads
+        if H <= 0 or G <= 0 or H % G:
+            raise AdapterError(f"{H} query heads cannot share {G} key/value heads; n_heads must be a multiple of n_kv_heads")
+        d, dh = self.W_Q.shape[1], self.W_Q.shape[2]
+        expected = {
+            "W_Q": (H, d, dh), "W_K": (G, d, dh), "W_V": (G, d, dh), "W_O": (H, dh, d),
+            "b_Q": (H, dh), "b_K": (G, dh), "b_V": (G, dh), "b_O": (d,),
+        }
+        for name, shape in expected.items():
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != shape:
+                raise AdapterError(f"attention weight {name} has shape {tuple(t.shape)}, expected {shape}")
+
+    @property
+    def d_model(self) -> int:
+        return int(self.W_Q.shape[1])
+
+    @property
+    def d_head(self) -> int:
+        return int(self.W_Q.shape[2])
+
+    def kv_head(self, h: int) -> int:
+        """The key/value head that query head ``h`` reads (grouped-query attention; ``h`` itself otherwise)."""
+        if not 0 <= h < self.n_heads:
+            raise AdapterError(f"head {h} is out of range: the layer has {self.n_heads} heads (0..{self.n_heads - 1})")
+        return h // (self.n_heads // self.n_kv_heads)
+
+    @classmethod
+    def from_linear(
+        cls,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        o: torch.Tensor,
+        q_bias: torch.Tensor | None,
+        k_bias: torch.Tensor | None,
+        v_bias: torch.Tensor | None,
+        o_bias: torch.Tensor | None,
+        n_heads: int,
+        n_kv_heads: int,
+    ) -> AttentionWeights:
+        """Split ``nn.Linear``-layout matrices into heads.
+
+        ``q`` ``[n_heads * d_head, d_model]``, ``k``/``v`` ``[n_kv_heads * d_head, d_model]`` (output features
+        head-major, as ``y = x @ W.T + b`` computes them) and ``o`` ``[d_model, n_heads * d_head]``.
+        """
+        q, k, v, o = (w.detach() for w in (q, k, v, o))
+        d = q.shape[1]
+        if q.shape[0] % n_heads:
+            raise AdapterError(f"query projection of {q.shape[0]} features does not split into {n_heads} heads")
+        dh = q.shape[0] // n_heads
+
+        def heads(w: torch.Tensor, n: int) -> torch.Tensor:  # [n * dh, d] -> [n, d, dh]
+            return w.reshape(n, dh, d).transpose(1, 2)
+
+        def bias(b: torch.Tensor | None, n: int) -> torch.Tensor | None:
+            return None if b is None else b.detach().reshape(n, dh)
+
+        return cls(
+            W_Q=heads(q, n_heads), W_K=heads(k, n_kv_heads), W_V=heads(v, n_kv_heads),
+            W_O=o.t().reshape(n_heads, dh, o.shape[0]),
+            b_Q=bias(q_bias, n_heads), b_K=bias(k_bias, n_kv_heads), b_V=bias(v_bias, n_kv_heads),
+            b_O=None if o_bias is None else o_bias.detach(),
+            n_heads=n_heads, n_kv_heads=n_kv_heads,
+        )
 
 
 class LMAdapter(ABC):
@@ -189,6 +285,21 @@ class LMAdapter(ABC):
     @abstractmethod
     def input_embeddings(self) -> torch.Tensor:
         """The token embedding matrix ``[V, d]`` (fairseq adaptive input: every band mapped to ``d``)."""
+
+    @abstractmethod
+    def output_embeddings(self) -> torch.Tensor:
+        """Output embeddings ``[V, d]``, one row per token in vocabulary order: ``h @ E.T`` gives the output
+        logits (up to the head's bias) of a final hidden state ``h`` taken after the model's final norm (BERT:
+        after the MLM head's transform). :class:`AdapterError` for models without an output head."""
+
+    @property
+    @abstractmethod
+    def output_embeddings_kind(self) -> str:
+        """Short description of what :meth:`output_embeddings` returns (for metadata)."""
+
+    @abstractmethod
+    def attention_weights(self, layer: int) -> AttentionWeights:
+        """Query/key/value/output weights of the self-attention of block ``layer``, split per head."""
 
     # ----- hook plumbing (used by fflayers.hooks) ----------------------------------------------------------
     @abstractmethod

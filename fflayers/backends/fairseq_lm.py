@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fflayers.backends.base import AdapterError, HookSite, LMAdapter
+from fflayers.backends.base import AdapterError, AttentionWeights, HookSite, LMAdapter
 from fflayers.backends.checkpoints import load_checkpoint, upgrade_checkpoint
 
 # fairseq's speech tasks log an install hint for tensorboardX when fairseq is imported; irrelevant to LMs
@@ -211,6 +211,56 @@ class FairseqLMAdapter(LMAdapter):
             table = dec.project_in_dim(table)
         return table.detach()
 
+    def attention_weights(self, layer: int) -> AttentionWeights:
+        """Per-head weights of ``self_attn`` (``q_proj`` / ``k_proj`` / ``v_proj`` / ``out_proj``), views.
+
+        These are the raw projections: fairseq multiplies q by ``scaling = d_head ** -0.5`` inside its forward,
+        which is not folded in. Learned extra key/value biases (``add_bias_kv``) are not included.
+        """
+        attn = self.layers[self.check_layer(layer)].self_attn
+        q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj
+        return AttentionWeights.from_linear(
+            q.weight, k.weight, v.weight, o.weight, q.bias, k.bias, v.bias, o.bias,
+            n_heads=int(attn.num_heads), n_kv_heads=int(attn.num_heads),
+        )
+
+    @torch.no_grad()
+    def output_embeddings(self) -> torch.Tensor:
+        """``[V, d]`` in dictionary order: ``h @ E.T`` are the output logits of a final hidden state ``h`` (after
+        the final LayerNorm, if any; ``project_out_dim`` is folded in).
+
+        Full softmax: ``output_projection.weight`` (the input embedding when shared). Adaptive softmax: the head's
+        word rows for the first ``cutoff[0]`` tokens, then for each tail band its output linear times its
+        projection (``W_out @ W_proj``): the band's logits within its cluster are ``h @ E[band].T``; its
+        tokens' log-probs add the head's cluster score, which has no row here.
+        """
+        dec = self.decoder
+        asm = dec.adaptive_softmax
+        if asm is not None:
+            n_head = int(asm.cutoff[0])
+            parts = [_adaptive_head_words(asm.head, n_head)]
+            for i, tail in enumerate(asm.tail):
+                band = _linear_map(tail)
+                if band.shape[0] != asm.cutoff[i + 1] - asm.cutoff[i]:
+                    raise AdapterError(f"adaptive softmax tail {i} predicts {band.shape[0]} tokens, "
+                                       f"expected {asm.cutoff[i + 1] - asm.cutoff[i]}")
+                parts.append(band)
+            table = torch.cat(parts, dim=0)
+        else:
+            table = dec.output_projection.weight
+        if dec.project_out_dim is not None:
+            table = table @ _linear_map(dec.project_out_dim)
+        return table.detach()
+
+    @property
+    def output_embeddings_kind(self) -> str:
+        dec = self.decoder
+        if dec.adaptive_softmax is not None:
+            return "adaptive softmax: head rows + tail projections"
+        out, emb = dec.output_projection.weight, getattr(dec.embed_tokens, "weight", None)
+        tied = emb is not None and (out is emb or out.data_ptr() == emb.data_ptr())
+        return "tied input/output embedding" if tied else "output embedding (untied)"
+
     # ----- hooks -------------------------------------------------------------------------------------------
     def hook_site(self, point: str, layer: int) -> HookSite:
         block = self.layers[self.check_layer(layer)]
@@ -256,6 +306,42 @@ def _adaptive_log_probs(asm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     for i, tail in enumerate(asm.tail):
         parts.append(F.log_softmax(tail(x).float(), dim=-1) + head[:, n_head + i, None])
     return torch.cat(parts, dim=-1).to(x.dtype)
+
+
+def _linear_map(module: nn.Module) -> torch.Tensor:
+    """The ``[out, in]`` matrix of a bias-free linear module: ``nn.Linear``, fairseq's ``TiedLinear`` (which may
+    apply its weight transposed) or an ``nn.Sequential`` of those and dropouts (identity in eval mode)."""
+    from fairseq.modules.adaptive_softmax import TiedLinear
+    from fairseq.modules.fairseq_dropout import FairseqDropout
+
+    if isinstance(module, nn.Sequential):
+        matrix = None
+        for part in module:
+            if isinstance(part, (nn.Dropout, FairseqDropout)):
+                continue
+            w = _linear_map(part)
+            matrix = w if matrix is None else w @ matrix
+        if matrix is None:
+            raise AdapterError("an adaptive softmax module holds no linear map")
+        return matrix
+    if isinstance(module, TiedLinear):
+        return module.weight.t() if module.transpose else module.weight
+    if isinstance(module, nn.Linear):
+        if module.bias is not None:
+            raise AdapterError("an adaptive softmax / output projection with a bias is not supported")
+        return module.weight
+    raise AdapterError(f"cannot read the output embedding from a {type(module).__name__} module")
+
+
+def _adaptive_head_words(head: nn.Module, n_words: int) -> torch.Tensor:
+    """``[cutoff[0], d]``: the rows of the adaptive-softmax head that score the head-band words (the remaining
+    rows score the tail clusters). Tied heads (``TiedHeadModule``) keep them in ``word_proj``."""
+    from fairseq.modules.adaptive_softmax import TiedHeadModule
+
+    words = _linear_map(head.word_proj) if isinstance(head, TiedHeadModule) else _linear_map(head)[:n_words]
+    if words.shape[0] != n_words:
+        raise AdapterError(f"adaptive softmax head scores {words.shape[0]} words, expected {n_words}")
+    return words
 
 
 def _arg(args: tuple, kwargs: dict, index: int, name: str):

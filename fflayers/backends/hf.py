@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fflayers.backends.base import AdapterError, HookSite, LMAdapter
+from fflayers.backends.base import AdapterError, AttentionWeights, HookSite, LMAdapter
 from fflayers.hooks import attention_with_blocked_edges, blocked_edges
 
 
@@ -34,34 +34,68 @@ class ArchSpec:
     conv1d: bool = False  # GPT-2's Conv1D stores weights as [in, out]
     head: str | None = None  # output head module (None: model.get_output_embeddings())
     masked_lm: bool = False
+    attn_proj: tuple[str, ...] = ()  # q, k, v projections, or the single fused one (block-relative)
+    attn_proj_out: str = ""  # attention output projection (block-relative)
+    qkv_layout: str = "separate"  # how a fused projection's output features split: a key of _QKV_LAYOUTS
+    unembed: str | None = None  # module whose weight is the output embedding (None: model.get_output_embeddings())
 
 
 _GPT2 = ArchSpec("transformer.h", "transformer.wte", "transformer.ln_f", "attn", "attn",
-                 "mlp.c_fc", "mlp.c_proj", "mlp", conv1d=True)
+                 "mlp.c_fc", "mlp.c_proj", "mlp", conv1d=True,
+                 attn_proj=("attn.c_attn",), attn_proj_out="attn.c_proj", qkv_layout="qkv_blocks")
 _LLAMA = ArchSpec("model.layers", "model.embed_tokens", "model.norm", "self_attn", "self_attn",
-                  "mlp.gate_proj", "mlp.down_proj", "mlp")
+                  "mlp.gate_proj", "mlp.down_proj", "mlp",
+                  attn_proj=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), attn_proj_out="self_attn.o_proj")
+_BERT_ATTN = {"attn_proj": ("attention.self.query", "attention.self.key", "attention.self.value"),
+              "attn_proj_out": "attention.output.dense"}
 
 #: model_type -> where its parts live.
 ARCHITECTURES: dict[str, ArchSpec] = {
     "gpt2": _GPT2,
     "gpt_neo": ArchSpec("transformer.h", "transformer.wte", "transformer.ln_f", "attn", "attn.attention",
-                        "mlp.c_fc", "mlp.c_proj", "mlp"),
+                        "mlp.c_fc", "mlp.c_proj", "mlp",
+                        attn_proj=("attn.attention.q_proj", "attn.attention.k_proj", "attn.attention.v_proj"),
+                        attn_proj_out="attn.attention.out_proj"),
     "gptj": ArchSpec("transformer.h", "transformer.wte", "transformer.ln_f", "attn", "attn",
-                     "mlp.fc_in", "mlp.fc_out", "mlp"),
+                     "mlp.fc_in", "mlp.fc_out", "mlp",
+                     attn_proj=("attn.q_proj", "attn.k_proj", "attn.v_proj"), attn_proj_out="attn.out_proj"),
     "gpt_neox": ArchSpec("gpt_neox.layers", "gpt_neox.embed_in", "gpt_neox.final_layer_norm", "attention",
-                         "attention", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "mlp"),
+                         "attention", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "mlp",
+                         attn_proj=("attention.query_key_value",), attn_proj_out="attention.dense",
+                         qkv_layout="per_head_qkv"),
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "bert": ArchSpec("bert.encoder.layer", "bert.embeddings.word_embeddings", None, "attention.output.dense",
                      "attention.self", "intermediate.dense", "output.dense", "output.dense",
-                     head="cls", masked_lm=True),
+                     head="cls", masked_lm=True, unembed="cls.predictions.decoder", **_BERT_ATTN),
 }
 
 #: BERT checkpoints without an MLM head (encoders such as sentence-transformers models) load as BertModel,
 #: whose paths have no ``bert.`` prefix.
 _BERT_ENCODER = ArchSpec("encoder.layer", "embeddings.word_embeddings", None, "attention.output.dense",
                          "attention.self", "intermediate.dense", "output.dense", "output.dense",
-                         head=None, masked_lm=True)
+                         head=None, masked_lm=True, **_BERT_ATTN)
+
+_QKVSplit = tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor | None, ...]]
+
+
+def _split_qkv_blocks(w: torch.Tensor, b: torch.Tensor | None, n_heads: int) -> _QKVSplit:
+    """GPT-2 ``c_attn``: output features are ``q | k | v``, each ``[n_heads, d_head]`` head-major."""
+    return w.chunk(3, dim=0), ((None,) * 3 if b is None else b.chunk(3))
+
+
+def _split_per_head_qkv(w: torch.Tensor, b: torch.Tensor | None, n_heads: int) -> _QKVSplit:
+    """GPT-NeoX ``query_key_value``: output features are ``[n_heads, 3, d_head]`` (q, k, v interleaved per head;
+    the model views the output as ``[..., n_heads, 3 * d_head]`` and chunks the last axis in three)."""
+    d = w.shape[1]
+    w3 = w.reshape(n_heads, 3, -1, d)
+    ws = tuple(w3[:, i].reshape(-1, d) for i in range(3))
+    bs = (None,) * 3 if b is None else tuple(b.reshape(n_heads, 3, -1)[:, i].reshape(-1) for i in range(3))
+    return ws, bs
+
+
+#: fused q/k/v projection layouts: name -> split of the ``nn.Linear``-layout weight ``[3 * d, d]`` and bias
+_QKV_LAYOUTS = {"qkv_blocks": _split_qkv_blocks, "per_head_qkv": _split_per_head_qkv}
 
 _ATTN_NAME = "fflayers_sdpa"
 
@@ -204,6 +238,57 @@ class HFAdapter(LMAdapter):
 
     def input_embeddings(self) -> torch.Tensor:
         return self.embedding_module.weight
+
+    def _linear(self, block: nn.Module, path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weight in ``nn.Linear`` layout ``[out, in]`` (GPT-2's Conv1D transposed) and bias of a projection."""
+        module = _get(block, path)
+        w = module.weight.detach()
+        b = module.bias.detach() if getattr(module, "bias", None) is not None else None
+        return (w.t() if self.spec.conv1d else w), b
+
+    def attention_weights(self, layer: int) -> AttentionWeights:
+        """Per-head attention weights (see :class:`AttentionWeights`; rotary and scaling not included)."""
+        spec = self.spec
+        block = self.blocks[self.check_layer(layer)]
+        if not spec.attn_proj or not spec.attn_proj_out:
+            raise AdapterError(f"the ArchSpec of this {self.family} model names no attention projections "
+                               "(set attn_proj and attn_proj_out)")
+        cfg = self.model.config
+        n_heads = int(cfg.num_attention_heads)
+        n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
+        if len(spec.attn_proj) == 3:
+            (q, qb), (k, kb), (v, vb) = (self._linear(block, path) for path in spec.attn_proj)
+        elif len(spec.attn_proj) == 1 and spec.qkv_layout in _QKV_LAYOUTS:
+            (q, k, v), (qb, kb, vb) = _QKV_LAYOUTS[spec.qkv_layout](*self._linear(block, spec.attn_proj[0]), n_heads)
+        else:
+            raise AdapterError(f"ArchSpec.attn_proj must name 3 modules, or 1 fused module with qkv_layout in "
+                               f"{sorted(_QKV_LAYOUTS)}; got {spec.attn_proj} with {spec.qkv_layout!r}")
+        o, ob = self._linear(block, spec.attn_proj_out)
+        return AttentionWeights.from_linear(q, k, v, o, qb, kb, vb, ob, n_heads=n_heads, n_kv_heads=n_kv)
+
+    def _unembed_module(self) -> nn.Module:
+        spec = self.spec
+        head = _get(self.model, spec.unembed) if spec.unembed else self.model.get_output_embeddings()
+        if head is None:
+            raise AdapterError(f"this {self.family} model has no output head (an encoder without LM/MLM head); "
+                               "output embeddings need a checkpoint with its head")
+        return head
+
+    def output_embeddings(self) -> torch.Tensor:
+        """``[V, d]``: the LM head's weight (tied or not); BERT: the MLM decoder, which reads the hidden state
+        after the head's transform (dense + activation + LayerNorm). Logits = ``h @ E.T`` + the head's bias."""
+        return self._unembed_module().weight.detach()
+
+    @property
+    def output_embeddings_kind(self) -> str:
+        try:
+            weight = self._unembed_module().weight
+        except AdapterError:
+            return "none: model without output head"
+        if self.spec.masked_lm:
+            return "MLM decoder"
+        tied = weight is self.embedding_module.weight or weight.data_ptr() == self.embedding_module.weight.data_ptr()
+        return "tied input/output embedding" if tied else "output embedding (untied)"
 
     # ----- hooks -------------------------------------------------------------------------------------------
     def hook_site(self, point: str, layer: int) -> HookSite:
