@@ -74,8 +74,13 @@ def quiet_loading(verbose: bool = False) -> Iterator[None]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    with contextlib.redirect_stderr(io.StringIO()):
-        yield
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # load reports (missing / unexpected keys) of checkpoints without a head
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def load_adapter(args: argparse.Namespace, **fairseq_kwargs: Any) -> LMAdapter:

@@ -6,6 +6,9 @@
 4. For both models: top next-token predictions for a few prompts, and the top tokens of a few FFN values.
 5. For both models: the key-value memory pipeline on a sample of the corpus (trigger examples, value
    predictions, key-value agreement, per-layer analysis) with figures, and a printed summary.
+6. Parameters in embedding space: SmolLM2's W_VO token pairs of two heads (filters on), the export of all its
+   values' top tokens (parquet), a t-SNE map of a value's tokens, hidden state vs most active values per
+   layer; MiniLM's keys and values (projected with its input embedding: it has no MLM head).
 
 Everything lands in ``runs/demo`` (``--out``); finished steps are reused when the demo runs again.
 
@@ -85,7 +88,8 @@ def main() -> None:
     p.add_argument("--sentences", type=int, default=1500, help="corpus sentences mined for the fairseq LM")
     p.add_argument("--hf_sentences", type=int, default=300, help="corpus sentences mined for SmolLM2")
     p.add_argument("--device", default="auto")
-    p.add_argument("--skip_memories", action="store_true", help="stop after predictions and value tokens")
+    p.add_argument("--skip_memories", action="store_true", help="skip the key-value memory step")
+    p.add_argument("--skip_embedding_space", action="store_true", help="skip the embedding-space step")
     args = p.parse_args()
     start = time.time()
     out = Path(args.out)
@@ -119,6 +123,12 @@ def main() -> None:
         every_third = sorted({*range(0, smollm2.n_layers, 3), smollm2.n_layers - 1})
         run_memories("SmolLM2-135M", smollm2, corpus, out / "memories_smollm2", args.hf_sentences,
                      agreement_layers=every_third)
+
+    if not args.skip_embedding_space:
+        from embedding_space_demo import run_embedding_space
+
+        banner("6. Parameters in embedding space")
+        run_embedding_space(out / "embedding_space", out / "corpus" / "wiki.valid.tokens")
 
     print(f"\ndemo finished in {time.time() - start:.0f} s; outputs in {out}/")
 

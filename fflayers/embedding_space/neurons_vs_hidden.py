@@ -20,14 +20,7 @@ from fflayers.backends.base import AdapterError, LMAdapter
 from fflayers.embedding_space.vocabulary import Embedding
 from fflayers.hooks import capture
 
-__all__ = ["neurons_vs_hidden", "overlap_by_layer", "value_token_union"]
-
-
-def value_token_union(values: torch.Tensor, coefs: torch.Tensor, neurons: torch.Tensor, E: torch.Tensor,
-                      k: int) -> set[int]:
-    """Union of the top-``k`` tokens of ``sign(m_i) v_i @ E^T`` over the given neurons."""
-    vecs = values[neurons].float() * torch.sign(coefs[neurons].float())[:, None]
-    return set((vecs @ E.T).topk(k, dim=1).indices.reshape(-1).tolist())
+__all__ = ["neurons_vs_hidden", "overlap_by_layer"]
 
 
 def neurons_vs_hidden(
@@ -48,8 +41,9 @@ def neurons_vs_hidden(
         raise AdapterError(f"k = {k} must be between 1 and the vocabulary size {E.matrix.shape[0]}")
     rng = np.random.default_rng(seed)
     Em = E.matrix.detach().float().to(adapter.device)
-    values = {layer: adapter.ffn_values(layer).detach().float() for layer in layers}
-    norms = {layer: v.norm(dim=1) for layer, v in values.items()}
+    values = torch.stack([adapter.ffn_values(layer).detach().float() for layer in layers])  # [L, d_ff, d]
+    norms = values.norm(dim=2)  # [L, d_ff]
+    L = len(layers)
     rows = []
     for sid, seq in enumerate(tqdm(sentences, desc="neurons vs hidden", unit="sent", disable=not progress)):
         if not seq:
@@ -59,18 +53,22 @@ def neurons_vs_hidden(
         ids = torch.as_tensor([list(seq)], dtype=torch.long, device=adapter.device)
         with torch.no_grad(), capture(adapter, ["mlp_coef", "resid_post"], layers=layers) as cache:
             adapter.run(ids)
-        for layer in layers:
-            h = cache["resid_post", layer][0, pos]
-            m = cache["mlp_coef", layer][0, pos]
-            with torch.no_grad():
-                hidden = set(adapter.project(h[None]).topk(k, dim=1).indices.reshape(-1).tolist())
-                active = (m.abs().float() * norms[layer]).topk(n_neurons).indices
-                random = torch.as_tensor(rng.choice(adapter.d_ff, n_neurons, replace=False), device=m.device)
-                act_tokens = value_token_union(values[layer], m, active, Em, k)
-                rand_tokens = value_token_union(values[layer], m, random, Em, k)
+        with torch.no_grad():
+            hidden = adapter.project(torch.stack([cache["resid_post", layer][0, pos] for layer in layers]))
+            hidden = hidden.topk(k, dim=1).indices.cpu()  # [L, k]
+            m = torch.stack([cache["mlp_coef", layer][0, pos] for layer in layers]).float()  # [L, d_ff]
+            active = (m.abs() * norms).topk(n_neurons, dim=1).indices  # [L, n]
+            random = torch.as_tensor(np.stack([rng.choice(adapter.d_ff, n_neurons, replace=False) for _ in layers]),
+                                     device=m.device)
+            chosen = torch.cat([active, random])  # [2L, n]
+            li = torch.arange(L, device=m.device).repeat(2)[:, None]
+            vecs = values[li, chosen] * torch.sign(m[li, chosen])[..., None]  # [2L, n, d]
+            tokens = (vecs.reshape(-1, vecs.shape[-1]) @ Em.T).topk(k, dim=1).indices.reshape(2 * L, -1).cpu()
+        for j, layer in enumerate(layers):
+            hid = set(hidden[j].tolist())
             rows.append({"sentence": sid, "position": pos, "layer": layer,
-                         "overlap_active": len(hidden & act_tokens) / k,
-                         "overlap_random": len(hidden & rand_tokens) / k})
+                         "overlap_active": len(hid & set(tokens[j].tolist())) / k,
+                         "overlap_random": len(hid & set(tokens[L + j].tolist())) / k})
     return pd.DataFrame(rows)
 
 

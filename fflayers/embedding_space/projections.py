@@ -22,7 +22,7 @@ from fflayers.embedding_space.pairs import PairFilter, top_pairs
 from fflayers.embedding_space.vocabulary import Embedding, vocabulary_tokens
 
 __all__ = ["TOKEN_COLUMNS", "PAIR_COLUMNS", "neuron_vectors", "neuron_tokens", "iter_neuron_tokens",
-           "head_matrix", "head_pairs"]
+           "head_matrix", "head_factors", "head_pairs"]
 
 TOKEN_COLUMNS = ["layer", "neuron", "side", "rank", "token_id", "token", "score"]
 PAIR_COLUMNS = ["layer", "head", "kv_head", "kind", "rank", "row_token_id", "row_token", "col_token_id",
@@ -118,15 +118,34 @@ def head_matrix(adapter: LMAdapter, layer: int, head: int, kind: str) -> tuple[t
     return W, g
 
 
+def head_factors(adapter: LMAdapter, layer: int, head: int, kind: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(U, Vt, kv_head)`` with ``head_matrix = U @ Vt``: ``W_Q^h``, ``W_K^g^T`` (qk) or ``W_V^g``, ``W_O^h``
+    (ov), each of rank ``d_head``."""
+    if kind not in KINDS:
+        raise AdapterError(f"unknown head matrix {kind!r}; use 'qk' or 'ov'")
+    layer = adapter.check_layer(layer)
+    aw = adapter.attention_weights(layer)
+    if not 0 <= head < aw.n_heads:
+        raise AdapterError(f"head {head} is out of range: layer {layer} has {aw.n_heads} heads (0..{aw.n_heads - 1})")
+    g = aw.kv_head(head)
+    if kind == "qk":
+        return aw.W_Q[head].detach().float(), aw.W_K[g].detach().float().T, g
+    return aw.W_V[g].detach().float(), aw.W_O[head].detach().float(), g
+
+
 def head_pairs(
     adapter: LMAdapter, E: Embedding, layer: int, head: int, kind: str, n: int = 50, largest: bool = True,
     filt: PairFilter | None = None, block_rows: int | None = None,
 ) -> pd.DataFrame:
     """The exact top-``n`` (``largest=False``: bottom-``n``) token pairs of ``E W E^T`` for one head
-    (:data:`PAIR_COLUMNS`)."""
-    W, g = head_matrix(adapter, layer, head, kind)
-    Em = E.matrix.to(W.device)
-    scores, rows, cols = top_pairs(Em, W, Em, n, largest=largest, filt=filt, block_rows=block_rows)
+    (:data:`PAIR_COLUMNS`), computed through the head's rank-``d_head`` factors."""
+    head_matrix(adapter, layer, head, kind)  # checks (and the shape of the product)
+    U, Vt, g = head_factors(adapter, layer, head, kind)
+    Em = E.matrix.detach().float().to(U.device)
+    with torch.no_grad():
+        rows_side, cols_side = Em @ U, Em @ Vt.T  # [V, d_head] each
+    eye = torch.eye(U.shape[1], dtype=rows_side.dtype, device=U.device)
+    scores, rows, cols = top_pairs(rows_side, eye, cols_side, n, largest=largest, filt=filt, block_rows=block_rows)
     tokens = vocabulary_tokens(adapter)
     r, c = rows.cpu().tolist(), cols.cpu().tolist()
     m = len(r)
