@@ -3,7 +3,8 @@
 Random weights of GPT-2-small shape (V = 50,257, d = 768, 12 heads of 64). Each method runs in its own
 process so that its peak RSS (``ru_maxrss``) is its own:
 
-* ``blockwise``: :func:`fflayers.embedding_space.top_pairs` at the full vocabulary (goal: peak RSS <= 1 GB;
+* ``blockwise``: :func:`fflayers.embedding_space.top_pairs` on the head's rank-64 factors, as
+  :func:`~fflayers.embedding_space.head_pairs` runs it, at the full vocabulary (goal: peak RSS <= 1 GB;
   the dense matrix alone would be 50,257^2 * 4 B = 10.1 GB);
 * ``dense``: ``E W E^T`` materialised, then ``topk``, at a vocabulary small enough to fit (``--dense_vocab``),
   and ``blockwise`` at the same vocabulary, for the time per entry side by side.
@@ -39,8 +40,9 @@ def one_run(method: str, vocab: int, d: int, d_head: int, n: int, seed: int) -> 
         M = E @ W @ E.T
         vals, idx = M.reshape(-1).topk(n)
         rows, cols = idx // vocab, idx % vocab
-    else:
-        vals, rows, cols = top_pairs(E, W, E, n)
+    else:  # what head_pairs does: the rank-d_head factors E W_V and E W_O^T, then blockwise top-N
+        rows_side, cols_side = E @ W_V, E @ W_O.T
+        vals, rows, cols = top_pairs(rows_side, torch.eye(W_V.shape[1]), cols_side, n)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"method": method, "vocab": vocab, "seconds": seconds, "peak_rss_gb": peak / 1e9,
@@ -74,6 +76,7 @@ def main() -> None:
     small_d = in_subprocess("dense", args.dense_vocab, args)
     assert small_b["top"][:2] == small_d["top"][:2], "blockwise and dense disagree on the top pair"
     print(f"blockwise, V={args.vocab}: {full['seconds']:.1f} s, peak RSS {full['peak_rss_gb']:.2f} GB "
+          f"(of which {full['inputs_rss_gb']:.2f} GB before the search: torch and the inputs) "
           f"(goal <= 1 GB; the dense matrix alone: {args.vocab**2 * 4 / 1e9:.1f} GB)")
     for r in (small_b, small_d):
         print(f"{r['method']:>9}, V={r['vocab']}: {r['seconds']:.2f} s, {1e9 * r['seconds'] / r['entries']:.2f} ns/entry, "
