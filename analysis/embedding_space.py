@@ -184,11 +184,9 @@ def run_neurons_vs_hidden(adapter, E, args):
     pretokenized = Path(args.data_file).suffix.lower() == ".tokens"
     sentences = shuffled_sentences(read_corpus(args.data_file), seed=args.seed, max_sentences=args.max_sentences,
                                    pretokenized=pretokenized)
-    if pretokenized and not callable(getattr(adapter, "words", None)):
-        from fflayers.data import detokenize_wikitext
+    from fflayers.data import text_for_model
 
-        sentences = [detokenize_wikitext(x) for x in sentences]
-    ids = [seq for seq in (adapter.tokenize(x) for x in sentences) if seq]
+    ids = [seq for seq in (adapter.tokenize(x) for x in text_for_model(adapter, sentences, pretokenized)) if seq]
     if not ids:
         raise CLIError("the corpus yields no tokens; pass a non-empty corpus")
     table = neurons_vs_hidden(adapter, E, ids, layers=_layers(adapter, args), k=args.k, n_neurons=args.n_neurons,

@@ -128,17 +128,6 @@ def read_sentences(args: argparse.Namespace, pretokenized: bool) -> list[str]:
     return shuffled_sentences(lines, seed=args.seed, max_sentences=args.max_sentences, pretokenized=pretokenized)
 
 
-def model_text(adapter, sentences: list[str], pretokenized: bool, raw_wikitext: bool) -> list[str]:
-    """The sentences as the model should read them: WikiText token text is detokenized for subword models
-    (trained on ordinary text) unless ``raw_wikitext``; word-level (fairseq) models read it as it is."""
-    from fflayers.data import detokenize_wikitext
-
-    word_level = callable(getattr(adapter, "words", None))
-    if not pretokenized or word_level or raw_wikitext:
-        return sentences
-    return [detokenize_wikitext(s) for s in sentences]
-
-
 def tokenize(adapter, sentences: list[str]) -> tuple[list[str], list[list[int]]]:
     """Texts for the output (word-level models: the space-joined words) and token ids of each sentence."""
     words = getattr(adapter, "words", None)
@@ -157,6 +146,7 @@ def tokenize(adapter, sentences: list[str]) -> tuple[list[str], list[list[int]]]
 
 
 def run(args: argparse.Namespace) -> None:
+    from fflayers.data import text_for_model
     from fflayers.io import check_writable, run_metadata, write_json, write_jsonl, write_table
 
     check_args(args)
@@ -173,7 +163,7 @@ def run(args: argparse.Namespace) -> None:
             raise CLIError(f"--dims_for_analysis {bad[0]} is out of range: the model has {adapter.d_ff} FFN dims (0..{adapter.d_ff - 1})")
     dims = args.dims_for_analysis or None
     layers = None if args.layers is None or not args.layers else [adapter.check_layer(x) for x in args.layers]
-    texts, ids = tokenize(adapter, model_text(adapter, sentences, pretokenized, args.raw_wikitext))
+    texts, ids = tokenize(adapter, text_for_model(adapter, sentences, pretokenized, args.raw_wikitext))
     print(f"{PROG}: {len(ids)} sentences, {sum(map(len, ids))} tokens, model {adapter}")
 
     if args.get_trigger_examples:

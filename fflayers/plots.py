@@ -20,6 +20,12 @@ Parameters in embedding space (seed 004):
 * :func:`plot_token_map`: a 2-D (t-SNE) map of a vector's top tokens, labelled, coloured by score;
 * :func:`plot_neurons_vs_hidden`: per layer, the overlap of the hidden state's top tokens with those of its
   most active values, beside random values.
+
+Linear shortcuts (seed 002):
+
+* :func:`plot_r2_heatmap`: r^2 of ``mat`` and ``id`` for every pair of states (i, j), side by side;
+* :func:`plot_shortcut_precision`: precision@k and surprisal per layer for each mapping;
+* :func:`plot_early_exit`: precision@1 against the layers saved, over the lambda grid, per mapping.
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ __all__ = [
     "plot_coefficients",
     "plot_token_map",
     "plot_neurons_vs_hidden",
+    "plot_r2_heatmap",
+    "plot_shortcut_precision",
+    "plot_early_exit",
 ]
 
 
@@ -173,5 +182,62 @@ def plot_neurons_vs_hidden(summary: pd.DataFrame, title: str | None = None) -> F
     _layer_axis(ax, summary["layer"])
     ax.set_ylabel("hidden-state top-k tokens found (%)")
     ax.set_title(title or "Hidden state vs its most active values, in embedding space")
+    ax.legend()
+    return fig
+
+
+def plot_r2_heatmap(table: pd.DataFrame, title: str | None = None) -> Figure:
+    """Heatmaps of r^2 (columns ``i, j, mapping, r2``): one panel per mapping, source state i (rows) to
+    target state j (columns), the lower triangle empty, as in the paper."""
+    mappings = [m for m in ("mat", "id") if m in set(table["mapping"])]
+    n = int(max(table["i"].max(), table["j"].max())) + 1
+    fig = Figure(figsize=(4.2 * len(mappings) + 0.8, 4.0), layout="constrained")
+    axes = fig.subplots(1, len(mappings), squeeze=False)[0]
+    image = None
+    for ax, mapping in zip(axes, mappings, strict=True):
+        grid = np.full((n, n), np.nan)
+        for row in table[table["mapping"] == mapping].itertuples(index=False):
+            grid[int(row.i), int(row.j)] = row.r2
+        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", origin="upper")
+        ax.set_title(mapping)
+        ax.set_xlabel("target state j")
+        ax.set_ylabel("source state i")
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), label="$r^2$")
+    fig.suptitle(title or "$r^2$ of linear shortcuts between layers")
+    return fig
+
+
+def plot_shortcut_precision(table: pd.DataFrame, title: str | None = None) -> Figure:
+    """Per source layer: precision@k of each mapping (left) and the surprisal of its top-1 (right)."""
+    fig = Figure(figsize=(10.0, 3.8), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    ks = [c for c in table.columns if c.startswith("precision@")]
+    styles = ["-", "--", ":"]
+    for mapping, group in table.groupby("mapping", sort=False):
+        group = group.sort_values("layer")
+        for k, style in zip(ks, styles, strict=False):
+            left.plot(group["layer"], group[k], linestyle=style, marker="o", markersize=3, label=f"{mapping} {k}")
+        right.plot(group["layer"], group["surprisal"], marker="o", markersize=3, label=mapping)
+    left.set_xlabel("source layer i")
+    left.set_ylabel("precision")
+    left.set_ylim(0, 1.02)
+    left.legend(fontsize=7)
+    right.set_xlabel("source layer i")
+    right.set_ylabel("surprisal of the shortcut's top-1 (bits)")
+    right.legend()
+    fig.suptitle(title or "Shortcuts to the output: agreement with the model")
+    return fig
+
+
+def plot_early_exit(table: pd.DataFrame, title: str | None = None) -> Figure:
+    """precision@1 against the mean number of layers saved, one curve per mapping over the lambda grid."""
+    fig, ax = _figure()
+    for mapping, group in table.groupby("mapping", sort=False):
+        group = group.sort_values("layers_saved")
+        ax.plot(group["layers_saved"], group["precision@1"], marker="o", markersize=3, label=mapping)
+    ax.set_xlabel("layers saved (mean)")
+    ax.set_ylabel("precision@1")
+    ax.set_title(title or "Early exit")
     ax.legend()
     return fig

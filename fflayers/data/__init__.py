@@ -16,7 +16,7 @@ from fflayers.data.sentences import (
     split_raw_text,
     split_sentences,
 )
-from fflayers.data.wikitext import detokenize_wikitext
+from fflayers.data.wikitext import detokenize_wikitext, text_for_model
 
 __all__ = [
     "Batch",
@@ -35,4 +35,5 @@ __all__ = [
     "split_pretokenized_line",
     "split_raw_text",
     "split_sentences",
+    "text_for_model",
 ]

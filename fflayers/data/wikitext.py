@@ -9,7 +9,7 @@ tokenization before their tokenizer sees it. ``<unk>`` stays as it is.
 
 from __future__ import annotations
 
-__all__ = ["detokenize_wikitext"]
+__all__ = ["detokenize_wikitext", "text_for_model"]
 
 #: ``@x@`` joiners: the token between two words written without spaces.
 _JOINERS = {"@-@": "-", "@,@": ",", "@.@": "."}
@@ -50,3 +50,13 @@ def detokenize_wikitext(text: str) -> str:
         out.append(tok)
         glue_next = tok in _NO_SPACE_AFTER
     return "".join(out)
+
+
+def text_for_model(adapter, sentences: list[str], pretokenized: bool, raw_wikitext: bool = False) -> list[str]:
+    """The sentences as ``adapter`` should read them: WikiText token text is detokenized for subword models
+    (trained on ordinary text) unless ``raw_wikitext``; word-level models (the fairseq LMs, which have a
+    ``words`` method) read it as it is, and so does text that was never WikiText-tokenized."""
+    word_level = callable(getattr(adapter, "words", None))
+    if not pretokenized or word_level or raw_wikitext:
+        return sentences
+    return [detokenize_wikitext(s) for s in sentences]
