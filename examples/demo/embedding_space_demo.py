@@ -20,6 +20,21 @@ def _show(title: str, table: pd.DataFrame, columns: list[str], rows: int = 10) -
         print(shown.to_string(index=False))
 
 
+def concept_value(export: pd.DataFrame, candidates: int = 200) -> tuple[int, int]:
+    """Among the most confident values, the one whose top tokens are fewest distinct words (case and spaces
+    ignored, mostly alphabetic tokens required): a value that writes one concept (' up', 'Up', 'UP', ...)."""
+    top = export[export["rank"] == 0].nlargest(candidates, "score")
+    keys = set(zip(top.layer, top.neuron, strict=True))
+    rows = export[[key in keys for key in zip(export.layer, export.neuron, strict=True)]]
+    def n_words(tokens) -> int:  # distinct words; values writing mostly non-words rank last
+        words = [x.strip().lower() for x in tokens if x.strip().isalpha()]
+        return len(set(words)) if len(words) >= 0.8 * len(tokens) else 10**6
+
+    distinct = rows.groupby(["layer", "neuron"]).token.agg(n_words)
+    best = min(keys, key=lambda key: (distinct[key], -float(top.set_index(["layer", "neuron"]).score[key])))
+    return int(best[0]), int(best[1])
+
+
 def run_embedding_space(out: Path, corpus: Path) -> None:
     """Head pairs, the values export, a t-SNE map and neurons vs hidden on SmolLM2; keys and values on MiniLM."""
     from memories_demo import _run  # examples/demo is on sys.path when run_demo.py runs
@@ -37,15 +52,11 @@ def run_embedding_space(out: Path, corpus: Path) -> None:
     values = out / "smollm2_values.parquet"
     if not values.is_file():
         _run("embedding_space.py", "export", *smol, "--k", "10", "--output_file", str(values))
-    tsne = out / "tsne_L29_N0_value.png"
+    layer, neuron = concept_value(pd.read_parquet(values))
+    tsne = out / f"tsne_L{layer}_N{neuron}_value.png"
     if not tsne.is_file():
-        table = pd.read_parquet(values)
-        last = table[(table.layer == table.layer.max()) & (table["rank"] == 0)]
-        neuron = int(last.sort_values("score", ascending=False).neuron.iloc[0])
-        tsne = out / f"tsne_L{int(last.layer.iloc[0])}_N{neuron}_value.png"
-        if not tsne.is_file():
-            _run("embedding_space.py", "tsne", *smol, "--layers", str(int(last.layer.iloc[0])), "--neuron",
-                 str(neuron), "--k", "80", "--output_dir", str(out))
+        _run("embedding_space.py", "tsne", *smol, "--layers", str(layer), "--neuron", str(neuron), "--k", "80",
+             "--output_dir", str(out))
     nvh = out / "smollm2_neurons_vs_hidden.csv"
     if not nvh.is_file():
         _run("embedding_space.py", "neurons-vs-hidden", *smol, "--data_file", str(corpus), "--max_sentences",
