@@ -1,0 +1,121 @@
+"""Sample one position per sentence for fitting linear shortcuts between layers.
+
+Causal LMs read the prediction of a position at that position after seeing its prefix, so a position's input
+is the prefix ending there. Masked LMs read it at a masked copy of the token inside the whole sentence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fflayers.backends.base import AdapterError, LMAdapter
+
+
+@dataclass(frozen=True)
+class Position:
+    """One sampled position: ``input_ids`` is what the model reads, its state is read at row ``read_at``."""
+
+    sentence_index: int
+    position: int
+    input_ids: tuple[int, ...]
+    read_at: int
+
+
+def _ids(sentence: Sequence[int], i: int) -> list[int]:
+    if isinstance(sentence, (str, bytes)):
+        raise AdapterError(f"sentence {i} is a string; tokenize the text first and pass lists of token ids")
+    try:
+        return [int(t) for t in sentence]
+    except (TypeError, ValueError):
+        raise AdapterError(f"sentence {i} holds something other than integer token ids; pass lists of token ids") from None
+
+
+def _config(adapter: LMAdapter):
+    return getattr(getattr(adapter, "model", None), "config", None)
+
+
+def resolve_mask_id(adapter: LMAdapter, mask_id: int | None = None) -> int:
+    """The mask token id: ``mask_id`` if given, else the tokenizer's, else the model config's."""
+    if mask_id is None:
+        mask_id = getattr(getattr(adapter, "tokenizer", None), "mask_token_id", None)
+    if mask_id is None:
+        mask_id = getattr(_config(adapter), "mask_token_id", None)
+    if not isinstance(mask_id, int) or isinstance(mask_id, bool):
+        raise AdapterError("this masked LM has no mask token id; load its tokenizer or pass mask_id=...")
+    return mask_id
+
+
+def special_ids(adapter: LMAdapter, mask_id: int | None = None) -> set[int]:
+    """Ids never sampled in a masked LM: the tokenizer's special tokens, or without a tokenizer the config's
+    pad/bos/eos/cls/sep ids; plus ``mask_id``."""
+    tok = getattr(adapter, "tokenizer", None)
+    if tok is not None and hasattr(tok, "all_special_ids"):
+        ids = set(tok.all_special_ids)
+    else:
+        cfg = _config(adapter)
+        names = ("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id")
+        ids = {getattr(cfg, n) for n in names if isinstance(getattr(cfg, n, None), int)}
+    if mask_id is not None:
+        ids.add(mask_id)
+    return ids
+
+
+def sample_positions(
+    adapter: LMAdapter, sentences: Sequence[Sequence[int]], seed: int = 0, mask_id: int | None = None
+) -> list[Position]:
+    """One random position per sentence (``numpy.random.default_rng(seed)``, one draw per kept sentence, in order).
+
+    Causal LMs: a real token (not a leading ``adapter.bos_id``) within the model's window; the input is the
+    prefix ending there and ``read_at`` its last row. Masked LMs: a non-special token (see :func:`special_ids`),
+    replaced by the mask id (``mask_id``, else the tokenizer's, else the config's); the input is the whole
+    sentence and ``read_at`` the masked row. Sentences without an eligible position (a lone BOS, only special
+    tokens) are skipped: the result may be shorter than ``sentences``; :class:`AdapterError` if none remain.
+    """
+    if isinstance(sentences, (str, bytes)) or len(sentences) == 0:
+        raise AdapterError("no sentences to sample positions from; pass a non-empty list of token-id sequences")
+    rng = np.random.default_rng(seed)
+    limit = adapter.max_positions
+    masked = adapter.is_masked_lm
+    if masked:
+        mask_id = resolve_mask_id(adapter, mask_id)
+        special = special_ids(adapter, mask_id)
+    bos = adapter.bos_id
+    out: list[Position] = []
+    for si, sentence in enumerate(sentences):
+        ids = _ids(sentence, si)
+        if masked:
+            if limit is not None and len(ids) > limit:
+                raise AdapterError(f"sentence {si} has {len(ids)} tokens, more than the model's {limit} positions; "
+                                   "truncate or split the sentences")
+            eligible = [p for p, t in enumerate(ids) if t not in special]
+        else:
+            start = 1 if ids and bos is not None and ids[0] == bos else 0
+            stop = len(ids) if limit is None else min(len(ids), limit)
+            eligible = list(range(start, stop))
+        if not eligible:
+            continue
+        p = eligible[int(rng.integers(len(eligible)))]
+        if masked:
+            ids[p] = mask_id
+            out.append(Position(si, p, tuple(ids), p))
+        else:
+            out.append(Position(si, p, tuple(ids[: p + 1]), p))
+    if not out:
+        raise AdapterError(f"none of the {len(sentences)} sentences has a position to sample (only BOS or special "
+                           "tokens); pass longer sentences")
+    return out
+
+
+def positions_frame(positions: Sequence[Position], split: str):
+    """A pandas DataFrame with columns split, sentence_index, position, input_ids (a list per row)."""
+    import pandas as pd
+
+    return pd.DataFrame({
+        "split": [split] * len(positions),
+        "sentence_index": [p.sentence_index for p in positions],
+        "position": [p.position for p in positions],
+        "input_ids": [list(p.input_ids) for p in positions],
+    }, columns=["split", "sentence_index", "position", "input_ids"])

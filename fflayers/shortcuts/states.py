@@ -1,0 +1,88 @@
+"""Residual-stream states of sampled positions, at every layer boundary.
+
+State 0 is the stream entering block 0 (hook point ``resid_pre`` of layer 0); state ``l`` (1..L) is the
+output of block ``l - 1`` (``resid_post``), so state L is before the final norm. Positions are run in their
+given order in right-padded batches with an attention mask; each hook keeps only the row ``read_at`` of every
+sequence, so memory holds ``[b, L+1, d]`` per batch, not whole activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.hooks import hooked
+from fflayers.shortcuts.positions import Position
+
+
+def _check(positions: Sequence[Position], batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise AdapterError(f"batch_size={batch_size!r} must be a positive integer")
+    if len(positions) == 0:
+        raise AdapterError("no positions to read states at; sample positions first (sample_positions)")
+    for k, p in enumerate(positions):
+        if not 0 <= p.read_at < len(p.input_ids):
+            raise AdapterError(f"position {k} reads row {p.read_at} of a {len(p.input_ids)}-token input; "
+                               "build positions with sample_positions")
+
+
+def _collate(batch: Sequence[Position], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(p.input_ids) for p in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.bool)
+    for r, p in enumerate(batch):
+        ids[r, : len(p.input_ids)] = torch.tensor(p.input_ids, dtype=torch.long)
+        mask[r, : len(p.input_ids)] = True
+    read_at = torch.tensor([p.read_at for p in batch], dtype=torch.long)
+    return ids, mask, read_at
+
+
+def _read_states(adapter: LMAdapter, ids: torch.Tensor, mask: torch.Tensor, read_at: torch.Tensor) -> torch.Tensor:
+    """Run one padded batch and keep row ``read_at[r]`` of sequence ``r`` at every state: ``[b, L+1, d]``."""
+    dev = adapter.device
+    rows = torch.arange(ids.shape[0], device=dev)
+    read_at = read_at.to(dev)
+    out = torch.empty(ids.shape[0], adapter.n_layers + 1, adapter.d_model, dtype=torch.float32, device=dev)
+
+    def keeper(s: int):
+        def fn(x: torch.Tensor):
+            out[:, s] = x[rows, read_at].float()
+            return None
+
+        return fn
+
+    hooks = [("resid_pre", 0, keeper(0))] + [("resid_post", layer, keeper(layer + 1)) for layer in range(adapter.n_layers)]
+    with hooked(adapter, hooks), torch.inference_mode():
+        adapter.run(ids, mask)
+    return out
+
+
+def iter_state_batches(adapter: LMAdapter, positions: Sequence[Position], batch_size: int = 32) -> Iterator[torch.Tensor]:
+    """States ``[b, L+1, d]`` (float32, on the adapter's device) of consecutive chunks of ``positions``."""
+    _check(positions, batch_size)
+    pad_id = adapter.pad_id
+
+    def generate() -> Iterator[torch.Tensor]:
+        for start in range(0, len(positions), batch_size):
+            yield _read_states(adapter, *_collate(positions[start : start + batch_size], pad_id))
+
+    return generate()
+
+
+def collect_states(
+    adapter: LMAdapter, positions: Sequence[Position], batch_size: int = 32, progress: bool = False
+) -> torch.Tensor:
+    """All states ``[n, L+1, d]`` (float32, CPU), row ``k`` for ``positions[k]``."""
+    from tqdm.auto import tqdm
+
+    batches = iter_state_batches(adapter, positions, batch_size)
+    out = torch.empty(len(positions), adapter.n_layers + 1, adapter.d_model, dtype=torch.float32)
+    done = 0
+    with tqdm(total=len(positions), disable=not progress, unit="pos", desc="states") as bar:
+        for states in batches:
+            out[done : done + states.shape[0]] = states.cpu()
+            done += states.shape[0]
+            bar.update(states.shape[0])
+    return out

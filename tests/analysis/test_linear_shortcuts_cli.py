@@ -1,0 +1,134 @@
+"""analysis/linear_shortcuts.py end to end on a tiny GPT-2 with the real BPE vocabulary: outputs against the
+library on the same positions, an interrupted fit resumed to the same maps, bad input with one line."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from analysis import linear_shortcuts as ls
+
+WORDS = ("the river town bridge king castle team game season museum city village paint wheat north old young "
+         "music album water moon station hour journey coach players farmers army hill").split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))).capitalize() + "." for _ in range(90)]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_cli(argv, capsys):
+    capsys.readouterr()
+    rc = ls.main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_all_then_each_subcommand(tiny_gpt2_dir, corpus, tmp_path, capsys):
+    from fflayers.backends.hf import load_hf_lm
+    from fflayers.shortcuts import Position, collect_states, evaluate_shortcuts, load_maps, r2_scores
+
+    out = tmp_path / "run"
+    model = ["--hf_model", tiny_gpt2_dir, "--device", "cpu", "--quiet"]
+    rc, stdout, err = run_cli(["all", *model, "--data_file", corpus, "--train_sentences", 60, "--val_sentences", 20,
+                               "--output_dir", out, "--lambdas", 0, 0.5, 10], capsys)
+    assert rc == 0, err
+    for name in ("positions.parquet", "maps.safetensors", "r2.tsv", "evaluate.tsv", "early_exit.tsv", "r2.png",
+                 "evaluate.pdf", "early_exit.png"):
+        assert (out / name).is_file(), name
+    assert not (out / "fit.ckpt").exists()
+    positions = pd.read_parquet(out / "positions.parquet")
+    assert (positions.split == "train").sum() == 60 and (positions.split == "val").sum() == 20
+    # the tables equal the library on the validation positions written to positions.parquet
+    adapter = load_hf_lm(str(tiny_gpt2_dir), device="cpu")
+    val = positions[positions.split == "val"]
+    pos = [Position(int(r.sentence_index), int(r.position), tuple(r.input_ids), int(r.position))
+           for r in val.itertuples(index=False)]
+    for p in pos:  # causal: the input is the prefix that ends at the position
+        assert len(p.input_ids) == p.position + 1
+    states = collect_states(adapter, pos)
+    maps, meta = load_maps(out / "maps.safetensors", adapter)
+    assert len(maps) == 3 * 2 // 2 and meta["positions"] == "60"
+    r2 = pd.read_csv(out / "r2.tsv", sep="\t")
+    expected = r2_scores(states, maps)
+    assert r2["r2"].tolist() == pytest.approx(expected["r2"].tolist(), rel=1e-6, abs=1e-9)
+    ev = pd.read_csv(out / "evaluate.tsv", sep="\t")
+    assert ev["precision@1"].tolist() == pytest.approx(evaluate_shortcuts(adapter, states, maps)["precision@1"].tolist())
+    ee = pd.read_csv(out / "early_exit.tsv", sep="\t")
+    assert (ee[ee["lambda"] == 10]["precision@1"] == 1.0).all()  # nothing exits early: the full model
+
+    for sub in ("r2", "evaluate", "early-exit"):
+        rc, _, err = run_cli([sub, *model, "--output_dir", out], capsys)
+        assert rc == 0, err
+    rc, stdout, err = run_cli(["plot", "--output_dir", out], capsys)
+    assert rc == 0 and "6 figure files" in stdout, err
+
+
+def test_interrupted_fit_resumes_to_the_same_maps(tiny_gpt2_dir, corpus, tmp_path, capsys, monkeypatch):
+    from fflayers.shortcuts import load_maps
+
+    model = ["--hf_model", tiny_gpt2_dir, "--device", "cpu", "--quiet"]
+    fit = ["fit", *model, "--data_file", corpus, "--train_sentences", 60, "--val_sentences", 5,
+           "--shard_positions", 10, "--batch_size", 4]
+    rc, _, err = run_cli([*fit, "--output_dir", tmp_path / "whole"], capsys)
+    assert rc == 0, err
+
+    import fflayers.shortcuts as sc
+
+    real = sc.iter_state_batches
+    seen: list[int] = []
+
+    def dying(adapter, positions, batch_size=32):
+        for batch in real(adapter, positions, batch_size):
+            if sum(seen) >= 24:
+                raise KeyboardInterrupt  # killed in the middle of the third shard of 10 positions
+            seen.append(batch.shape[0])
+            yield batch
+
+    monkeypatch.setattr(sc, "iter_state_batches", dying)
+    with pytest.raises(KeyboardInterrupt):
+        ls.main([str(a) for a in [*fit, "--output_dir", tmp_path / "cut"]])
+    assert (tmp_path / "cut" / "fit.ckpt").is_file()
+    monkeypatch.setattr(sc, "iter_state_batches", real)
+    counted: list[int] = []
+
+    def counting(adapter, positions, batch_size=32):
+        counted.append(len(positions))
+        yield from real(adapter, positions, batch_size)
+
+    monkeypatch.setattr(sc, "iter_state_batches", counting)
+    rc, stdout, err = run_cli([*fit, "--output_dir", tmp_path / "cut", "--resume"], capsys)
+    assert rc == 0, err
+    assert "resuming after 20 of 60 positions" in stdout
+    assert sum(counted) == 40  # finished shards are not recomputed
+    whole, _ = load_maps(tmp_path / "whole" / "maps.safetensors")
+    resumed, _ = load_maps(tmp_path / "cut" / "maps.safetensors")
+    for key, A in whole.items():
+        torch.testing.assert_close(resumed[key], A, rtol=1e-6, atol=1e-7)
+
+
+def test_bad_input(tiny_gpt2_dir, corpus, tmp_path, capsys):
+    model = ["--hf_model", tiny_gpt2_dir, "--device", "cpu", "--quiet"]
+    cases = {
+        "no fit yet": (["r2", *model, "--output_dir", tmp_path / "none"], "run `linear_shortcuts.py fit`"),
+        "negative ridge": (["fit", *model, "--data_file", corpus, "--ridge", -1, "--output_dir", tmp_path / "a"],
+                           "--ridge"),
+        "missing corpus": (["fit", *model, "--data_file", tmp_path / "x.txt", "--output_dir", tmp_path / "b"],
+                           "does not exist"),
+        "underdetermined": (["fit", *model, "--data_file", corpus, "--train_sentences", 5, "--val_sentences", 2,
+                             "--output_dir", tmp_path / "c"], "underdetermined"),
+        "unwritable": (["fit", *model, "--data_file", corpus, "--output_dir", "/proc/shortcuts"], "/proc"),
+        "plot without tables": (["plot", "--output_dir", tmp_path], "no r2.tsv"),
+    }
+    for name, (argv, needle) in cases.items():
+        rc, _, err = run_cli(argv, capsys)
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and needle in lines[0], (name, err)
