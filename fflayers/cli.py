@@ -76,11 +76,16 @@ def quiet_loading(verbose: bool = False) -> Iterator[None]:
     hf_logging.disable_progress_bar()
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # load reports (missing / unexpected keys) of checkpoints without a head
+    root = logging.getLogger()
+    root_level, root_handlers = root.level, list(root.handlers)
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             yield
     finally:
         hf_logging.set_verbosity(verbosity)
+        # importing fairseq calls logging.basicConfig(level=DEBUG) (wav2vec2 modules): undo it
+        root.setLevel(root_level)
+        root.handlers[:] = root_handlers
 
 
 def load_adapter(args: argparse.Namespace, **fairseq_kwargs: Any) -> LMAdapter:

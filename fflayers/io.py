@@ -121,13 +121,17 @@ def file_sha256(path: str | Path, limit: int | None = None) -> str:
 
 def run_metadata(config: dict[str, Any], inputs: dict[str, str | Path] | None = None) -> dict[str, Any]:
     """Config, library versions and input-file hashes, to store next to results."""
+    from importlib import metadata
+
     import torch
 
     versions = {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform()}
-    for name in ("fairseq", "transformers", "numpy", "pandas"):
+    # distribution metadata, not imports: importing fairseq reconfigures the root logger (DEBUG level)
+    for name, dist in (("fairseq", "fairseq-fixed"), ("transformers", "transformers"), ("numpy", "numpy"),
+                       ("pandas", "pandas")):
         try:
-            versions[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001 - optional libraries
+            versions[name] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
             versions[name] = None
     from fflayers import __version__
 
