@@ -9,6 +9,8 @@
 6. Parameters in embedding space: SmolLM2's W_VO token pairs of two heads (filters on), the export of all its
    values' top tokens (parquet), a t-SNE map of a value's tokens, hidden state vs most active values per
    layer; MiniLM's keys and values (projected with its input embedding: it has no MLM head).
+7. Linear shortcuts between layers: maps A_{j,i} fitted on the demo fairseq LM (r^2, shortcuts to the output,
+   early exit) and on MiniLM (r^2: it has no MLM head).
 
 Everything lands in ``runs/demo`` (``--out``); finished steps are reused when the demo runs again.
 
@@ -90,6 +92,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--skip_memories", action="store_true", help="skip the key-value memory step")
     p.add_argument("--skip_embedding_space", action="store_true", help="skip the embedding-space step")
+    p.add_argument("--skip_shortcuts", action="store_true", help="skip the linear-shortcuts step")
     args = p.parse_args()
     start = time.time()
     out = Path(args.out)
@@ -129,6 +132,12 @@ def main() -> None:
 
         banner("6. Parameters in embedding space")
         run_embedding_space(out / "embedding_space", out / "corpus" / "wiki.valid.tokens")
+
+    if not args.skip_shortcuts:
+        from shortcuts_demo import run_shortcuts
+
+        banner("7. Linear shortcuts between layers")
+        run_shortcuts(out / "shortcuts", out / "corpus" / "wiki.train.tokens", model_dir)
 
     print(f"\ndemo finished in {time.time() - start:.0f} s; outputs in {out}/")
 
