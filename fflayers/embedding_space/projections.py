@@ -95,32 +95,10 @@ def neuron_tokens(adapter: LMAdapter, E: Embedding, layers: Sequence[int], sides
     return pd.concat(frames, ignore_index=True)[TOKEN_COLUMNS]
 
 
-def head_matrix(adapter: LMAdapter, layer: int, head: int, kind: str) -> tuple[torch.Tensor, int]:
-    """``(W, kv_head)``: ``W_QK = W_Q^h W_K^g^T`` (``kind="qk"``: rows query tokens, columns key tokens) or
-    ``W_VO = W_V^g W_O^h`` (``"ov"``: rows the tokens read, columns the tokens written), ``[d, d]``, where
-    ``g`` is the key/value head query head ``h`` uses (grouped-query attention)."""
-    if kind not in KINDS:
-        raise AdapterError(f"unknown head matrix {kind!r}; use 'qk' or 'ov'")
-    layer = adapter.check_layer(layer)
-    aw = adapter.attention_weights(layer)
-    if not 0 <= head < aw.n_heads:
-        raise AdapterError(f"head {head} is out of range: layer {layer} has {aw.n_heads} heads (0..{aw.n_heads - 1})")
-    g = aw.kv_head(head)
-    with torch.no_grad():
-        if kind == "qk":
-            W = aw.W_Q[head].float() @ aw.W_K[g].float().T
-        else:
-            W = aw.W_V[g].float() @ aw.W_O[head].float()
-    d = adapter.d_model
-    if W.shape != (d, d):
-        raise AdapterError(f"layer {layer} head {head}: {kind} matrix has shape {tuple(W.shape)}, not ({d}, {d}); "
-                           "the model's attention weights do not have the expected shapes")
-    return W, g
-
-
 def head_factors(adapter: LMAdapter, layer: int, head: int, kind: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``(U, Vt, kv_head)`` with ``head_matrix = U @ Vt``: ``W_Q^h``, ``W_K^g^T`` (qk) or ``W_V^g``, ``W_O^h``
-    (ov), each of rank ``d_head``."""
+    (ov), ``[d, d_head]`` and ``[d_head, d]``, where ``g`` is the key/value head query head ``h`` uses
+    (grouped-query attention)."""
     if kind not in KINDS:
         raise AdapterError(f"unknown head matrix {kind!r}; use 'qk' or 'ov'")
     layer = adapter.check_layer(layer)
@@ -129,8 +107,24 @@ def head_factors(adapter: LMAdapter, layer: int, head: int, kind: str) -> tuple[
         raise AdapterError(f"head {head} is out of range: layer {layer} has {aw.n_heads} heads (0..{aw.n_heads - 1})")
     g = aw.kv_head(head)
     if kind == "qk":
-        return aw.W_Q[head].detach().float(), aw.W_K[g].detach().float().T, g
-    return aw.W_V[g].detach().float(), aw.W_O[head].detach().float(), g
+        U, Vt = aw.W_Q[head].detach().float(), aw.W_K[g].detach().float().T
+    else:
+        U, Vt = aw.W_V[g].detach().float(), aw.W_O[head].detach().float()
+    d = adapter.d_model
+    if U.shape[0] != d or Vt.shape[1] != d or U.shape[1] != Vt.shape[0]:
+        raise AdapterError(f"layer {layer} head {head}: {kind} factors have shapes {tuple(U.shape)} and "
+                           f"{tuple(Vt.shape)}, not ({d}, d_head) and (d_head, {d}); the model's attention "
+                           "weights do not have the expected shapes")
+    return U, Vt, g
+
+
+def head_matrix(adapter: LMAdapter, layer: int, head: int, kind: str) -> tuple[torch.Tensor, int]:
+    """``(W, kv_head)``: ``W_QK = W_Q^h W_K^g^T`` (``kind="qk"``: rows query tokens, columns key tokens) or
+    ``W_VO = W_V^g W_O^h`` (``"ov"``: rows the tokens read, columns the tokens written), ``[d, d]``: the product
+    of :func:`head_factors`."""
+    U, Vt, g = head_factors(adapter, layer, head, kind)
+    with torch.no_grad():
+        return U @ Vt, g
 
 
 def head_pairs(
@@ -139,7 +133,6 @@ def head_pairs(
 ) -> pd.DataFrame:
     """The exact top-``n`` (``largest=False``: bottom-``n``) token pairs of ``E W E^T`` for one head
     (:data:`PAIR_COLUMNS`), computed through the head's rank-``d_head`` factors."""
-    head_matrix(adapter, layer, head, kind)  # checks (and the shape of the product)
     U, Vt, g = head_factors(adapter, layer, head, kind)
     Em = E.matrix.detach().float().to(U.device)
     with torch.no_grad():
