@@ -73,16 +73,16 @@ def quiet_loading(verbose: bool = False) -> Iterator[None]:
         logging.getLogger(name).setLevel(logging.WARNING)
     from transformers.utils import logging as hf_logging
 
+    from fflayers.backends.hf import transformers_errors_only
+
     hf_logging.disable_progress_bar()
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # load reports (missing / unexpected keys) of checkpoints without a head
     root = logging.getLogger()
     root_level, root_handlers = root.level, list(root.handlers)
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
+        # errors only: load reports (missing / unexpected keys) of checkpoints without a head
+        with transformers_errors_only(), contextlib.redirect_stderr(io.StringIO()):
             yield
     finally:
-        hf_logging.set_verbosity(verbosity)
         # importing fairseq calls logging.basicConfig(level=DEBUG) (wav2vec2 modules): undo it
         root.setLevel(root_level)
         root.handlers[:] = root_handlers

@@ -6,9 +6,10 @@ relative to the loaded model), so one adapter class serves them all.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import types
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -336,7 +337,8 @@ def _blocking_attention(module, query, key, value, attention_mask, scaling=None,
     """transformers attention function: SDPA normally; explicit attention when edges are blocked."""
     from transformers import AttentionInterface
 
-    _PROBE_SEEN.add(id(module))
+    if _PROBE_SEEN is not None:
+        _PROBE_SEEN.add(id(module))
     blocked = blocked_edges(module)
     if blocked is None:
         sdpa = AttentionInterface()["sdpa"]
@@ -353,8 +355,22 @@ def _blocking_attention(module, query, key, value, attention_mask, scaling=None,
     return out.transpose(1, 2).contiguous(), None
 
 
-#: ids of the attention modules that called :func:`_blocking_attention` (the probe of :func:`_interface_reaches`)
-_PROBE_SEEN: set[int] = set()
+#: while :func:`_interface_reaches` probes a model: ids of the attention modules that called
+#: :func:`_blocking_attention` (None otherwise: nothing is recorded in ordinary runs)
+_PROBE_SEEN: set[int] | None = None
+
+
+@contextlib.contextmanager
+def transformers_errors_only() -> Iterator[None]:
+    """transformers' logging at error level inside the block (load reports, expected warnings), then restored."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _transformers_version() -> str:
@@ -371,6 +387,7 @@ def _interface_reaches(adapter: HFAdapter) -> bool:
     """Register the blocking attention function, select it on the model (public ``set_attn_implementation``)
     and check with a two-token forward that every layer's attention calls it. Restores the model's own
     implementation and returns False when it does not."""
+    global _PROBE_SEEN
     from transformers import AttentionInterface, AttentionMaskInterface
 
     model = adapter.model
@@ -381,29 +398,23 @@ def _interface_reaches(adapter: HFAdapter) -> bool:
     # the 4D additive mask of eager attention (padding + causal), a form SDPA also accepts
     AttentionMaskInterface.register(_ATTN_NAME, AttentionMaskInterface()["eager"])
     previous = _attn_implementation(model)
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "does not support setting its attention implementation" is expected here
     try:
-        setter(_ATTN_NAME)
+        with transformers_errors_only():  # "does not support setting its attention implementation" is expected
+            setter(_ATTN_NAME)
     except (ValueError, KeyError, TypeError):
         return False
-    finally:
-        hf_logging.set_verbosity(verbosity)
     targets = {id(adapter.attention_module(layer)) for layer in range(adapter.n_layers)}
-    _PROBE_SEEN.clear()
+    _PROBE_SEEN = set()
     ids = torch.zeros((1, 2), dtype=torch.long, device=adapter.device)
-    with torch.no_grad():
-        adapter._run_model(ids, torch.ones_like(ids, dtype=torch.bool))
-    reached = targets <= _PROBE_SEEN
-    _PROBE_SEEN.clear()
+    try:
+        with torch.no_grad():
+            adapter._run_model(ids, torch.ones_like(ids, dtype=torch.bool))
+        reached = targets <= _PROBE_SEEN
+    finally:
+        _PROBE_SEEN = None
     if not reached and previous is not None:
-        hf_logging.set_verbosity_error()
-        try:
+        with transformers_errors_only():
             setter(previous)
-        finally:
-            hf_logging.set_verbosity(verbosity)
     return reached
 
 
