@@ -102,22 +102,28 @@ def parse_line(line: str) -> tuple[float, str, str]:
     return float(value), prefix, target
 
 
+def _json_lines(path: Path, what: str) -> Iterator[tuple[int, object]]:
+    """``(line number, decoded value)`` of each non-blank line of a JSON-lines file; one-line error naming
+    ``what`` the file should be when a line is not JSON."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise AdapterError(f"{path} line {lineno} is not JSON ({e.msg}); {what}") from None
+
+
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
     """Rows of a trigger-examples JSONL file (original schema)."""
     p = Path(path)
     if not p.is_file():
         raise AdapterError(f"input file {p} does not exist; pass the .jsonl written by generate_outputs.py")
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise AdapterError(f"{p} line {lineno} is not JSON ({e.msg}); pass a trigger-examples .jsonl file") from None
-            if not isinstance(row, dict) or "dim" not in row or "top_values" not in row:
-                raise AdapterError(f"{p} line {lineno} lacks 'dim'/'top_values'; pass a trigger-examples .jsonl file")
-            yield row
+    for lineno, row in _json_lines(p, "pass a trigger-examples .jsonl file"):
+        if not isinstance(row, dict) or "dim" not in row or "top_values" not in row:
+            raise AdapterError(f"{p} line {lineno} lacks 'dim'/'top_values'; pass a trigger-examples .jsonl file")
+        yield row
 
 
 def textual_files(rows: Iterable[dict], tokens) -> Iterator[tuple[str, list[str], list[int] | None]]:
@@ -235,17 +241,14 @@ def read_target_ids(directory: str | os.PathLike) -> dict[tuple[int, int], list[
     if not path.is_file():
         return None
     out: dict[tuple[int, int], list[int]] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                m = _FILE.match(row["file"])
-                ids = [int(t) for t in row["target_ids"]]
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                m = None
-            if not m:
-                raise AdapterError(f"{path} line {lineno} is malformed; rerun trigger_examples_jsonl_to_textual.py")
-            out[int(m.group(2)), int(m.group(1))] = ids
+    malformed = "rerun trigger_examples_jsonl_to_textual.py"
+    for lineno, row in _json_lines(path, malformed):
+        try:
+            m = _FILE.match(row["file"])
+            ids = [int(t) for t in row["target_ids"]]
+        except (KeyError, TypeError, ValueError):
+            m = None
+        if not m:
+            raise AdapterError(f"{path} line {lineno} is malformed; {malformed}")
+        out[int(m.group(2)), int(m.group(1))] = ids
     return out
