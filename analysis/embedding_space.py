@@ -178,15 +178,11 @@ def run_tsne(adapter, E, args) -> list[Path]:
 
 
 def run_neurons_vs_hidden(adapter, E, args):
-    from fflayers.data import read_corpus, shuffled_sentences
+    from fflayers.data import model_sentences
     from fflayers.embedding_space.neurons_vs_hidden import neurons_vs_hidden, overlap_by_layer
 
-    pretokenized = Path(args.data_file).suffix.lower() == ".tokens"
-    sentences = shuffled_sentences(read_corpus(args.data_file), seed=args.seed, max_sentences=args.max_sentences,
-                                   pretokenized=pretokenized)
-    from fflayers.data import text_for_model
-
-    ids = [seq for seq in (adapter.tokenize(x) for x in text_for_model(adapter, sentences, pretokenized)) if seq]
+    sentences = model_sentences(adapter, args.data_file, args.seed, args.max_sentences)
+    ids = [seq for seq in (adapter.tokenize(x) for x in sentences) if seq]
     if not ids:
         raise CLIError("the corpus yields no tokens; pass a non-empty corpus")
     table = neurons_vs_hidden(adapter, E, ids, layers=_layers(adapter, args), k=args.k, n_neurons=args.n_neurons,

@@ -92,15 +92,12 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def _sentences(adapter, args) -> tuple[list[list[int]], list[list[int]]]:
-    from fflayers.data import read_corpus, shuffled_sentences, text_for_model
+    from fflayers.data import model_sentences
 
-    pretokenized = Path(args.data_file).suffix.lower() == ".tokens"
     wanted = args.train_sentences + args.val_sentences
-    texts = shuffled_sentences(read_corpus(args.data_file), seed=args.seed, max_sentences=wanted,
-                               pretokenized=pretokenized)
+    texts = model_sentences(adapter, args.data_file, args.seed, wanted, args.raw_wikitext)
     limit = adapter.max_positions or 10**9
-    ids = [seq[:limit] for seq in (adapter.tokenize(t) for t in text_for_model(adapter, texts, pretokenized,
-                                                                            args.raw_wikitext)) if len(seq) > 1]
+    ids = [seq[:limit] for seq in (adapter.tokenize(t) for t in texts) if len(seq) > 1]
     if len(ids) < 2:
         raise CLIError(f"the corpus yields {len(ids)} usable sentences; pass a larger corpus")
     n_train = min(args.train_sentences, len(ids) - 1) if len(ids) < wanted else args.train_sentences
@@ -169,16 +166,13 @@ def run_fit(adapter, args, out: Path) -> None:
 def validation_states(adapter, args, out: Path):
     import pandas as pd
 
-    from fflayers.shortcuts import Position, collect_states, load_maps
+    from fflayers.shortcuts import collect_states, load_maps, positions_from_frame
 
     path = out / "positions.parquet"
     if not path.is_file():
         raise CLIError(f"{path} does not exist; run `{PROG} fit --output_dir {out}` first")
     maps, _meta = load_maps(out / "maps.safetensors", adapter)
-    table = pd.read_parquet(path)
-    val = table[table["split"] == "val"]
-    positions = [Position(int(r.sentence_index), int(r.position), tuple(int(t) for t in r.input_ids), int(r.position))
-                 for r in val.itertuples(index=False)]
+    positions = positions_from_frame(pd.read_parquet(path), "val")
     if not positions:
         raise CLIError(f"{path} holds no validation positions; rerun fit with --val_sentences >= 1")
     states = collect_states(adapter, positions, batch_size=args.batch_size, progress=not args.quiet)

@@ -16,7 +16,7 @@ from fflayers.data.sentences import (
     split_raw_text,
     split_sentences,
 )
-from fflayers.data.wikitext import detokenize_wikitext, text_for_model
+from fflayers.data.wikitext import detokenize_wikitext, model_sentences, text_for_model
 
 __all__ = [
     "Batch",
@@ -26,6 +26,7 @@ __all__ = [
     "iter_batches",
     "iter_sentences",
     "make_batches",
+    "model_sentences",
     "plan_batches",
     "read_corpus",
     "read_jsonl_texts",

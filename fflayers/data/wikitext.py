@@ -9,7 +9,7 @@ tokenization before their tokenizer sees it. ``<unk>`` stays as it is.
 
 from __future__ import annotations
 
-__all__ = ["detokenize_wikitext", "text_for_model"]
+__all__ = ["detokenize_wikitext", "model_sentences", "text_for_model"]
 
 #: ``@x@`` joiners: the token between two words written without spaces.
 _JOINERS = {"@-@": "-", "@,@": ",", "@.@": "."}
@@ -60,3 +60,17 @@ def text_for_model(adapter, sentences: list[str], pretokenized: bool, raw_wikite
     if not pretokenized or word_level or raw_wikitext:
         return sentences
     return [detokenize_wikitext(s) for s in sentences]
+
+
+def model_sentences(adapter, path, seed: int, max_sentences: int = -1, raw_wikitext: bool = False) -> list[str]:
+    """The corpus at ``path`` (WikiText ``.tokens``, text or ``.jsonl``) as shuffled sentences (``seed``, first
+    ``max_sentences``; -1: all), in the form ``adapter`` reads (:func:`text_for_model`)."""
+    from pathlib import Path
+
+    from fflayers.data.readers import read_corpus
+    from fflayers.data.sentences import shuffled_sentences
+
+    pretokenized = Path(path).suffix.lower() == ".tokens"
+    sentences = shuffled_sentences(read_corpus(path), seed=seed, max_sentences=max_sentences,
+                                   pretokenized=pretokenized)
+    return text_for_model(adapter, sentences, pretokenized, raw_wikitext)

@@ -15,7 +15,7 @@ from fflayers.shortcuts.linear_maps import (
     model_id,
     save_maps,
 )
-from fflayers.shortcuts.positions import Position, positions_frame, sample_positions
+from fflayers.shortcuts.positions import Position, positions_frame, positions_from_frame, sample_positions
 from fflayers.shortcuts.r2 import r2_scores
 from fflayers.shortcuts.states import collect_states, iter_state_batches
 
@@ -32,6 +32,7 @@ __all__ = [
     "maps_metadata",
     "model_id",
     "positions_frame",
+    "positions_from_frame",
     "r2_scores",
     "sample_positions",
     "save_maps",

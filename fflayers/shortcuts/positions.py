@@ -119,3 +119,11 @@ def positions_frame(positions: Sequence[Position], split: str):
         "position": [p.position for p in positions],
         "input_ids": [list(p.input_ids) for p in positions],
     }, columns=["split", "sentence_index", "position", "input_ids"])
+
+
+def positions_from_frame(table, split: str) -> list[Position]:
+    """The positions of one ``split`` of a :func:`positions_frame` table (also read back from parquet). The state
+    is read at ``position`` in both cases: the last row of a causal prefix, the masked row of a masked LM."""
+    rows = table[table["split"] == split]
+    return [Position(int(r.sentence_index), int(r.position), tuple(int(t) for t in r.input_ids), int(r.position))
+            for r in rows.itertuples(index=False)]

@@ -5,12 +5,20 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from fflayers.backends.base import AdapterError
 from fflayers.backends.hf import HFAdapter
-from fflayers.shortcuts import Position, collect_states, iter_state_batches, positions_frame, sample_positions
+from fflayers.shortcuts import (
+    Position,
+    collect_states,
+    iter_state_batches,
+    positions_frame,
+    positions_from_frame,
+    sample_positions,
+)
 from tests.fixtures.hf_models import POS, VOCAB, tiny_model
 
 MASK = VOCAB - 1
@@ -99,6 +107,17 @@ def test_positions_frame_and_bad_input(adapters):
     for bad in ([], ["some text"], "text"):
         with pytest.raises(AdapterError):
             sample_positions(adapters["gpt2"], bad)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_positions_from_frame_inverts_positions_frame(adapters, arch, tmp_path):
+    """Causal (read at the prefix end) and masked (read at the masked row) positions survive a parquet round trip."""
+    frame = [2] if arch == "bert" else None
+    pos = sample_positions(adapters[arch], random_sentences(6, seed=3, frame=frame[0] if frame else None), seed=4,
+                           **({"mask_id": MASK} if arch == "bert" else {}))
+    path = tmp_path / "p.parquet"
+    pd.concat([positions_frame(pos, "val"), positions_frame(pos[:2], "train")]).to_parquet(path)
+    assert positions_from_frame(pd.read_parquet(path), "val") == pos
 
 
 # ----- states -----------------------------------------------------------------------------------------------
