@@ -19,19 +19,6 @@ from fflayers.hooks import block_attention, capture
 MODELS = ["fairseq_plain_lm", "fairseq_adaptive_lm", "fairseq_prenorm_lm"]
 
 
-@pytest.fixture(scope="module")
-def adapters(request):
-    """Adapters of the session's trained models, loaded once per module."""
-    cache: dict[str, FairseqLMAdapter] = {}
-
-    def get(name: str) -> FairseqLMAdapter:
-        if name not in cache:
-            cache[name] = load_fairseq_lm(request.getfixturevalue(name).model_dir, device="cpu")
-        return cache[name]
-
-    return get
-
-
 def pad_batch(seqs: list[list[int]], pad: int, fill: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad id lists; padded slots get ``fill`` (default: ``pad``)."""
     T = max(len(s) for s in seqs)
@@ -66,9 +53,9 @@ def score_lines(adapter: FairseqLMAdapter, lines: list[str], batch_size: int = 1
 
 
 @pytest.mark.parametrize("name", ["fairseq_plain_lm", "fairseq_adaptive_lm"])
-def test_mean_log_prob_matches_fairseq_eval_lm(name, request, adapters):
+def test_mean_log_prob_matches_fairseq_eval_lm(name, request, fairseq_adapters):
     trained = request.getfixturevalue(name)
-    adapter = adapters(name)
+    adapter = fairseq_adapters(name)
     result = fairseq_tools.eval_lm_scores(trained.data_bin, trained.model_dir, sample_break_mode="eos")
     reference = result.mean_loss()  # what fairseq_tools.eval_lm returns, from the same run
     lines = trained.test.read_text(encoding="utf-8").splitlines()
@@ -121,14 +108,14 @@ def make_old_style_checkpoint(src_dir, dst_dir) -> dict:
 
 
 @pytest.mark.parametrize("name", ["fairseq_adaptive_lm", "fairseq_plain_lm"])
-def test_old_namespace_checkpoint_gives_identical_log_probs(name, request, adapters, tmp_path):
+def test_old_namespace_checkpoint_gives_identical_log_probs(name, request, fairseq_adapters, tmp_path):
     trained = request.getfixturevalue(name)
     state = make_old_style_checkpoint(trained.model_dir, tmp_path / "old")
     assert "cfg" not in state and isinstance(state["args"], argparse.Namespace)
     assert any(k.endswith("self_attn.in_proj_weight") for k in state["model"])
     assert not any(".q_proj." in k for k in state["model"])
     old = load_fairseq_lm(tmp_path / "old", device="cpu")  # weights-only: Namespace is allow-listed
-    new = adapters(name)
+    new = fairseq_adapters(name)
     seqs = [new.tokenize(line) for line in sample_lines(trained)]
     ids, mask = pad_batch(seqs, new.pad_id)
     with torch.no_grad():
@@ -144,9 +131,9 @@ def _ln(x, module):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_hook_values_equal_recomputation_from_weights(name, request, adapters):
+def test_hook_values_equal_recomputation_from_weights(name, request, fairseq_adapters):
     trained = request.getfixturevalue(name)
-    adapter = adapters(name)
+    adapter = fairseq_adapters(name)
     seqs = [adapter.tokenize(line) for line in sample_lines(trained)]
     ids, mask = pad_batch(seqs, adapter.pad_id)
     with torch.no_grad(), capture(adapter, HOOK_POINTS) as cache:
@@ -187,8 +174,8 @@ def test_hook_values_equal_recomputation_from_weights(name, request, adapters):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_input_embeddings_match_the_embedding_module(name, adapters):
-    adapter = adapters(name)
+def test_input_embeddings_match_the_embedding_module(name, fairseq_adapters):
+    adapter = fairseq_adapters(name)
     dec = adapter.decoder
     emb = adapter.input_embeddings()
     assert emb.shape == (adapter.vocab_size, adapter.d_model)
@@ -203,9 +190,9 @@ def test_input_embeddings_match_the_embedding_module(name, adapters):
 
 @pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
 @pytest.mark.parametrize("name", MODELS)
-def test_project_equals_get_normalized_probs(name, request, adapters):
+def test_project_equals_get_normalized_probs(name, request, fairseq_adapters):
     trained = request.getfixturevalue(name)
-    adapter = adapters(name)
+    adapter = fairseq_adapters(name)
     seqs = [adapter.tokenize(line) for line in sample_lines(trained, 3)]
     ids, mask = pad_batch(seqs, adapter.pad_id)
     with torch.no_grad():
@@ -217,8 +204,8 @@ def test_project_equals_get_normalized_probs(name, request, adapters):
     torch.testing.assert_close(got.exp().sum(-1), torch.ones(ids.shape), rtol=0, atol=1e-4)
 
 
-def test_project_lets_gradients_through_the_adaptive_softmax(adapters):
-    adapter = adapters("fairseq_adaptive_lm")
+def test_project_lets_gradients_through_the_adaptive_softmax(fairseq_adapters):
+    adapter = fairseq_adapters("fairseq_adaptive_lm")
     h = torch.randn(3, adapter.d_model, requires_grad=True)
     adapter.project(h)[:, -1].sum().backward()  # a tail-band token
     assert h.grad is not None and torch.isfinite(h.grad).all() and h.grad.abs().sum() > 0
@@ -228,9 +215,9 @@ def test_project_lets_gradients_through_the_adaptive_softmax(adapters):
 
 
 @pytest.mark.parametrize("name", ["fairseq_plain_lm", "fairseq_adaptive_lm"])
-def test_right_padding_does_not_change_real_positions(name, request, adapters):
+def test_right_padding_does_not_change_real_positions(name, request, fairseq_adapters):
     trained = request.getfixturevalue(name)
-    adapter = adapters(name)
+    adapter = fairseq_adapters(name)
     lines = sample_lines(trained, 8)
     seqs = sorted((adapter.tokenize(line) for line in lines), key=len)
     short = seqs[0]
@@ -269,9 +256,9 @@ def manual_attention(layer, x_in, blocked, lengths, pre_ln: bool):
 
 
 @pytest.mark.parametrize("name", ["fairseq_plain_lm", "fairseq_adaptive_lm"])
-def test_blocked_edges_equal_explicit_recomputation(name, request, adapters):
+def test_blocked_edges_equal_explicit_recomputation(name, request, fairseq_adapters):
     trained = request.getfixturevalue(name)
-    adapter = adapters(name)
+    adapter = fairseq_adapters(name)
     seqs = [adapter.tokenize(line) for line in sample_lines(trained, 4)]
     ids, mask = pad_batch(seqs, adapter.pad_id)
     lengths = [len(s) for s in seqs]
@@ -301,8 +288,8 @@ def test_blocked_edges_equal_explicit_recomputation(name, request, adapters):
         torch.testing.assert_close(adapter.log_probs(ids, mask), plain)
 
 
-def test_per_example_edge_masks(adapters, fairseq_adaptive_lm):
-    adapter = adapters("fairseq_adaptive_lm")
+def test_per_example_edge_masks(fairseq_adapters, fairseq_adaptive_lm):
+    adapter = fairseq_adapters("fairseq_adaptive_lm")
     seqs = [adapter.tokenize(line) for line in sample_lines(fairseq_adaptive_lm, 2)]
     ids, mask = pad_batch(seqs, adapter.pad_id)
     T = ids.shape[1]
@@ -321,8 +308,8 @@ def test_per_example_edge_masks(adapters, fairseq_adaptive_lm):
 # ----- tokenization --------------------------------------------------------------------------------------------
 
 
-def test_tokenization_follows_the_dictionary(adapters):
-    adapter = adapters("fairseq_adaptive_lm")
+def test_tokenization_follows_the_dictionary(fairseq_adapters):
+    adapter = fairseq_adapters("fairseq_adaptive_lm")
     d = adapter.dictionary
     ids = adapter.tokenize(" The old city was built in 1900 . ")
     assert ids[0] == d.eos() == adapter.bos_id
@@ -431,8 +418,8 @@ def test_dictionary_that_does_not_fit(fairseq_plain_lm, tmp_path):
     assert "dict.txt" in _one_line(err)
 
 
-def test_sentence_longer_than_max_positions(adapters):
-    adapter = adapters("fairseq_plain_lm")
+def test_sentence_longer_than_max_positions(fairseq_adapters):
+    adapter = fairseq_adapters("fairseq_plain_lm")
     assert adapter.max_positions == 64  # tokens_per_sample of the training run
     ids = torch.tensor([adapter.tokenize(" ".join(["city"] * 80))])
     with pytest.raises(AdapterError) as err:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fflayers.backends.base import AdapterError, AttentionWeights
-from fflayers.backends.fairseq_lm import FairseqLMAdapter, load_fairseq_lm
+from fflayers.backends.fairseq_lm import FairseqLMAdapter
 from fflayers.backends.hf import HFAdapter
 from fflayers.hooks import capture
 from tests.fixtures.hf_models import HEADS, HF_ARCHS, LAYERS, VOCAB, tiny_config, tiny_model
@@ -185,22 +185,28 @@ def test_hf_attention_layer_out_of_range(arch):
 # ----- HF: output embeddings -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", [a for a in HF_ARCHS if a != "bert"])
-def test_hf_causal_logits_from_output_embeddings(arch):
-    adapter = make_hf(arch)
-    model = adapter.model
-    ids = token_batch(B=2, T=6, seed=5)
-    normed = {}
-    handle = model.get_submodule(FINAL_NORM[arch]).register_forward_hook(lambda _m, _a, out: normed.setdefault("h", out))
+def logits_and_output_of(model: torch.nn.Module, module: torch.nn.Module, ids: torch.Tensor):
+    """The model's logits and what ``module`` output during that forward (a plain torch hook)."""
+    seen = {}
+    handle = module.register_forward_hook(lambda _m, _a, out: seen.setdefault("out", out))
     try:
         with torch.no_grad():
             logits = model(input_ids=ids).logits
     finally:
         handle.remove()
+    return logits, seen["out"]
+
+
+@pytest.mark.parametrize("arch", [a for a in HF_ARCHS if a != "bert"])
+def test_hf_causal_logits_from_output_embeddings(arch):
+    adapter = make_hf(arch)
+    model = adapter.model
+    ids = token_batch(B=2, T=6, seed=5)
+    logits, normed = logits_and_output_of(model, model.get_submodule(FINAL_NORM[arch]), ids)
     E = adapter.output_embeddings()
     assert E.shape == (VOCAB, adapter.d_model)
     bias = model.lm_head.bias
-    expected = normed["h"] @ E.T + (0 if bias is None else bias)
+    expected = normed @ E.T + (0 if bias is None else bias)
     torch.testing.assert_close(expected, logits, **TOL)
     if arch == "gptj":
         assert bias is not None  # the head-bias case is exercised
@@ -213,16 +219,10 @@ def test_bert_mlm_decoder_from_output_embeddings():
     model = adapter.model
     preds = model.cls.predictions
     ids = token_batch(B=2, T=6, seed=6)
-    seen = {}
-    handle = preds.transform.register_forward_hook(lambda _m, _a, out: seen.setdefault("t", out))
-    try:
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits
-    finally:
-        handle.remove()
+    logits, transformed = logits_and_output_of(model, preds.transform, ids)
     E = adapter.output_embeddings()
     assert E.shape == (VOCAB, adapter.d_model)
-    torch.testing.assert_close(seen["t"] @ E.T + preds.bias, logits, **TOL)
+    torch.testing.assert_close(transformed @ E.T + preds.bias, logits, **TOL)
     with torch.no_grad():  # also on a random hidden state, through the head's own modules
         h = torch.randn(5, adapter.d_model, generator=torch.Generator().manual_seed(0))
         t = preds.transform(h)
@@ -239,18 +239,6 @@ def test_bert_encoder_has_no_output_embeddings():
 
 
 # ----- fairseq -------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def fairseq_adapters(request):
-    cache: dict[str, FairseqLMAdapter] = {}
-
-    def get(name: str) -> FairseqLMAdapter:
-        if name not in cache:
-            cache[name] = load_fairseq_lm(request.getfixturevalue(name).model_dir, device="cpu")
-        return cache[name]
-
-    return get
 
 
 def word_ids(adapter: FairseqLMAdapter, B: int, T: int, seed: int) -> torch.Tensor:
