@@ -24,6 +24,15 @@ case "$mode" in
   *) echo "install.sh: unknown mode '$mode'; use locked, latest or lock" >&2; exit 2 ;;
 esac
 
+# System data: the country -> capital list of Debian's miscfiles (fact sets of the recall and neurons demos).
+if [ ! -f /usr/share/misc/countries.gz ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && apt-get install -y -qq miscfiles) >/dev/null || echo "install.sh: apt-get install miscfiles failed" >&2
+  else
+    echo "install.sh: /usr/share/misc/countries.gz is missing; install Debian's miscfiles (apt-get install miscfiles)" >&2
+  fi
+fi
+
 test -x "$venv/bin/python" || python3 -m venv "$venv"
 py="$venv/bin/python"
 pip=("$py" -m pip install -q)
