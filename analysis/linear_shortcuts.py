@@ -5,6 +5,7 @@
     python analysis/linear_shortcuts.py r2 --hf_model gpt2 --output_dir shortcuts_gpt2
     python analysis/linear_shortcuts.py evaluate --hf_model gpt2 --output_dir shortcuts_gpt2
     python analysis/linear_shortcuts.py early-exit --hf_model gpt2 --output_dir shortcuts_gpt2
+    python analysis/linear_shortcuts.py submodules --hf_model gpt2 --output_dir shortcuts_gpt2
     python analysis/linear_shortcuts.py plot --output_dir shortcuts_gpt2
 
 ``fit`` reads the corpus (WikiText ``.tokens`` (detokenized for subword models), text or ``.jsonl``), shuffles
@@ -15,7 +16,9 @@ every A_{j,i}, 0 <= i < j <= L, by least squares without intercept from Gram mat
 pass (``maps.safetensors``, tensor ``A_{j}_{i}`` applied as ``x_j = A @ x_i``). ``--resume`` continues an
 interrupted fit from its last finished shard of 1,024 positions. ``r2``, ``evaluate`` and ``early-exit`` recompute the validation
 states from ``positions.parquet`` and write ``r2.tsv``, ``evaluate.tsv``, ``early_exit.tsv`` and figures
-(PNG + PDF); ``all`` runs fit and the three of them in one process (one model load; r2 only for an encoder
+(PNG + PDF); ``submodules`` fits the linear map of every submodule inside each block on the training
+positions (``submodule_maps.safetensors``), scores them (``submodule_r2.tsv``) and compares the five shortcuts
+id, mat, mat_attn, mat_ffn and mat_ln1_ln2 on the validation positions (``submodule_evaluate.tsv``); ``all`` runs fit and the three of them in one process (one model load; r2 only for an encoder
 without an output head); ``plot`` redraws the figures from the tables. Bad input: one line on stderr, exit code 2.
 """
 
@@ -29,7 +32,7 @@ from pathlib import Path
 from fflayers.cli import CLIError, Parser, add_model_args, check_model_args, load_adapter, run_main
 
 PROG = "linear_shortcuts.py"
-MODEL_COMMANDS = ("fit", "r2", "evaluate", "early-exit", "all")
+MODEL_COMMANDS = ("fit", "r2", "evaluate", "early-exit", "submodules", "all")
 DEFAULT_LAMBDAS = [round(0.1 * x, 2) for x in range(11)]
 
 
@@ -42,13 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
         _fit_args(s)
         if name == "all":
             s.add_argument("--lambdas", nargs="+", type=float, default=DEFAULT_LAMBDAS, help="confidence thresholds")
-    for name in ("r2", "evaluate", "early-exit"):
+    for name in ("r2", "evaluate", "early-exit", "submodules"):
         s = sub.add_parser(name, help={"r2": "r^2 of mat and id for every (i, j)",
                                        "evaluate": "precision@k and surprisal of id / mat shortcuts to the output",
-                                       "early-exit": "layers saved vs precision@1 over a lambda grid"}[name])
+                                       "early-exit": "layers saved vs precision@1 over a lambda grid",
+                                       "submodules": "maps of ln1 / attn / ln2 / mlp / residual steps inside each "
+                                                     "block, and the mat_attn / mat_ffn / mat_ln1_ln2 shortcuts"}[name])
         add_model_args(s)
         if name == "early-exit":
             s.add_argument("--lambdas", nargs="+", type=float, default=DEFAULT_LAMBDAS, help="confidence thresholds")
+        if name == "submodules":
+            s.add_argument("--layers", type=int, nargs="+", default=None, help="blocks whose submodules are fitted "
+                           "(default all; the shortcuts need every block from the source layer on)")
+            s.add_argument("--ridge", type=float, default=1e-6, help="ridge relative to the mean diagonal of X^T X "
+                           "(default 1e-6: a residual step's input can be nearly rank-deficient)")
+            s.add_argument("--eval_positions", type=int, default=None, help="validation positions for the five "
+                           "shortcuts (default all; each costs 3 L forward passes)")
     for s in sub.choices.values():
         s.add_argument("--output_dir", type=str, required=True, help="folder of the run (positions, maps, tables)")
         if s.prog.split()[-1] in MODEL_COMMANDS:
@@ -179,6 +191,63 @@ def validation_states(adapter, args, out: Path):
     return states, maps
 
 
+def run_submodules(adapter, args, out: Path) -> None:
+    """Fit the submodule maps on the training positions, score them and the five shortcuts on validation."""
+    import pandas as pd
+
+    from fflayers.io import file_sha256, run_metadata, write_json, write_table
+    from fflayers.shortcuts import collect_states, evaluate_shortcuts, load_maps, positions_from_frame
+    from fflayers.shortcuts.linear_maps import model_id
+    from fflayers.shortcuts.submodules import (
+        SUBMODULE_MAPPINGS,
+        check_submodule_mappings,
+        evaluate_submodule_shortcuts,
+        fit_submodule_maps,
+        save_submodule_maps,
+        submodule_r2,
+    )
+
+    if args.ridge < 0:
+        raise CLIError(f"--ridge {args.ridge} must be >= 0")
+    if args.eval_positions is not None and args.eval_positions < 1:
+        raise CLIError(f"--eval_positions {args.eval_positions} must be >= 1")
+    path = out / "positions.parquet"
+    if not path.is_file():
+        raise CLIError(f"{path} does not exist; run `{PROG} fit --output_dir {out}` first")
+    frame = pd.read_parquet(path)
+    train, val = positions_from_frame(frame, "train"), positions_from_frame(frame, "val")
+    if not train or len(val) < 2:
+        raise CLIError(f"{path} needs training positions and at least 2 validation positions; rerun fit")
+    layers = None if args.layers is None else [adapter.check_layer(x) for x in args.layers]
+    maps = fit_submodule_maps(adapter, train, layers, batch_size=args.batch_size, ridge=args.ridge,
+                              progress=not args.quiet)
+    save_submodule_maps(out / "submodule_maps.safetensors", maps,
+                        {"model": model_id(adapter), "data_hash": file_sha256(path), "ridge": str(args.ridge),
+                         "layout": adapter.block_layout, "positions": str(len(train))})
+    r2 = submodule_r2(adapter, val, maps, batch_size=args.batch_size)
+    write_table(out / "submodule_r2.tsv", r2)
+    print(r2.pivot_table(index="layer", columns=["submodule", "mapping"], values="r2", sort=False)
+          .to_string(float_format=lambda x: f"{x:.3f}"))
+    if has_output_head(adapter):
+        evaluated = val[: args.eval_positions]
+        fitted = sorted({layer for layer, _ in maps})
+        first = next(x for x in range(adapter.n_layers + 1) if all(b in fitted for b in range(x, adapter.n_layers)))
+        names = [m for m in SUBMODULE_MAPPINGS if adapter.block_layout != "post_norm" or m != "mat_ln1_ln2"]
+        check_submodule_mappings(adapter, names)
+        tables = []
+        if (out / "maps.safetensors").is_file():
+            layer_maps, _ = load_maps(out / "maps.safetensors", adapter)
+            states = collect_states(adapter, evaluated, batch_size=args.batch_size, progress=not args.quiet)
+            tables.append(evaluate_shortcuts(adapter, states, layer_maps))
+        if first < adapter.n_layers:
+            tables.append(evaluate_submodule_shortcuts(adapter, evaluated, maps, names, range(first, adapter.n_layers),
+                                                       batch_size=args.batch_size, progress=not args.quiet))
+        table = pd.concat(tables, ignore_index=True).sort_values(["layer"], kind="stable")
+        write_table(out / "submodule_evaluate.tsv", table)
+        print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    write_json(out / "submodules.meta.json", run_metadata(dict(vars(args))))
+
+
 def has_output_head(adapter) -> bool:
     """False for encoders without an LM/MLM head (their states can be mapped, not decoded)."""
     from fflayers.backends.base import AdapterError
@@ -193,15 +262,29 @@ def has_output_head(adapter) -> bool:
 def draw_figures(out: Path) -> list[Path]:
     import pandas as pd
 
-    from fflayers.plots import plot_early_exit, plot_r2_heatmap, plot_shortcut_precision, save_figure
+    from fflayers.plots import (
+        plot_early_exit,
+        plot_r2_heatmap,
+        plot_shortcut_precision,
+        plot_submodule_r2,
+        save_figure,
+    )
 
     written: list[Path] = []
     for name, plot in (("r2", plot_r2_heatmap), ("evaluate", plot_shortcut_precision),
-                       ("early_exit", plot_early_exit)):
+                       ("early_exit", plot_early_exit), ("submodule_r2", plot_submodule_r2),
+                       ("submodule_evaluate", _plot_submodule_evaluate)):
         path = out / f"{name}.tsv"
         if path.is_file():
             written += save_figure(plot(pd.read_csv(path, sep="\t")), out / name)
     return written
+
+
+def _plot_submodule_evaluate(table):
+    from fflayers.plots import plot_shortcut_precision
+
+    return plot_shortcut_precision(table[["layer", "mapping", "precision@1", "surprisal"]],
+                                   title="Shortcuts with one kind of submodule replaced by its linear map")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -232,6 +315,11 @@ def run(args: argparse.Namespace) -> None:
             return
     else:
         adapter = load_adapter(args)
+    if args.command == "submodules":
+        run_submodules(adapter, args, out)
+        draw_figures(out)
+        print(f"{PROG}: submodules done in {time.time() - start:.1f} s ({out})")
+        return
     states, maps = validation_states(adapter, args, out)
     analyses = [args.command] if args.command != "all" else ["r2", "evaluate", "early-exit"]
     if args.command == "all" and not has_output_head(adapter):

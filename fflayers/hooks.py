@@ -48,12 +48,16 @@ def _check_point(point: str) -> None:
 
 
 def site_of(adapter: LMAdapter, point: str, layer: int) -> HookSite:
-    """The module and side carrying ``point`` in block ``layer``; ``mlp_in`` is the input of ``mlp_key``'s module."""
+    """The module and side carrying ``point`` in block ``layer``; for an adapter without its own ``mlp_in``
+    site, ``mlp_in`` is the input of ``mlp_key``'s module."""
     _check_point(point)
     layer = adapter.check_layer(layer)
     if point == "mlp_in":
-        key = adapter.hook_site("mlp_key", layer)
-        return HookSite(key.module, "input", key.time_first, "input")
+        try:
+            return adapter.hook_site(point, layer)
+        except AdapterError:
+            key = adapter.hook_site("mlp_key", layer)
+            return HookSite(key.module, "input", key.time_first, "input")
     return adapter.hook_site(point, layer)
 
 
@@ -76,10 +80,10 @@ def _install(site: HookSite, fn: Callable[[torch.Tensor], torch.Tensor | None]):
             if new is None:
                 return None
             new = to_bf(new)
-            if args:
-                return (new, *args[1:]), kwargs
-            kwargs = dict(kwargs)
-            kwargs[site.arg_name] = new
+            # every argument that is the hooked tensor itself gets the replacement (fairseq's attention takes the
+            # same tensor as query, key and value)
+            args = tuple(new if a is x else a for a in args)
+            kwargs = {k: new if v is x else v for k, v in kwargs.items()}
             return args, kwargs
 
         return site.module.register_forward_pre_hook(pre_hook, with_kwargs=True)

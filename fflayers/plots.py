@@ -26,6 +26,20 @@ Linear shortcuts (seed 002):
 * :func:`plot_r2_heatmap`: r^2 of ``mat`` and ``id`` for every pair of states (i, j), side by side;
 * :func:`plot_shortcut_precision`: precision@k and surprisal per layer for each mapping;
 * :func:`plot_early_exit`: precision@1 against the layers saved, over the lambda grid, per mapping.
+
+Knowledge neurons (seed 003):
+
+* :func:`plot_knowledge_neuron_effects`: per relation, the % change of the correct answer's probability when
+  the refined neurons are suppressed / enhanced, on related and unrelated prompts, beside random neurons.
+
+Dissecting factual recall (seed 001):
+
+* :func:`plot_knockout_curves`: attention knockout, the mean relative change of the predicted token's
+  probability per layer, one line per blocked position set;
+* :func:`plot_extraction_rates`: attribute extraction rate per layer, MHSA vs MLP, per variant;
+* :func:`plot_attributes_rate`: subject enrichment, attributes rate per layer against the embedding baseline;
+* :func:`plot_sublayer_knockout`: attributes rate and attribute probability when MLP or MHSA sublayers of a
+  window of layers are knocked out, per first knocked-out layer.
 """
 
 from __future__ import annotations
@@ -51,6 +65,11 @@ __all__ = [
     "plot_r2_heatmap",
     "plot_shortcut_precision",
     "plot_early_exit",
+    "plot_knowledge_neuron_effects",
+    "plot_knockout_curves",
+    "plot_extraction_rates",
+    "plot_attributes_rate",
+    "plot_sublayer_knockout",
 ]
 
 
@@ -240,4 +259,169 @@ def plot_early_exit(table: pd.DataFrame, title: str | None = None) -> Figure:
     ax.set_ylabel("precision@1")
     ax.set_title(title or "Early exit")
     ax.legend()
+    return fig
+
+
+#: legend labels and line styles of the knockout position sets (the paper's "subject", "non-subject", "last")
+_KNOCKOUT_STYLE = {
+    "subject": ("subject", "-", "o"),
+    "non_subject": ("non-subject", "--", "s"),
+    "last": ("last", ":", "^"),
+    "first": ("first", "-.", "v"),
+    "non_subject_excl_first": ("non-subject (w/o first)", (0, (5, 1, 1, 1)), "D"),
+}
+
+
+def plot_knockout_curves(table: pd.DataFrame, title: str | None = None) -> Figure:
+    """Attention knockout (columns ``set, layer, window_start, window_end, rel_change_pct``): the mean relative
+    change (%) of the predicted token's probability against the layer the blocking window is centred on, one
+    line per position set, as in the paper's information-flow figure."""
+    fig, ax = _figure()
+    order = [s for s in _KNOCKOUT_STYLE if s in set(table["set"])] + sorted(set(table["set"]) - set(_KNOCKOUT_STYLE))
+    for name in order:
+        mean = table[table["set"] == name].groupby("layer")["rel_change_pct"].mean()
+        label, style, marker = _KNOCKOUT_STYLE.get(name, (name, "-", "x"))
+        ax.plot(mean.index, mean.values, linestyle=style, marker=marker, markersize=3, label=label)
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    layers = sorted(set(table["layer"]))
+    _layer_axis(ax, layers[:: max(1, -(-len(layers) // 16))])
+    ax.set_ylabel("% change in prediction probability")
+    width = int((table["window_end"] - table["window_start"]).max()) + 1 if len(table) else 0
+    n_facts = table["known_id"].nunique() if "known_id" in table else 0
+    ax.set_title(title or f"Attention knockout (window of up to {width} layers, {n_facts} facts)")
+    ax.legend()
+    return fig
+
+
+#: legend labels and line styles of the extraction variants
+_EXTRACTION_STYLE = {
+    "none": ("", "-"),
+    "block_subject": (", subject blocked", "--"),
+    "block_non_subject": (", non-subject blocked", "-."),
+    "block_last": (", last blocked", ":"),
+    "patch_subject": (", early subject patched", (0, (5, 1, 1, 1))),
+}
+
+
+def plot_extraction_rates(events: pd.DataFrame, title: str | None = None) -> Figure:
+    """Attribute extraction (an events table of :func:`fflayers.recall.extraction.extraction_events`): per layer
+    the % of facts whose MHSA (resp. MLP) output at the last position has the attribute as top-1, one colour
+    per sublayer and one line style per variant."""
+    fig, ax = _figure()
+    colours = {"attn": "C0", "mlp": "C1"}
+    names = {"attn": "MHSA", "mlp": "MLP"}
+    variants = list(dict.fromkeys(events["variant"]))
+    for variant in variants:
+        part = events[events["variant"] == variant]
+        suffix, style = _EXTRACTION_STYLE.get(variant, (f", {variant}", "-"))
+        for sublayer in ("attn", "mlp"):
+            rate = part[part["sublayer"] == sublayer].groupby("layer")["event"].mean()
+            ax.plot(rate.index, 100 * rate.values, linestyle=style, marker="o", markersize=2.5,
+                    color=colours[sublayer], label=names[sublayer] + suffix)
+    layers = sorted(set(events["layer"]))
+    _layer_axis(ax, layers[:: max(1, -(-len(layers) // 16))])
+    ax.set_ylabel("extraction rate (% of facts)")
+    ax.set_ylim(bottom=0)
+    n = events["known_id"].nunique() if len(events) else 0
+    ax.set_title(title or f"Attribute extraction at the last position ({n} facts)")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def plot_attributes_rate(table: pd.DataFrame, title: str | None = None) -> Figure:
+    """Subject enrichment (a table of :func:`fflayers.recall.enrichment.attributes_rate`): the mean attributes
+    rate (%) of the hidden state per layer, one line per position, with the input-embedding baseline dashed."""
+    fig, ax = _figure()
+    ok = table.dropna(subset=["rate"])
+    for i, (position, part) in enumerate(ok.groupby("position", sort=False)):
+        hidden = part[part["source"] != "embedding"].groupby("layer")["rate"].mean()
+        ax.plot(hidden.index, 100 * hidden.values, marker="o", markersize=3, color=f"C{i}", label=position)
+        base = part[part["source"] == "embedding"]["rate"]
+        if len(base):
+            ax.axhline(100 * base.mean(), color=f"C{i}", linestyle="--", linewidth=1,
+                       label=f"{position}: subject embedding")
+    layers = sorted(set(ok.loc[ok["source"] != "embedding", "layer"]))
+    _layer_axis(ax, layers[:: max(1, -(-len(layers) // 16))])
+    ax.set_ylabel("attributes rate (%)")
+    ax.set_ylim(bottom=0)
+    n = ok["known_id"].nunique() if len(ok) else 0
+    ax.set_title(title or f"Subject enrichment ({n} subjects with paragraphs)")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_sublayer_knockout(table: pd.DataFrame, title: str | None = None) -> Figure:
+    """Sublayer knockout (a table of :func:`fflayers.recall.sublayer_knockout.sublayer_knockout`): the mean
+    attributes rate (%, left) and attribute probability (right) against the first knocked-out layer, for MLP
+    and MHSA knockouts, with the unedited model dashed; the deepest measured layer is shown."""
+    fig = Figure(figsize=(9.0, 3.6), layout="constrained")
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    layer = int(table["layer"].max()) if len(table) else 0
+    part = table[table["layer"] == layer]
+    names = {"mlp": "MLP knocked out", "attn": "MHSA knocked out"}
+    for ax, column, scale, label in ((left, "rate", 100, "attributes rate (%)"),
+                                     (right, "attribute_prob", 1, "attribute probability")):
+        values = part.dropna(subset=[column])
+        for i, kind in enumerate(k for k in ("mlp", "attn") if k in set(values["kind"])):
+            mean = values[values["kind"] == kind].groupby("start")[column].mean()
+            ax.plot(mean.index, scale * mean.values, marker="o", markersize=3, color=f"C{i}", label=names[kind])
+        none = values[values["kind"] == "none"][column]
+        if len(none):
+            ax.axhline(scale * none.mean(), color="grey", linestyle="--", linewidth=1, label="no knockout")
+        starts = sorted(set(values.loc[values["kind"] != "none", "start"]))
+        _layer_axis(ax, starts[:: max(1, -(-len(starts) // 12))])
+        ax.set_xlabel("first knocked-out layer")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+    width = int((table["end"] - table["start"]).max()) + 1 if len(table) else 0
+    fig.suptitle(title or f"Sublayer knockout (windows of up to {width} layers; measured at layer {layer + 1})")
+    return fig
+
+
+def plot_submodule_r2(table: pd.DataFrame, title: str | None = None) -> Figure:
+    """r^2 of each submodule's linear map (solid) and of the identity (dashed) per layer."""
+    fig, ax = _figure()
+    for i, (name, group) in enumerate(table.groupby("submodule", sort=False)):
+        color = f"C{i % 10}"
+        for mapping, style in (("mat", "-"), ("id", "--")):
+            g = group[group["mapping"] == mapping].sort_values("layer")
+            ax.plot(g["layer"], g["r2"].clip(lower=-1), linestyle=style, marker="o", markersize=3, color=color,
+                    label=f"{name} ({mapping})")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("r$^2$ (clipped at -1)")
+    ax.set_ylim(-1.05, 1.02)
+    ax.set_title(title or "Linear maps of submodules")
+    ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+#: bar label and colour of each (prompt set, neuron set) of the knowledge-neuron evaluation
+_KN_BARS = (("related", "refined", "related facts", "tab:blue"),
+            ("unrelated", "refined", "unrelated facts", "tab:orange"),
+            ("related", "random", "random neurons (related)", "0.6"))
+
+
+def plot_knowledge_neuron_effects(summary: pd.DataFrame, title: str | None = None) -> Figure:
+    """Knowledge neurons (columns ``relation, intervention, prompts, neurons, change_pct`` of
+    :func:`fflayers.neurons.evaluate.summary_table`): one panel per intervention (suppress, enhance), bars per
+    relation for related prompts, unrelated prompts and random neurons, as in the paper's figures 3 and 4."""
+    fig = Figure(figsize=(10.0, 3.8), layout="constrained")
+    interventions = [i for i in ("suppress", "enhance") if i in set(summary["intervention"])]
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(interventions))))
+    relations = list(dict.fromkeys(summary["relation"]))
+    width = 0.8 / len(_KN_BARS)
+    for ax, intervention in zip(axes, interventions, strict=False):
+        part = summary[summary["intervention"] == intervention]
+        for j, (prompts, neurons, label, colour) in enumerate(_KN_BARS):
+            rows = part[(part["prompts"] == prompts) & (part["neurons"] == neurons)].set_index("relation")
+            values = [float(rows.loc[r, "change_pct"]) if r in rows.index else np.nan for r in relations]
+            ax.bar(np.arange(len(relations)) + (j - 1) * width, values, width, label=label, color=colour)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xticks(np.arange(len(relations)))
+        ax.set_xticklabels(relations, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("change of the correct answer's probability (%)")
+        ax.set_title(f"{intervention.capitalize()} knowledge neurons")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title or "Knowledge neurons: effect on the correct answer")
     return fig

@@ -22,11 +22,19 @@ import torch
 from torch import nn
 
 #: Named places in a block where activations can be read or edited.
-#: ``resid_pre``: stream entering the block; ``attn_out``: attention sublayer output (before the residual add);
-#: ``mlp_in``: the FFN's input (after its norm: what the keys read); ``mlp_key``: FFN pre-activations (fc1 / gate
-#: output); ``mlp_coef``: FFN coefficients m (input of fc2 / down); ``mlp_out``: FFN output (before the residual
-#: add); ``resid_post``: stream leaving the block.
-HOOK_POINTS: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_in", "mlp_key", "mlp_coef", "mlp_out", "resid_post")
+#: ``resid_pre``: stream entering the block; ``attn_in``: the attention sublayer's input (after its norm in
+#: pre-norm blocks); ``attn_out``: attention sublayer output (before the residual add); ``mlp_in``: the FFN's
+#: input (after its norm: what the keys read); ``mlp_key``: FFN pre-activations (fc1 / gate output);
+#: ``mlp_coef``: FFN coefficients m (input of fc2 / down); ``mlp_out``: FFN output (before the residual add);
+#: ``resid_post``: stream leaving the block.
+HOOK_POINTS: tuple[str, ...] = ("resid_pre", "attn_in", "attn_out", "mlp_in", "mlp_key", "mlp_coef", "mlp_out",
+                                "resid_post")
+
+#: How a block wires its sublayers (:attr:`LMAdapter.block_layout`):
+#: ``"pre_norm"``: x + attn(ln1(x)) = m, then m + mlp(ln2(m)) (GPT-2, GPT-Neo, Llama, fairseq normalize_before);
+#: ``"post_norm"``: m = ln1(x + attn(x)), then ln2(m + mlp(m)) (BERT, fairseq's default transformer_lm);
+#: ``"parallel"``: x + attn(ln1(x)) + mlp(ln2(x)) (GPT-J with one shared norm, GPT-NeoX/Pythia).
+BLOCK_LAYOUTS: tuple[str, ...] = ("pre_norm", "post_norm", "parallel")
 
 
 class AdapterError(ValueError):
@@ -197,6 +205,12 @@ class LMAdapter(ABC):
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of ``text`` as the model was trained to see it (BOS first when ``add_bos``)."""
 
+    def tokenize_with_offsets(self, text: str, add_bos: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of ``text`` (exactly :meth:`tokenize`'s) and each token's character span ``(start, end)``
+        in ``text``; special tokens (BOS, fairseq's leading ``</s>``) get ``(0, 0)``."""
+        raise AdapterError(f"{type(self).__name__} cannot map tokens to character offsets; "
+                           "implement tokenize_with_offsets for this backend")
+
     @abstractmethod
     def id_to_token(self, ids: Sequence[int]) -> list[str]:
         """Surface string of each token id (one entry per id)."""
@@ -250,18 +264,24 @@ class LMAdapter(ABC):
 
     # ----- output head -------------------------------------------------------------------------------------
     @abstractmethod
-    def _project_rows(self, h: torch.Tensor) -> torch.Tensor:
-        """Log-probs ``[N, V]`` of residual vectors ``[N, d]`` through final norm + head."""
+    def _project_rows(self, h: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
+        """Log-probs ``[N, V]`` of residual vectors ``[N, d]`` through the final norm (unless ``final_norm`` is
+        False) and the head."""
 
-    def project(self, h: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    def project(self, h: torch.Tensor, chunk_size: int = 1024, final_norm: bool = True) -> torch.Tensor:
         """Log-probabilities over the vocabulary of residual-stream vectors ``[..., d]`` -> ``[..., V]``.
 
         Uses the model's own head (final norm where it has one, adaptive softmax in eval mode), chunked
         so that at most ``chunk_size`` rows of full-vocabulary scores are alive at a time.
+        ``final_norm=False`` skips the norm applied to the last block's output before the head (fairseq's
+        decoder ``layer_norm``, HF ``ln_f`` / ``norm``): log-softmax of ``h @ E.T`` (+ the head's bias), as when
+        sublayer outputs are read in the vocabulary. Models without such a norm (BERT: its MLM head's own
+        transform is kept) give the same result either way.
         """
         shape = h.shape[:-1]
         flat = h.reshape(-1, h.shape[-1]).to(self.device, self.dtype)
-        outs = [self._project_rows(flat[i : i + chunk_size]) for i in range(0, flat.shape[0], chunk_size)]
+        outs = [self._project_rows(flat[i : i + chunk_size], final_norm=final_norm)
+                for i in range(0, flat.shape[0], chunk_size)]
         out = torch.cat(outs) if outs else flat.new_zeros(0, self.vocab_size)
         return out.reshape(*shape, out.shape[-1])
 
@@ -273,6 +293,22 @@ class LMAdapter(ABC):
     @abstractmethod
     def ffn_values(self, layer: int) -> torch.Tensor:
         """Values of one layer, ``[d_ff, d]`` (row i is what neuron i writes, scaled by its coefficient)."""
+
+    @torch.no_grad()
+    def write_ffn_values(self, layer: int, index: Sequence[int], rows: torch.Tensor) -> None:
+        """Overwrite values ``index`` of ``layer`` in place with ``rows`` ``[len(index), d]``: the model's own
+        weights change (save :meth:`ffn_values` rows first to undo). Works through :meth:`ffn_values`, which
+        must return a view of a model parameter (:class:`AdapterError` otherwise)."""
+        view = self.ffn_values(layer)
+        idx = torch.as_tensor(list(index), dtype=torch.long).reshape(-1)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= view.shape[0]):
+            raise AdapterError(f"value index out of range: layer {layer} has {view.shape[0]} values (0..{view.shape[0] - 1})")
+        rows = torch.as_tensor(rows).reshape(idx.numel(), view.shape[1])
+        ptr = view.untyped_storage().data_ptr()
+        if not any(p.untyped_storage().data_ptr() == ptr for p in self.model.parameters()):
+            raise AdapterError(f"{type(self).__name__}.ffn_values returns a copy, not a view of the model's weights; "
+                               "override write_ffn_values for this backend")
+        view[idx.to(view.device)] = rows.to(view.device, view.dtype)
 
     def ffn_keys_all(self) -> torch.Tensor:
         """All keys ``[L, d_ff, d]``."""
@@ -304,8 +340,13 @@ class LMAdapter(ABC):
     # ----- hook plumbing (used by fflayers.hooks) ----------------------------------------------------------
     @abstractmethod
     def hook_site(self, point: str, layer: int) -> HookSite:
-        """Module and side that carry hook point ``point`` of block ``layer`` (``mlp_in`` is derived from
-        ``mlp_key`` by :func:`fflayers.hooks.site_of`: the input of the same module)."""
+        """Module and side that carry hook point ``point`` of block ``layer`` (an adapter without an ``mlp_in``
+        entry gets the input of ``mlp_key``'s module from :func:`fflayers.hooks.site_of`)."""
+
+    @property
+    def block_layout(self) -> str:
+        """How the block wires its sublayers: one of :data:`BLOCK_LAYOUTS`."""
+        return "pre_norm"
 
     @abstractmethod
     def attention_module(self, layer: int) -> nn.Module:

@@ -145,6 +145,26 @@ class FairseqLMAdapter(LMAdapter):
         ids = [self.dictionary.index(w) for w in self.words(text)]
         return [self.bos_id, *ids] if add_bos else ids
 
+    def tokenize_with_offsets(self, text: str, add_bos: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+        """:meth:`tokenize` plus each word's character span, found left to right in ``text``; the leading
+        ``</s>`` gets ``(0, 0)``. Moses' ``@-@`` / ``@,@`` / ``@.@`` splits get the span of their character."""
+        words = self.words(text)
+        spans: list[tuple[int, int]] = []
+        cursor = 0
+        for word in words:
+            for piece in (word, word.strip("@") if len(word) > 2 else word):
+                start = text.find(piece, cursor)
+                if start >= 0:
+                    spans.append((start, start + len(piece)))
+                    cursor = start + len(piece)
+                    break
+            else:  # an escaped or normalised word: an empty span where it would be
+                spans.append((cursor, cursor))
+        ids = [self.dictionary.index(w) for w in words]
+        if add_bos:
+            return [self.bos_id, *ids], [(0, 0), *spans]
+        return ids, spans
+
     def id_to_token(self, ids: Sequence[int]) -> list[str]:
         return [self.dictionary[int(i)] for i in ids]
 
@@ -171,10 +191,10 @@ class FairseqLMAdapter(LMAdapter):
         return extra["inner_states"][-1].transpose(0, 1)
 
     # ----- output head -------------------------------------------------------------------------------------
-    def _project_rows(self, h: torch.Tensor) -> torch.Tensor:
+    def _project_rows(self, h: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
         dec = self.decoder
         x = h
-        if dec.layer_norm is not None:
+        if final_norm and dec.layer_norm is not None:
             x = dec.layer_norm(x)
         if dec.project_out_dim is not None:
             x = dec.project_out_dim(x)
@@ -266,7 +286,9 @@ class FairseqLMAdapter(LMAdapter):
         block = self.layers[self.check_layer(layer)]
         sites = {
             "resid_pre": (block, "input"),
+            "attn_in": (block.self_attn, "input"),
             "attn_out": (block.self_attn, "output"),
+            "mlp_in": (block.fc1, "input"),
             "mlp_key": (block.fc1, "output"),
             "mlp_coef": (block.fc2, "input"),
             "mlp_out": (block.fc2, "output"),
@@ -275,7 +297,12 @@ class FairseqLMAdapter(LMAdapter):
         if point not in sites:
             raise AdapterError(f"unknown hook point {point!r}; choose from {', '.join(sites)}")
         module, side = sites[point]
-        return HookSite(module, side, time_first=True, arg_name="query" if module is block.self_attn else "x")
+        return HookSite(module, side, time_first=True, arg_name="query" if module is block.self_attn else
+                        "x" if module is block else "input")
+
+    @property
+    def block_layout(self) -> str:
+        return "pre_norm" if self.normalize_before else "post_norm"
 
     def attention_module(self, layer: int) -> nn.Module:
         return self.layers[self.check_layer(layer)].self_attn

@@ -185,6 +185,16 @@ class HFAdapter(LMAdapter):
         """Token ids; ``add_bos`` adds the tokenizer's own special tokens (BOS for Llama, [CLS]/[SEP] for BERT)."""
         return list(self._tok()(text, add_special_tokens=add_bos)["input_ids"])
 
+    def tokenize_with_offsets(self, text: str, add_bos: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+        """:meth:`tokenize` plus the fast tokenizer's offset mapping (a byte-level BPE token such as ``" France"``
+        may or may not include its leading space, depending on the tokenizer's ``trim_offsets``)."""
+        tok = self._tok()
+        if not getattr(tok, "is_fast", False):
+            raise AdapterError(f"character offsets need a fast tokenizer; {type(tok).__name__} is a slow one "
+                               "(load the model's tokenizer with use_fast=True / tokenizer.json)")
+        enc = tok(text, add_special_tokens=add_bos, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [(int(a), int(b)) for a, b in enc["offset_mapping"]]
+
     def id_to_token(self, ids: Sequence[int]) -> list[str]:
         tok = self._tok()
         return [tok.decode([int(i)]) for i in ids]
@@ -211,8 +221,8 @@ class HFAdapter(LMAdapter):
             handle.remove()
         return out["h"]
 
-    def _project_rows(self, h: torch.Tensor) -> torch.Tensor:
-        if self.spec.final_norm is not None:
+    def _project_rows(self, h: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
+        if final_norm and self.spec.final_norm is not None:
             h = _get(self.model, self.spec.final_norm)(h)
         if self.spec.head is not None:
             head = _get(self.model, self.spec.head)
@@ -298,7 +308,10 @@ class HFAdapter(LMAdapter):
         table = {
             "resid_pre": (block, "input"),
             "resid_post": (block, "output"),
+            "attn_in": (_get(block, spec.attn_core), "input"),
             "attn_out": (_get(block, spec.attn), "output"),
+            # the whole MLP's input where the MLP is one module (Llama's gate and up both read it), else fc_in's
+            "mlp_in": (_get(block, spec.mlp_out if spec.fc_in.startswith(spec.mlp_out + ".") else spec.fc_in), "input"),
             "mlp_key": (_get(block, spec.fc_in), "output"),
             "mlp_coef": (_get(block, spec.fc_out), "input"),
             "mlp_out": (_get(block, spec.mlp_out), "output"),
@@ -307,6 +320,12 @@ class HFAdapter(LMAdapter):
             raise AdapterError(f"unknown hook point {point!r}")
         module, side = table[point]
         return HookSite(module, side, time_first=False, arg_name="hidden_states")
+
+    @property
+    def block_layout(self) -> str:
+        if self.parallel_residual:
+            return "parallel"
+        return "post_norm" if self.spec.masked_lm else "pre_norm"
 
     def attention_module(self, layer: int) -> nn.Module:
         return _get(self.blocks[layer], self.spec.attn_core)

@@ -89,22 +89,37 @@ def _ridged(G: torch.Tensor, ridge: float) -> torch.Tensor:
     return G + ridge * scale * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
 
 
-def _factor(acc: GramAccumulator, i: int, ridge: float) -> torch.Tensor | None:
-    """Cholesky factor of ``G_i`` (ridged: :func:`_ridged`); None when it is not positive definite (ridge > 0 only)."""
-    d, n = acc.d, acc.n
-    G = acc.gram(i)
+def _factor(G: torch.Tensor, n: int, ridge: float, what: str) -> torch.Tensor | None:
+    """Cholesky factor of ``G`` (ridged: :func:`_ridged`); None when it is not positive definite (ridge > 0 only).
+    Without ridge, :class:`AdapterError` for fewer rows than dims or an ill-conditioned ``G`` (``what`` names it)."""
+    d = G.shape[0]
     if ridge == 0:
         if n < d:
             raise AdapterError(f"underdetermined: {n} positions for d = {d} dims; use more sentences or pass --ridge")
         eig = torch.linalg.eigvalsh(G)
         cond = float(eig[-1] / eig[0]) if eig[0] > 0 else float("inf")
         if not cond <= MAX_CONDITION:
-            raise AdapterError(f"X_i^T X_i of state {i} is singular or ill-conditioned (condition number {cond:.2e}); "
+            raise AdapterError(f"X^T X of {what} is singular or ill-conditioned (condition number {cond:.2e}); "
                                "use more (varied) sentences or pass --ridge")
     else:
         G = _ridged(G, ridge)
     L, info = torch.linalg.cholesky_ex(G)
     return L if int(info) == 0 else None
+
+
+def _solve(G: torch.Tensor, L: torch.Tensor | None, C: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``A`` with ``A.T = G^-1 C`` from the factor ``L`` (pseudo-inverse of the ridged ``G`` when None)."""
+    sol = torch.cholesky_solve(C, L) if L is not None else torch.linalg.pinv(_ridged(G, ridge), hermitian=True) @ C
+    return sol.T.to("cpu", torch.float32).contiguous()
+
+
+def solve_least_squares(G: torch.Tensor, C: torch.Tensor, n: int, ridge: float = 0.0, what: str = "the inputs") -> torch.Tensor:
+    """The map ``A`` ``[d_out, d_in]`` (float32, CPU) minimising ``sum ||y - A x||^2`` (+ ridge) from
+    ``G = X^T X`` and ``C = X^T Y`` over ``n`` rows; checks as in :func:`fit_maps`."""
+    ridge = float(ridge)
+    if not ridge >= 0:
+        raise AdapterError(f"ridge={ridge} must be >= 0")
+    return _solve(G, _factor(G, n, ridge, what), C, ridge)
 
 
 def fit_maps(acc: GramAccumulator, ridge: float = 0.0, pairs: Iterable[tuple[int, int]] | None = None) -> Maps:
@@ -125,15 +140,10 @@ state's scale (residual streams grow by orders of magnitude across layers), e.g.
         by_i.setdefault(i, []).append(j)
     maps: Maps = {}
     for i, js in sorted(by_i.items()):
-        L = _factor(acc, i, ridge)
-        pinv = None
-        if L is None:  # ridge too small to make G_i positive definite in floating point
-            G = _ridged(acc.gram(i), ridge)
-            pinv = torch.linalg.pinv(G, hermitian=True)
+        G = acc.gram(i)
+        L = _factor(G, acc.n, ridge, f"state {i}")  # None: ridge too small for a positive definite G_i in floats
         for j in js:
-            C = acc.cross(i, j)
-            sol = torch.cholesky_solve(C, L) if pinv is None else pinv @ C
-            maps[j, i] = sol.T.to("cpu", torch.float32).contiguous()
+            maps[j, i] = _solve(G, L, acc.cross(i, j), ridge)
     return maps
 
 

@@ -16,7 +16,9 @@ from fflayers.backends.base import AdapterError
 _CHUNK = 4096
 
 
-def _r2(numerator: torch.Tensor, denominator: torch.Tensor) -> float:
+def r2_from_sums(numerator: torch.Tensor, denominator: torch.Tensor) -> float:
+    """Mean over coordinates of ``1 - numerator / denominator`` (residual and total sums of squares per
+    coordinate), with sklearn's ``force_finite`` rule for zero-variance coordinates."""
     scores = torch.ones_like(numerator)
     valid = (denominator != 0) & (numerator != 0)
     scores[valid] = 1 - numerator[valid] / denominator[valid]
@@ -62,6 +64,6 @@ def r2_scores(states: torch.Tensor, maps: Mapping[tuple[int, int], torch.Tensor]
         x = states[:, i]
         mat = _sum_sq(y, lambda r, x=x, At=At: x[r].double() @ At)
         ident = _sum_sq(y, lambda r, x=x: x[r].double())
-        rows.append((i, j, "id", _r2(ident, denominators[j])))
-        rows.append((i, j, "mat", _r2(mat, denominators[j])))
+        rows.append((i, j, "id", r2_from_sums(ident, denominators[j])))
+        rows.append((i, j, "mat", r2_from_sums(mat, denominators[j])))
     return pd.DataFrame(rows, columns=["i", "j", "mapping", "r2"])

@@ -17,7 +17,8 @@ from fflayers.hooks import hooked
 from fflayers.shortcuts.positions import Position
 
 
-def _check(positions: Sequence[Position], batch_size: int) -> None:
+def check_positions(positions: Sequence[Position], batch_size: int) -> None:
+    """:class:`AdapterError` unless ``batch_size`` is positive and every position reads a row of its input."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise AdapterError(f"batch_size={batch_size!r} must be a positive integer")
     if len(positions) == 0:
@@ -28,7 +29,8 @@ def _check(positions: Sequence[Position], batch_size: int) -> None:
                                "build positions with sample_positions")
 
 
-def _collate(batch: Sequence[Position], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate_positions(batch: Sequence[Position], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids ``[b, T]``, attention mask ``[b, T]`` and read rows ``[b]`` (CPU) of a batch of positions."""
     width = max(len(p.input_ids) for p in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.bool)
@@ -61,12 +63,12 @@ def _read_states(adapter: LMAdapter, ids: torch.Tensor, mask: torch.Tensor, read
 
 def iter_state_batches(adapter: LMAdapter, positions: Sequence[Position], batch_size: int = 32) -> Iterator[torch.Tensor]:
     """States ``[b, L+1, d]`` (float32, on the adapter's device) of consecutive chunks of ``positions``."""
-    _check(positions, batch_size)
+    check_positions(positions, batch_size)
     pad_id = adapter.pad_id
 
     def generate() -> Iterator[torch.Tensor]:
         for start in range(0, len(positions), batch_size):
-            yield _read_states(adapter, *_collate(positions[start : start + batch_size], pad_id))
+            yield _read_states(adapter, *collate_positions(positions[start : start + batch_size], pad_id))
 
     return generate()
 

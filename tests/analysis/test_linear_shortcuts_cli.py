@@ -71,6 +71,23 @@ def test_all_then_each_subcommand(tiny_gpt2_dir, corpus, tmp_path, capsys):
     rc, stdout, err = run_cli(["plot", "--output_dir", out], capsys)
     assert rc == 0 and "6 figure files" in stdout, err
 
+    # submodules: maps inside each block, their r^2 and the five shortcuts, against the library
+    from fflayers.shortcuts.submodules import evaluate_submodule_shortcuts, load_submodule_maps
+
+    rc, stdout, err = run_cli(["submodules", *model, "--output_dir", out, "--eval_positions", 8], capsys)
+    assert rc == 0, err
+    sub_maps, meta = load_submodule_maps(out / "submodule_maps.safetensors", adapter)
+    assert meta["layout"] == "pre_norm" and len(sub_maps) == 2 * 6
+    sr2 = pd.read_csv(out / "submodule_r2.tsv", sep="\t")
+    assert set(sr2.submodule) == {"ln1", "attn", "res1", "ln2", "mlp", "res2"} and len(sr2) == 2 * 6 * 2
+    sev = pd.read_csv(out / "submodule_evaluate.tsv", sep="\t")
+    assert set(sev.mapping) == {"id", "mat", "mat_attn", "mat_ffn", "mat_ln1_ln2"}
+    want = evaluate_submodule_shortcuts(adapter, pos[:8], sub_maps)
+    got = sev[sev.mapping.str.startswith("mat_")].sort_values(["layer", "mapping"])
+    assert got["precision@1"].tolist() == pytest.approx(want.sort_values(["layer", "mapping"])["precision@1"].tolist())
+    for name in ("submodule_r2.png", "submodule_evaluate.pdf"):
+        assert (out / name).is_file(), name
+
 
 def test_interrupted_fit_resumes_to_the_same_maps(tiny_gpt2_dir, corpus, tmp_path, capsys, monkeypatch):
     from fflayers.shortcuts import load_maps

@@ -1,0 +1,398 @@
+"""Linear maps of the submodules inside each block, and shortcuts that run the model with one kind replaced.
+
+Each block is a chain of points (:data:`CHAINS`, by :attr:`LMAdapter.block_layout`); a submodule maps one point
+to the next. Pre-norm blocks (GPT-2, GPT-Neo, Llama, fairseq ``normalize_before``)::
+
+    resid_pre -ln1-> attn_in -attn-> attn_out -res1-> attn_res -ln2-> mlp_in -mlp-> mlp_out -res2-> resid_post
+
+with ``attn_res = resid_pre + attn_out``. Post-norm blocks (BERT, fairseq's default)::
+
+    resid_pre -attn-> attn_out -res1-> attn_res -ln1-> mlp_in -mlp-> mlp_out -res2-> mlp_res -ln2-> resid_post
+
+with ``mlp_res = mlp_in + mlp_out``. Parallel blocks (GPT-J, GPT-NeoX) read both sublayers from the block
+input, ``resid_post = resid_pre + attn_out + mlp_out``::
+
+    resid_pre -ln1-> attn_in -attn-> attn_out        resid_pre -ln2-> mlp_in -mlp-> mlp_out
+
+(GPT-J's one norm feeds both: its ``ln1`` and ``ln2`` maps are fitted separately and agree.) A residual step
+("+res") is fitted as a map from the sublayer output alone, as the method defines it; its r^2 shows how much
+the stream it adds to matters.
+
+The three submodule shortcuts from state ``l`` (the input of block ``l``) run blocks ``l .. L-1`` of the real
+model with, at the read position only, one kind of submodule replaced by its linear map of its real input:
+``mat_attn`` (attention), ``mat_ffn`` (the MLP), ``mat_ln1_ln2`` (both norms; pre-norm and parallel blocks:
+a post-norm block's norm output is also the residual stream, which a hook on the sublayer input cannot
+replace). Other positions run unchanged, so attention still reads the real context.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.hooks import hooked
+from fflayers.shortcuts.linear_maps import solve_least_squares
+from fflayers.shortcuts.positions import Position
+from fflayers.shortcuts.r2 import r2_from_sums
+from fflayers.shortcuts.states import check_positions, collate_positions
+
+#: Points captured from the model (hook points); the rest of a chain is derived from them.
+CAPTURED: tuple[str, ...] = ("resid_pre", "attn_in", "attn_out", "mlp_in", "mlp_out", "resid_post")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One submodule: ``name`` maps point ``source`` to point ``target``."""
+
+    name: str
+    source: str
+    target: str
+
+
+#: layout -> the submodules of one block, in order.
+CHAINS: dict[str, tuple[Step, ...]] = {
+    "pre_norm": (Step("ln1", "resid_pre", "attn_in"), Step("attn", "attn_in", "attn_out"),
+                 Step("res1", "attn_out", "attn_res"), Step("ln2", "attn_res", "mlp_in"),
+                 Step("mlp", "mlp_in", "mlp_out"), Step("res2", "mlp_out", "resid_post")),
+    "post_norm": (Step("attn", "resid_pre", "attn_out"), Step("res1", "attn_out", "attn_res"),
+                  Step("ln1", "attn_res", "mlp_in"), Step("mlp", "mlp_in", "mlp_out"),
+                  Step("res2", "mlp_out", "mlp_res"), Step("ln2", "mlp_res", "resid_post")),
+    "parallel": (Step("ln1", "resid_pre", "attn_in"), Step("attn", "attn_in", "attn_out"),
+                 Step("ln2", "resid_pre", "mlp_in"), Step("mlp", "mlp_in", "mlp_out")),
+}
+
+#: Submodule shortcuts -> the submodules they replace.
+SUBMODULE_MAPPINGS: dict[str, tuple[str, ...]] = {"mat_attn": ("attn",), "mat_ffn": ("mlp",),
+                                                  "mat_ln1_ln2": ("ln1", "ln2")}
+
+#: Key of a submodule map: (layer, submodule name).
+SubMaps = Mapping[tuple[int, str], torch.Tensor]
+
+
+def chain(adapter: LMAdapter) -> tuple[Step, ...]:
+    """The submodules of one block of this model."""
+    layout = adapter.block_layout
+    if layout not in CHAINS:
+        raise AdapterError(f"block layout {layout!r} has no submodule chain; known: {', '.join(CHAINS)}")
+    return CHAINS[layout]
+
+
+def _points(captured: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Captured points plus the derived sums ``attn_res`` and ``mlp_res``."""
+    pts = dict(captured)
+    pts["attn_res"] = pts["resid_pre"] + pts["attn_out"]
+    pts["mlp_res"] = pts["mlp_in"] + pts["mlp_out"]
+    return pts
+
+
+def _check_layers(adapter: LMAdapter, layers: Iterable[int] | None) -> list[int]:
+    return list(range(adapter.n_layers)) if layers is None else sorted({adapter.check_layer(int(x)) for x in layers})
+
+
+def iter_submodule_points(
+    adapter: LMAdapter, positions: Sequence[Position], layers: Iterable[int] | None = None, batch_size: int = 32
+):
+    """Per batch of positions: ``{(layer, point): [b, d]}`` (float32) at each position's read row, for every
+    point of the chain (captured and derived)."""
+    check_positions(positions, batch_size)
+    layers = _check_layers(adapter, layers)
+    dev = adapter.device
+    for start in range(0, len(positions), batch_size):
+        ids, mask, read_at = collate_positions(positions[start : start + batch_size], adapter.pad_id)
+        rows, read_at = torch.arange(ids.shape[0], device=dev), read_at.to(dev)
+        got: dict[tuple[int, str], torch.Tensor] = {}
+
+        def keeper(key, got=got, rows=rows, read_at=read_at):
+            def fn(x: torch.Tensor):
+                got[key] = x[rows, read_at].float()
+                return None
+
+            return fn
+
+        hooks = [(p, layer, keeper((layer, p))) for layer in layers for p in CAPTURED]
+        with hooked(adapter, hooks), torch.inference_mode():
+            adapter.run(ids.to(dev), mask.to(dev))
+        out = {}
+        for layer in layers:
+            for p, value in _points({p: got[layer, p] for p in CAPTURED}).items():
+                out[layer, p] = value
+        yield out
+
+
+class SubmoduleGram:
+    """Running ``X^T X`` per (layer, source point) and ``X^T Y`` per (layer, submodule), float64 on ``device``."""
+
+    def __init__(self, adapter: LMAdapter, layers: Iterable[int] | None = None, device=None) -> None:
+        self.layers = _check_layers(adapter, layers)
+        self.steps = chain(adapter)
+        self.d = adapter.d_model
+        self.device = torch.device(device) if device is not None else adapter.device
+        self.n = 0
+        z = lambda: torch.zeros(self.d, self.d, dtype=torch.float64, device=self.device)  # noqa: E731
+        self.gram = {(layer, s.source): z() for layer in self.layers for s in self.steps}
+        self.cross = {(layer, s.name): z() for layer in self.layers for s in self.steps}
+
+    def update(self, points: Mapping[tuple[int, str], torch.Tensor]) -> None:
+        """Add one batch from :func:`iter_submodule_points`."""
+        b = 0
+        for (layer, src), G in self.gram.items():
+            x = points[layer, src].to(self.device, torch.float64)
+            if not torch.isfinite(x).all():
+                raise AdapterError(f"layer {layer} {src} holds NaN or inf values; check the model's dtype")
+            G.addmm_(x.T, x)
+            b = x.shape[0]
+        for layer in self.layers:
+            for s in self.steps:
+                x = points[layer, s.source].to(self.device, torch.float64)
+                self.cross[layer, s.name].addmm_(x.T, points[layer, s.target].to(self.device, torch.float64))
+        self.n += b
+
+    def fit(self, ridge: float = 0.0) -> dict[tuple[int, str], torch.Tensor]:
+        """Maps ``{(layer, name): A}`` (``[d, d]`` float32, CPU), ``target ≈ A @ source``."""
+        if self.n == 0:
+            raise AdapterError("no positions accumulated; call update() first")
+        out = {}
+        for layer in self.layers:
+            for s in self.steps:
+                G = self.gram[layer, s.source]
+                what = f"layer {layer} {s.source} (input of {s.name})"
+                out[layer, s.name] = solve_least_squares(G, self.cross[layer, s.name], self.n, ridge, what)
+        return out
+
+
+def fit_submodule_maps(
+    adapter: LMAdapter,
+    positions: Sequence[Position],
+    layers: Iterable[int] | None = None,
+    batch_size: int = 32,
+    ridge: float = 0.0,
+    progress: bool = False,
+) -> dict[tuple[int, str], torch.Tensor]:
+    """Least-squares maps (no intercept) of every submodule of the chosen blocks, from one pass over
+    ``positions``: ``{(layer, name): A}`` with ``target ≈ A @ source`` (see :data:`CHAINS`)."""
+    from tqdm.auto import tqdm
+
+    acc = SubmoduleGram(adapter, layers)
+    with tqdm(total=len(positions), unit="pos", desc="submodule maps", disable=not progress) as bar:
+        for pts in iter_submodule_points(adapter, positions, acc.layers, batch_size):
+            acc.update(pts)
+            bar.update(next(iter(pts.values())).shape[0])
+    return acc.fit(ridge)
+
+
+def submodule_r2(
+    adapter: LMAdapter, positions: Sequence[Position], maps: SubMaps, batch_size: int = 32
+) -> pd.DataFrame:
+    """r^2 (``sklearn.metrics.r2_score``, uniform average over coordinates) of each submodule map (``mat``) and
+    of the identity (``id``) on ``positions``: rows ``layer, submodule, source, target, mapping, r2``."""
+    steps = chain(adapter)
+    layers = sorted({layer for layer, _ in maps})
+    if not layers:
+        raise AdapterError("no submodule maps to score; fit them first (fit_submodule_maps)")
+    missing = [(layer, s.name) for layer in layers for s in steps if (layer, s.name) not in maps]
+    if missing:
+        raise AdapterError(f"no submodule map for layer {missing[0][0]} {missing[0][1]}; refit the submodule maps")
+    d = adapter.d_model
+    z = lambda: torch.zeros(d, dtype=torch.float64)  # noqa: E731
+    sums = {(layer, s.name): {"y": z(), "y2": z(), "mat": z(), "id": z()} for layer in layers for s in steps}
+    n = 0
+    for pts in iter_submodule_points(adapter, positions, layers, batch_size):
+        for layer in layers:
+            for s in steps:
+                x, y = pts[layer, s.source].double().cpu(), pts[layer, s.target].double().cpu()
+                acc = sums[layer, s.name]
+                acc["y"] += y.sum(0)
+                acc["y2"] += y.square().sum(0)
+                acc["mat"] += (y - x @ maps[layer, s.name].double().T).square().sum(0)
+                acc["id"] += (y - x).square().sum(0)
+        n += next(iter(pts.values())).shape[0]
+    if n < 2:
+        raise AdapterError(f"r^2 needs at least 2 positions, got {n}")
+    rows = []
+    for layer in layers:
+        for s in steps:
+            acc = sums[layer, s.name]
+            total = (acc["y2"] - acc["y"].square() / n).clamp_min(0)
+            for mapping in ("id", "mat"):
+                rows.append((layer, s.name, s.source, s.target, mapping, r2_from_sums(acc[mapping], total)))
+    return pd.DataFrame(rows, columns=["layer", "submodule", "source", "target", "mapping", "r2"])
+
+
+# ----- shortcuts with replaced submodules ---------------------------------------------------------------------
+
+
+def check_submodule_mappings(adapter: LMAdapter, mappings: Iterable[str]) -> tuple[str, ...]:
+    """Known names, each possible for this model's block layout."""
+    names = tuple(dict.fromkeys(mappings))
+    for m in names:
+        if m not in SUBMODULE_MAPPINGS:
+            raise AdapterError(f"unknown submodule mapping {m!r}; choose from {', '.join(SUBMODULE_MAPPINGS)}")
+        if m == "mat_ln1_ln2" and adapter.block_layout == "post_norm":
+            raise AdapterError("mat_ln1_ln2 needs pre-norm or parallel blocks: in a post-norm block the norm's "
+                               "output is the residual stream itself; use mat_attn and mat_ffn")
+    return names
+
+
+def _replacement_hooks(adapter: LMAdapter, maps: SubMaps, first: int, replaced: tuple[str, ...],
+                       rows: torch.Tensor, read_at: torch.Tensor) -> list[tuple[str, int, Callable]]:
+    """Hooks for blocks ``first .. L-1``: at row ``read_at[r]`` of sequence ``r``, each replaced submodule's
+    output becomes its map applied to its real input in this pass."""
+    layout = adapter.block_layout
+    hooks: list[tuple[str, int, Callable]] = []
+    for layer in range(first, adapter.n_layers):
+        seen: dict[str, torch.Tensor] = {}
+
+        def saver(point, seen=seen):
+            def fn(x):
+                seen[point] = x[rows, read_at]
+                return None
+
+            return fn
+
+        def setter(name, source_fn, seen=seen, layer=layer):
+            A = maps[layer, name]
+
+            def fn(x):
+                new = x.clone()
+                src = source_fn(seen)
+                new[rows, read_at] = (src.float() @ A.to(x.device).T).to(x.dtype)
+                return new
+
+            return fn
+
+        hooks.append(("resid_pre", layer, saver("resid_pre")))
+        if "attn" in replaced:
+            hooks.append(("attn_in", layer, saver("attn_in")))
+            hooks.append(("attn_out", layer, setter("attn", lambda s: s["attn_in"])))
+        else:
+            hooks.append(("attn_out", layer, saver("attn_out")))
+        if "ln1" in replaced:
+            hooks.append(("attn_in", layer, setter("ln1", lambda s: s["resid_pre"])))
+        if "ln2" in replaced:
+            src = (lambda s: s["resid_pre"]) if layout == "parallel" else (lambda s: s["resid_pre"] + s["attn_out"])
+            hooks.append(("mlp_in", layer, setter("ln2", src)))
+        if "mlp" in replaced:
+            hooks.append(("mlp_in", layer, saver("mlp_in")))
+            hooks.append(("mlp_out", layer, setter("mlp", lambda s: s["mlp_in"])))
+    return hooks
+
+
+def submodule_log_probs(
+    adapter: LMAdapter, positions: Sequence[Position], maps: SubMaps, layer: int, mapping: str
+) -> torch.Tensor:
+    """Log-probs ``[n, V]`` at the read rows of one batch of positions, with blocks ``layer .. L-1`` running
+    ``mapping``'s submodules replaced by their maps at those rows."""
+    (mapping,) = check_submodule_mappings(adapter, [mapping])
+    replaced = SUBMODULE_MAPPINGS[mapping]
+    for b in range(layer, adapter.n_layers):
+        for name in replaced:
+            if (b, name) not in maps:
+                raise AdapterError(f"no submodule map for layer {b} {name}; fit the submodule maps of layers {layer}..")
+    ids, mask, read_at = collate_positions(positions, adapter.pad_id)
+    dev = adapter.device
+    rows, read_at = torch.arange(ids.shape[0], device=dev), read_at.to(dev)
+    with hooked(adapter, _replacement_hooks(adapter, maps, layer, replaced, rows, read_at)), torch.inference_mode():
+        lp = adapter.log_probs(ids.to(dev), mask.to(dev))
+    return lp[rows, read_at]
+
+
+def evaluate_submodule_shortcuts(
+    adapter: LMAdapter,
+    positions: Sequence[Position],
+    maps: SubMaps,
+    mappings: Iterable[str] = tuple(SUBMODULE_MAPPINGS),
+    layers: Iterable[int] | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+    batch_size: int = 32,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Precision@k and surprisal (bits) of the submodule shortcuts from each state ``layer`` (rows
+    ``layer, mapping, precision@k..., surprisal``), as :func:`fflayers.shortcuts.evaluate_shortcuts` scores
+    ``id`` and ``mat``: the shortcut's top-1 against the model's own final distribution."""
+    from tqdm.auto import tqdm
+
+    names = check_submodule_mappings(adapter, mappings)
+    layers = _check_layers(adapter, layers)
+    ks = sorted(set(ks))
+    if not ks or ks[0] < 1 or ks[-1] > adapter.vocab_size:
+        raise AdapterError(f"ks must be between 1 and the vocabulary size {adapter.vocab_size}, got {ks}")
+    check_positions(positions, batch_size)
+    hits = torch.zeros(len(layers), len(names), len(ks), dtype=torch.float64)
+    bits = torch.zeros(len(layers), len(names), dtype=torch.float64)
+    bar = tqdm(total=len(positions) * len(layers) * len(names), desc="submodule shortcuts", disable=not progress)
+    for start in range(0, len(positions), batch_size):
+        batch = positions[start : start + batch_size]
+        ids, mask, read_at = collate_positions(batch, adapter.pad_id)
+        dev = adapter.device
+        with torch.inference_mode():
+            final = adapter.log_probs(ids.to(dev), mask.to(dev))[torch.arange(len(batch), device=dev), read_at.to(dev)]
+        top_k = final.topk(ks[-1], dim=-1).indices
+        for li, layer in enumerate(layers):
+            for mi, m in enumerate(names):
+                top1 = submodule_log_probs(adapter, batch, maps, layer, m).argmax(-1)
+                inside = top_k == top1[:, None]
+                for col, k in enumerate(ks):
+                    hits[li, mi, col] += float(inside[:, :k].any(-1).sum())
+                bits[li, mi] += float((-final.gather(1, top1[:, None]).double() / math.log(2)).sum())
+                bar.update(len(batch))
+    bar.close()
+    n = len(positions)
+    rows = []
+    for li, layer in enumerate(layers):
+        for mi, m in enumerate(names):
+            row = {"layer": layer, "mapping": m}
+            row.update({f"precision@{k}": float(hits[li, mi, col] / n) for col, k in enumerate(ks)})
+            row["surprisal"] = float(bits[li, mi] / n)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ----- files ------------------------------------------------------------------------------------------------
+
+
+def save_submodule_maps(path: str | os.PathLike, maps: SubMaps, metadata: Mapping[str, str]) -> None:
+    """Write maps as safetensors ``S_{layer}_{name}`` ``[d, d]`` with string metadata (atomically)."""
+    from safetensors.torch import save
+
+    from fflayers.io import atomic_write
+
+    if not maps:
+        raise AdapterError("no submodule maps to save; fit them first (fit_submodule_maps)")
+    tensors = {f"S_{int(layer)}_{name}": A.detach().to("cpu", torch.float32).contiguous() for (layer, name), A in maps.items()}
+    with atomic_write(path, "wb") as f:
+        f.write(save(tensors, metadata={str(k): str(v) for k, v in metadata.items()}))
+
+
+def load_submodule_maps(path: str | os.PathLike, adapter: LMAdapter | None = None) -> tuple[dict, dict[str, str]]:
+    """Maps and metadata written by :func:`save_submodule_maps`; with ``adapter``, checks the model and size."""
+    from safetensors import safe_open
+
+    from fflayers.shortcuts.linear_maps import model_id
+
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"submodule maps file {path} does not exist; run the submodules step first")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise AdapterError(f"{path} is not a readable safetensors file ({type(err).__name__}); refit the maps") from None
+    maps = {}
+    for key, A in tensors.items():
+        _, layer, name = key.split("_", 2)
+        maps[int(layer), name] = A
+    if adapter is not None:
+        if meta.get("model") not in (None, model_id(adapter)):
+            raise AdapterError(f"{path} was fitted for {meta.get('model')}, not this model; refit the submodule maps")
+        d = {tuple(A.shape) for A in maps.values()}
+        if d != {(adapter.d_model, adapter.d_model)}:
+            raise AdapterError(f"{path} holds maps of shape {sorted(d)}, the model has d = {adapter.d_model}")
+    return maps, meta
