@@ -19,7 +19,9 @@ New flags: ``--hf_model`` (a HuggingFace id or folder, instead of ``--model_dir`
 ``--device``, ``--batch_tokens``, ``--layers``, ``--seed``, ``--resume`` (checkpoint in
 ``OUTPUT_FILE.ckpt``, removed after a successful run), ``--raw_wikitext`` (a subword model reads a ``.tokens``
 corpus as it is; by default it reads it detokenized, as ordinary text), ``--trust-checkpoint`` (full unpickling of old
-fairseq checkpoints you trust), ``--quiet`` (no progress bars). ``--multiprocess`` is accepted and ignored. ``--model_dir`` has no default
+fairseq checkpoints you trust), ``--quiet`` (no progress bars), ``--dtype bf16|fp16`` (autocast the forward pass),
+``--shard I/N`` (job I of a job array; ``merge_shards.py`` merges the partials). Runs under ``torchrun`` as they
+are (README "Large runs"): each rank scans its shards, rank 0 writes the output. ``--multiprocess`` is accepted and ignored. ``--model_dir`` has no default
 (the original's was ``checkpoints/adaptive_lm_wiki103.v2``): give it or ``--hf_model``.
 """
 
@@ -53,7 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extract_ffn_info", action="store_true", help="extract layer / value predictions")
     p.add_argument("--extract_mode", choices=["dim", "layer", "layer-raw"], default="layer-raw")
     p.add_argument("--layers", nargs="*", type=int, default=None, help="layers to analyse (default: all)")
-    p.add_argument("--batch_tokens", type=int, default=4096, help="padded tokens per batch")
+    p.add_argument("--batch_tokens", type=int, default=None,
+                   help="padded tokens per batch (default: from free GPU memory on CUDA, 4096 on CPU)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="autocast the forward pass to bf16 / fp16 (faster on GPUs; see README 'Large runs')")
+    p.add_argument("--shard", type=str, default=None, metavar="I/N",
+                   help="job I of N of a job array: write OUTPUT_FILE.shard-I-of-N.pt (merge with merge_shards.py); "
+                        "finished shards in OUTPUT_FILE.ckpt are reused")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="line shuffling seed (default 0xdead, the original's)")
     p.add_argument("--resume", action="store_true", help="checkpoint to OUTPUT_FILE.ckpt and continue from it")
     p.add_argument("--raw_wikitext", action="store_true",
@@ -80,7 +88,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--top_k_trigger_examples {args.top_k_trigger_examples} must be >= 1")
     if args.max_sentences == 0 or args.max_sentences < -1:
         raise CLIError(f"--max_sentences {args.max_sentences} must be positive, or -1 for all")
-    if args.batch_tokens < 1:
+    if args.batch_tokens is not None and args.batch_tokens < 1:
         raise CLIError(f"--batch_tokens {args.batch_tokens} must be >= 1")
     if args.resume and not args.get_trigger_examples:
         raise CLIError("--resume applies to --get_trigger_examples only")
@@ -88,6 +96,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--dims_for_analysis {min(args.dims_for_analysis)} is negative; dims count from 0")
     if not Path(args.data_file).is_file():
         raise CLIError(f"--data_file {args.data_file} does not exist; pass a corpus file")
+    if args.shard is not None:
+        from fflayers.distributed import parse_shard_spec
+
+        parse_shard_spec(args.shard)
+    if args.dtype == "fp16" and args.device == "cpu":
+        raise CLIError("--dtype fp16 needs a GPU; use --dtype bf16 on the CPU")
 
 
 def check_parquet() -> None:
@@ -145,11 +159,57 @@ def tokenize(adapter, sentences: list[str]) -> tuple[list[str], list[list[int]]]
     return texts, ids
 
 
+DTYPES = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
+
+
+def scan_config(args: argparse.Namespace, adapter, ids, layers, dims) -> dict:
+    """What identifies a run (its manifest and partials): analysis, settings, model and data fingerprints."""
+    from fflayers.memories.scan import model_fingerprint, sentences_digest
+
+    trig = args.get_trigger_examples
+    return {
+        "kind": "trigger_examples" if trig else "ffn_info",
+        "mode": args.extract_mode, "k": args.top_k_trigger_examples if trig else None,
+        "layers": layers, "dims": dims, "seed": args.seed, "dtype": args.dtype,
+        "batch_tokens": args.batch_tokens, "n_sentences": len(ids),
+        "model": model_fingerprint(adapter), "data": sentences_digest(ids),
+    }
+
+
+def make_task(args: argparse.Namespace, adapter, ids, layers, dims):
+    import torch
+
+    dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
+    if args.get_trigger_examples:
+        from fflayers.memories.trigger_examples import TriggerScan
+
+        return lambda bt: TriggerScan(adapter, ids, args.top_k_trigger_examples, layers, dims, bt, dtype)
+    from fflayers.memories.ffn_info import FfnInfoScan
+
+    sel = dims if args.extract_mode == "dim" and args.dims_for_analysis else None
+    return lambda bt: FfnInfoScan(adapter, ids, args.extract_mode, layers, sel, args.seed, bt, dtype=dtype)
+
+
 def run(args: argparse.Namespace) -> None:
-    from fflayers.data import text_for_model
-    from fflayers.io import check_writable, run_metadata, write_json, write_jsonl, write_table
+    from fflayers.distributed import dist_info, finish, init_distributed, parse_shard_spec, rank_device
 
     check_args(args)
+    info = dist_info()
+    if info.enabled:
+        args.device = str(rank_device(info, args.device))
+        init_distributed(rank_device(info, args.device), timeout_s=7 * 24 * 3600)
+    try:
+        scan(args, info, parse_shard_spec(args.shard) if args.shard else (0, 1))
+    finally:
+        finish()
+
+
+def scan(args: argparse.Namespace, info, job: tuple[int, int]) -> None:
+    from fflayers.data import text_for_model
+    from fflayers.io import check_writable, run_metadata, write_json
+    from fflayers.memories.partials import partial_path, referenced_texts, write_partial, write_scan_output
+    from fflayers.memories.scan import Manifest, Workers, auto_batch_tokens, config_hash, run_scan
+
     output = check_writable(args.output_file)
     if output.suffix.lower() == ".parquet":
         check_parquet()
@@ -161,36 +221,52 @@ def run(args: argparse.Namespace) -> None:
         bad = [d for d in args.dims_for_analysis if d >= adapter.d_ff]
         if bad:
             raise CLIError(f"--dims_for_analysis {bad[0]} is out of range: the model has {adapter.d_ff} FFN dims (0..{adapter.d_ff - 1})")
-    dims = args.dims_for_analysis or None
-    layers = None if args.layers is None or not args.layers else [adapter.check_layer(x) for x in args.layers]
+    if args.dtype == "fp16" and adapter.device.type != "cuda":
+        raise CLIError("--dtype fp16 needs a GPU; use --dtype bf16 on the CPU")
+    dims = list(dict.fromkeys(args.dims_for_analysis)) if args.dims_for_analysis else list(range(adapter.d_ff))
+    if args.extract_ffn_info and args.dims_for_analysis:
+        dims = sorted(set(dims))
+    layers = list(range(adapter.n_layers)) if not args.layers else list(dict.fromkeys(adapter.check_layer(x) for x in args.layers))
     texts, ids = tokenize(adapter, text_for_model(adapter, sentences, pretokenized, args.raw_wikitext))
-    print(f"{PROG}: {len(ids)} sentences, {sum(map(len, ids))} tokens, model {adapter}")
+    if info.is_main:
+        print(f"{PROG}: {len(ids)} sentences, {sum(map(len, ids))} tokens, model {adapter}"
+              + (f", {info.world_size} ranks" if info.enabled else "") + (f", job {job[0]} of {job[1]}" if job[1] > 1 else ""))
 
-    if args.get_trigger_examples:
-        from fflayers.memories.trigger_examples import trigger_examples
-
-        ckpt = Path(str(output) + ".ckpt") if args.resume else None
-        result = trigger_examples(adapter, ids, k=args.top_k_trigger_examples, layers=layers, dims=dims,
-                                  batch_tokens=args.batch_tokens, progress=not args.quiet, checkpoint_dir=ckpt)
-        if output.suffix.lower() in TABLE_SUFFIXES:
-            table = result.to_frame()
-            table["text"] = [texts[i] for i in table["sentence_id"]]
-            write_table(output, table)
-        else:
-            write_jsonl(output, result.to_jsonl_rows(texts))
-        if ckpt is not None:
-            shutil.rmtree(ckpt, ignore_errors=True)
-    else:
-        from fflayers.memories.ffn_info import extract_ffn_info
-
-        table = extract_ffn_info(adapter, ids, mode=args.extract_mode, layers=layers, dims=dims, seed=args.seed,
-                                 batch_tokens=args.batch_tokens, progress=not args.quiet)
-        write_table(output, table)
-
-    config = dict(vars(args))
-    config.update(n_sentences=len(ids), n_tokens=sum(map(len, ids)), device=str(adapter.device),
-                  model=repr(adapter), seconds=round(time.time() - start, 3))
-    write_json(str(output) + ".meta.json", run_metadata(config, inputs={"data_file": args.data_file}))
+    config = scan_config(args, adapter, ids, layers, dims)
+    run_dir = Path(str(output) + ".ckpt") if (args.resume or args.shard) else None
+    batch_tokens = args.batch_tokens or auto_batch_tokens(adapter)
+    workers = Workers(job[0], job[1], info.rank, info.world_size)
+    done = run_scan(make_task(args, adapter, ids, layers, dims), batch_tokens, config, len(ids), run_dir, workers,
+                    progress=not args.quiet, desc="trigger examples" if args.get_trigger_examples else f"ffn info ({args.extract_mode})")
+    if not info.is_main:
+        return
+    plan = done.plan
+    print(f"{PROG}: {plan['n_shards']} shards of {plan['n_units']} units, batch_tokens {plan['batch_tokens']}; "
+          f"computed {done.computed_all}, reused {done.reused} finished shard(s)")
+    state = done.result
+    if state is not None and args.extract_ffn_info:
+        state = make_task(args, adapter, ids, layers, dims)(plan["batch_tokens"]).result(state)
+    elif state is not None:
+        state = state.state_dict()
+    meta = dict(vars(args))
+    meta.update(n_sentences=len(ids), n_tokens=sum(map(len, ids)), device=str(adapter.device), model=repr(adapter),
+                ranks=info.world_size, shards=plan["n_shards"], batch_tokens_used=plan["batch_tokens"],
+                seconds=round(time.time() - start, 3))
+    if job[1] > 1:
+        path = partial_path(output, *job)
+        header = {"kind": config["kind"], "config": config, "config_hash": config_hash(config), "job": job[0],
+                  "jobs": job[1], "n_shards": plan["n_shards"], "shards": done.job_shards, "output": str(output),
+                  "meta": meta, "data_file": args.data_file}
+        texts_needed = referenced_texts(state, texts) if args.get_trigger_examples else {}
+        write_partial(path, header, state, texts_needed)
+        print(f"{PROG}: wrote partial {path} (shards {done.job_shards[:1]}..{done.job_shards[-1:]} of "
+              f"{plan['n_shards']}); when all {job[1]} jobs are done: python analysis/merge_shards.py --output_file {output}")
+        return
+    write_scan_output(output, config["kind"], state, config, texts)
+    meta["manifest"] = None if run_dir is None else Manifest(run_dir).read()
+    write_json(str(output) + ".meta.json", run_metadata(meta, inputs={"data_file": args.data_file}))
+    if run_dir is not None:
+        shutil.rmtree(run_dir, ignore_errors=True)
     print(f"{PROG}: wrote {output} in {time.time() - start:.1f} s")
 
 

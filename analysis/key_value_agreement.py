@@ -80,11 +80,41 @@ def to_tsv_frame(table):
 
 
 def run(args: argparse.Namespace) -> None:
-    from fflayers.io import run_metadata, write_json, write_table
-    from fflayers.memories.agreement import key_value_agreement, max_probs_by_layer, targets_from_examples
-    from fflayers.memories.textual import read_target_ids, read_textual_dir
+    from fflayers.distributed import dist_info, finish, init_distributed, rank_device
 
     check_args(args)
+    info = dist_info()
+    if info.enabled:  # torchrun: the value chunks are split over the ranks, rank 0 writes the outputs
+        args.device = str(rank_device(info, args.device))
+        init_distributed(rank_device(info, args.device), timeout_s=24 * 3600)
+    try:
+        agreement(args, info)
+    finally:
+        finish()
+
+
+def split_agreement(adapter, targets, layers, args, info, random_baseline: bool):
+    """This rank's share of the (layer, chunk) units; the whole table on rank 0 (None on the others)."""
+    import pandas as pd
+
+    from fflayers.distributed import gather_to_main, shard_range
+    from fflayers.memories.agreement import agreement_units, key_value_agreement
+
+    units = agreement_units(adapter, layers, args.chunk_values)
+    mine = [units[i] for i in shard_range(len(units), info.rank, info.world_size)]
+    table = (key_value_agreement(adapter, targets, chunk_values=args.chunk_values, random_baseline=random_baseline,
+                                 seed=args.seed, progress=not args.quiet, units=mine) if mine else None)
+    parts = gather_to_main(table)
+    if parts is None:
+        return None
+    return pd.concat([p for p in parts if p is not None], ignore_index=True)  # rank order = unit order
+
+
+def agreement(args: argparse.Namespace, info) -> None:
+    from fflayers.io import run_metadata, write_json, write_table
+    from fflayers.memories.agreement import max_probs_by_layer, targets_from_examples
+    from fflayers.memories.textual import read_target_ids, read_textual_dir
+
     start = time.time()
     examples = read_textual_dir(args.data_dir)
     stored_ids = read_target_ids(args.data_dir)
@@ -94,13 +124,15 @@ def run(args: argparse.Namespace) -> None:
     targets, n_unknown = targets_from_examples(adapter, examples, stored_ids)
     n_targets = sum(len(t) for t in targets.values())
     source = "exact token ids stored by the textual step" if stored_ids else "looked up by their strings"
-    print(f"{PROG}: {len(targets)} keys, {n_targets} trigger targets ({source}; {n_unknown} not in the "
-          f"vocabulary -> unk), model {adapter}")
-    table = key_value_agreement(adapter, targets, layers=layers, chunk_values=args.chunk_values, progress=not args.quiet)
+    if info.is_main:
+        print(f"{PROG}: {len(targets)} keys, {n_targets} trigger targets ({source}; {n_unknown} not in the "
+              f"vocabulary -> unk), model {adapter}" + (f", {info.world_size} ranks" if info.enabled else ""))
+    table = split_agreement(adapter, targets, layers, args, info, random_baseline=False)
     random_table = None
     if args.random_baseline:
-        random_table = key_value_agreement(adapter, targets, layers=layers, chunk_values=args.chunk_values,
-                                           random_baseline=True, seed=args.seed, progress=not args.quiet)
+        random_table = split_agreement(adapter, targets, layers, args, info, random_baseline=True)
+    if not info.is_main:
+        return
     config = dict(vars(args))
     config.update(model=repr(adapter), keys=len(targets), targets=n_targets, unknown_targets=n_unknown,
                   stored_target_ids=bool(stored_ids),

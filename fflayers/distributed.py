@@ -63,17 +63,67 @@ def rank_device(info: DistInfo, device: str | torch.device | None = "auto") -> t
     return torch.device(want)
 
 
-def init_distributed(device: torch.device) -> DistInfo:
-    """Join the torchrun job (nccl on CUDA, gloo on CPU); a no-op outside torchrun."""
+def init_distributed(device: torch.device, timeout_s: float | None = None) -> DistInfo:
+    """Join the torchrun job (nccl on CUDA, gloo on CPU); a no-op outside torchrun.
+
+    ``timeout_s``: how long a collective waits for the slowest rank (default: torch's); long scans whose ranks
+    finish their shares at different times pass hours here.
+    """
     info = dist_info()
     if info.enabled:
+        import datetime
+
         import torch.distributed as dist
 
         if not dist.is_initialized():
             if device.type == "cuda":
                 torch.cuda.set_device(device)
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kwargs)
     return info
+
+
+def parse_shard_spec(spec: str) -> tuple[int, int]:
+    """``"I/N"`` (job I of N, counted from 0) as ``(I, N)``; one-line :class:`AdapterError` otherwise."""
+    parts = str(spec).split("/")
+    try:
+        index, count = (int(p) for p in parts)
+    except ValueError:
+        raise AdapterError(f"shard spec {spec!r} is not I/N; pass e.g. --shard 0/4 (job 0 of 4)") from None
+    if count < 1 or not 0 <= index < count:
+        raise AdapterError(f"shard spec {spec!r} is out of range: I/N needs N >= 1 and 0 <= I < N "
+                           f"(e.g. --shard 0/{max(count, 1)} .. {max(count, 1) - 1}/{max(count, 1)})")
+    return index, count
+
+
+def _initialised() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` in rank order on rank 0, None on the other ranks (``[obj]`` outside a job).
+    Unlike :func:`gather_objects`, only rank 0 holds all of them."""
+    import torch.distributed as dist
+
+    if not _initialised():
+        return [obj]
+    main = dist.get_rank() == 0
+    out: list[Any] | None = [None] * dist.get_world_size() if main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (``obj`` itself outside a job)."""
+    import torch.distributed as dist
+
+    if not _initialised():
+        return obj
+    box = [obj if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def shard_range(n_items: int, rank: int, world_size: int) -> range:

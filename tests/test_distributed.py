@@ -24,3 +24,24 @@ def test_bad_shard_and_env(monkeypatch):
 def test_single_process():
     assert dist_info().world_size >= 1
     assert gather_objects({"a": 1}) == [{"a": 1}]
+
+
+@pytest.mark.parametrize("spec,want", [("0/1", (0, 1)), ("2/3", (2, 3))])
+def test_shard_spec(spec, want):
+    from fflayers.distributed import parse_shard_spec
+
+    assert parse_shard_spec(spec) == want
+
+
+@pytest.mark.parametrize("spec", ["3/2", "0/0", "1", "a/b", "1/2/3"])
+def test_bad_shard_spec(spec):
+    from fflayers.distributed import parse_shard_spec
+
+    with pytest.raises(AdapterError, match="shard spec"):
+        parse_shard_spec(spec)
+
+
+def test_single_process_gather_to_main_and_broadcast():
+    from fflayers.distributed import broadcast_from_main, gather_to_main
+
+    assert gather_to_main(3) == [3] and broadcast_from_main("x") == "x"

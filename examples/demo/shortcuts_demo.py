@@ -1,5 +1,5 @@
 """Demo step 7: linear shortcuts between layers, through ``analysis/linear_shortcuts.py all`` (fit, r2, evaluate,
-early exit in one process), then a summary read back from its tables."""
+early exit in one process) and ``submodules``, then a summary read back from their tables."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ def _adjacent_r2(out: Path) -> str:
 
 
 def run_shortcuts(out: Path, corpus: Path, fairseq_dir: Path) -> None:
-    """The demo fairseq LM (all analyses) and MiniLM (r2: an encoder without an MLM head)."""
+    """The demo fairseq LM (all analyses and the submodule maps) and MiniLM (r2: an encoder without an MLM
+    head). SmolLM2 runs through the same command line, outside the demo's time budget."""
     from memories_demo import _run  # examples/demo is on sys.path when run_demo.py runs
 
     runs = {
@@ -34,6 +35,10 @@ def run_shortcuts(out: Path, corpus: Path, fairseq_dir: Path) -> None:
             out.mkdir(parents=True, exist_ok=True)
             _run("linear_shortcuts.py", "all", *flags, "--data_file", str(corpus), "--output_dir", str(folder),
                  "--quiet")
+    fairseq_out = runs["fairseq demo LM"][0]
+    if not (fairseq_out / "submodule_evaluate.tsv").is_file():
+        _run("linear_shortcuts.py", "submodules", "--model_dir", str(fairseq_dir), "--output_dir", str(fairseq_out),
+             "--eval_positions", "100", "--quiet")
     for name, (folder, _) in runs.items():
         print(f"\n{name}: r^2 of adjacent-layer maps vs the identity (validation positions)")
         print("  " + _adjacent_r2(folder))
@@ -48,4 +53,10 @@ def run_shortcuts(out: Path, corpus: Path, fairseq_dir: Path) -> None:
     for mapping, g in ee.groupby("mapping"):
         print(f"  {mapping}: " + "  ".join(f"{r['lambda']:.1f}: {r.layers_saved:.2f}/{r['precision@1']:.2f}"
                                           for _, r in g.iloc[::2].iterrows()))
+    sub = pd.read_csv(fairseq_out / "submodule_evaluate.tsv", sep="\t").pivot(index="layer", columns="mapping",
+                                                                              values="precision@1")
+    print("fairseq demo LM: precision@1 with one kind of submodule replaced by its linear map in blocks l..L-1")
+    print("  layer  " + " ".join(f"{m:>11s}" for m in sub.columns))
+    for layer, row in sub.iterrows():
+        print(f"  {layer:5d}  " + " ".join(f"{x:11.3f}" for x in row))
     print(f"figures and tables in {out}/")

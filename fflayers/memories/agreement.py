@@ -48,7 +48,7 @@ from fflayers.memories.value_projections import (
     _progress,
     check_layers,
     default_chunk_rows,
-    iter_projected,
+    full_precision,
     random_values,
 )
 
@@ -59,6 +59,7 @@ __all__ = [
     "target_id",
     "targets_from_examples",
     "key_value_agreement",
+    "agreement_units",
     "max_probs_by_layer",
     "agreement_by_layer",
 ]
@@ -184,6 +185,17 @@ def _check_targets(adapter: LMAdapter, targets: Mapping[Key, Sequence[int]]) -> 
                 raise AdapterError(f"target id {t} of key ({layer}, {dim}) is outside the vocabulary of {vocab}")
 
 
+def agreement_units(adapter: LMAdapter, layers: Iterable[int] | None = None,
+                    chunk_values: int | None = None) -> list[tuple[int, int, int]]:
+    """The work of :func:`key_value_agreement` as ``(layer, first_dim, end_dim)`` projection chunks, in output
+    order; a torchrun job splits this list over its ranks (each chunk is computed the same way wherever it runs)."""
+    chunk = chunk_values or default_chunk_rows(adapter, 1 << 24)
+    if chunk < 1:
+        raise AdapterError(f"chunk size {chunk} must be >= 1")
+    n = adapter.d_ff
+    return [(layer, s, min(n, s + chunk)) for layer in check_layers(adapter, layers) for s in range(0, n, chunk)]
+
+
 def key_value_agreement(
     adapter: LMAdapter,
     targets: Mapping[Key, Sequence[int]],
@@ -192,55 +204,62 @@ def key_value_agreement(
     random_baseline: bool = False,
     seed: int = 0,
     progress: bool = False,
+    units: Sequence[tuple[int, int, int]] | None = None,
 ) -> pd.DataFrame:
     """The agreement table (see the module docstring) for every value of the chosen layers (default: all).
 
     ``targets`` maps ``(layer, dim)`` to trigger target token ids (``-1``: unknown, ranked -1).
     ``chunk_values`` bounds the values projected at once (default: about 16M log-probs per chunk).
     ``random_baseline=True`` replaces each value by a random vector with its norm (the chance level).
+    ``units``: only these chunks of :func:`agreement_units` (their rows, in the order given).
     """
-    layers = check_layers(adapter, layers)
     _check_targets(adapter, targets)
-    chunk = chunk_values or default_chunk_rows(adapter, 1 << 24)
+    if units is None:
+        units = agreement_units(adapter, layers, chunk_values)
     frames = []
-    bar = _progress(sum(adapter.d_ff for _ in layers), "key-value agreement", progress)
+    bar = _progress(sum(e - s for _, s, e in units), "key-value agreement", progress)
+    current = None
     with torch.no_grad():
-        for layer in layers:
-            values = random_values(adapter, layer, seed) if random_baseline else adapter.ffn_values(layer).detach()
-            n = values.shape[0]
-            per_dim = [list(targets.get((layer, i), ())) for i in range(n)]
-            width = max((len(t) for t in per_dim), default=0)
-            tgt = torch.full((n, width), -1, dtype=torch.long)
-            for i, ids in enumerate(per_dim):
-                if ids:
-                    tgt[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-            max_prob = np.empty(n)
-            top1 = np.empty(n, dtype=np.int64)
-            ranks = np.full((n, width), -1, dtype=np.int64)
-            for rows, lp in iter_projected(adapter, values, chunk):
-                best, arg = lp.max(dim=1)
-                max_prob[rows] = best.exp().double().cpu().numpy()
-                top1[rows] = arg.cpu().numpy()
-                if width:
-                    t = tgt[rows].to(lp.device)
-                    known = t >= 0
-                    thr = lp.gather(1, t.clamp_min(0)).masked_fill(~known, float("inf"))
-                    r = count_greater(lp, thr).masked_fill(~known, -1)
-                    ranks[rows] = r.cpu().numpy()
-                bar.update(rows.stop - rows.start)
-            tgt_np = tgt.numpy()
-            counts = ((tgt_np == top1[:, None]) & (tgt_np >= 0)).sum(1) if width else np.zeros(n, dtype=np.int64)
-            frames.append(pd.DataFrame({
-                "layer": np.full(n, layer, dtype=np.int64),
-                "W2_dim": np.arange(n, dtype=np.int64),
-                "max_prob": max_prob,
-                "embedding_index": top1,
-                "embedding_token": adapter.id_to_token(top1.tolist()),
-                "embedding_token_target_count": counts.astype(np.int64),
-                "target_rankings": [ranks[i, : len(per_dim[i])].tolist() for i in range(n)],
-            }))
+        for layer, s, e in units:
+            if current is None or current[0] != layer:
+                values = random_values(adapter, layer, seed) if random_baseline else adapter.ffn_values(layer).detach()
+                per_dim = [list(targets.get((layer, i), ())) for i in range(values.shape[0])]
+                width = max((len(t) for t in per_dim), default=0)
+                tgt = torch.full((len(per_dim), width), -1, dtype=torch.long)
+                for i, ids in enumerate(per_dim):
+                    if ids:
+                        tgt[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+                current = (layer, values, per_dim, width, tgt)
+            _, values, per_dim, width, tgt = current
+            frames.append(_agreement_rows(adapter, layer, values, s, e, per_dim, width, tgt))
+            bar.update(e - s)
     bar.close()
     return pd.concat(frames, ignore_index=True)[AGREEMENT_COLUMNS]
+
+
+def _agreement_rows(adapter, layer, values, s, e, per_dim, width, tgt) -> pd.DataFrame:
+    lp = full_precision(adapter.project(values[s:e], chunk_size=e - s))
+    best, arg = lp.max(dim=1)
+    max_prob = best.exp().double().cpu().numpy()
+    top1 = arg.cpu().numpy()
+    ranks = np.full((e - s, width), -1, dtype=np.int64)
+    t_rows = tgt[s:e]
+    if width:
+        t = t_rows.to(lp.device)
+        known = t >= 0
+        thr = lp.gather(1, t.clamp_min(0)).masked_fill(~known, float("inf"))
+        ranks = count_greater(lp, thr).masked_fill(~known, -1).cpu().numpy()
+    tgt_np = t_rows.numpy()
+    counts = ((tgt_np == top1[:, None]) & (tgt_np >= 0)).sum(1) if width else np.zeros(e - s, dtype=np.int64)
+    return pd.DataFrame({
+        "layer": np.full(e - s, layer, dtype=np.int64),
+        "W2_dim": np.arange(s, e, dtype=np.int64),
+        "max_prob": max_prob,
+        "embedding_index": top1,
+        "embedding_token": adapter.id_to_token(top1.tolist()),
+        "embedding_token_target_count": counts.astype(np.int64),
+        "target_rankings": [ranks[i, : len(per_dim[s + i])].tolist() for i in range(e - s)],
+    })
 
 
 def max_probs_by_layer(table: pd.DataFrame, n_layers: int) -> list[list[float] | None]:

@@ -74,13 +74,12 @@ import pandas as pd
 import torch
 
 from fflayers.backends.base import AdapterError, LMAdapter
-from fflayers.data.batching import iter_batches
 from fflayers.hooks import hooked
 from fflayers.memories.agreement import count_greater
 from fflayers.memories.value_projections import _progress, check_layers, full_precision
 
 __all__ = ["extract_ffn_info", "ffn_info_by_layer", "choose_positions", "homogeneous_head", "scaled_head",
-           "ScaledHead", "LAYER_COLUMNS", "DIM_COLUMNS"]
+           "ScaledHead", "LAYER_COLUMNS", "DIM_COLUMNS", "FfnInfoScan"]
 
 LAYER_COLUMNS = [
     "sentence", "position", "next_token", "layer", "final_top1", "final_top1_prob",
@@ -254,7 +253,7 @@ def _gather_forward(adapter: LMAdapter, batch, layers: list[int], post_ln: bool)
 
     def saver(key):
         def fn(x: torch.Tensor):
-            store[key] = x[rows, pos].detach()
+            store[key] = x[rows, pos].detach().to(adapter.dtype)  # autocast: back to the model's dtype
             return None
 
         return fn
@@ -270,7 +269,7 @@ def _gather_forward(adapter: LMAdapter, batch, layers: list[int], post_ln: bool)
         return torch.stack([store[name, layer] for layer in layers])
 
     r = stack("mlp_in") if post_ln else stack("resid_pre") + stack("attn_out")
-    return {"final": h[rows, pos].detach(), "r": r, "y": stack("mlp_out"), "m": stack("mlp_coef")}
+    return {"final": h[rows, pos].detach().to(adapter.dtype), "r": r, "y": stack("mlp_out"), "m": stack("mlp_coef")}
 
 
 def _stats(adapter: LMAdapter, vecs: torch.Tensor, targets: Sequence[torch.Tensor], chunk: int):
@@ -437,6 +436,113 @@ def _subupdates(adapter: LMAdapter, values: torch.Tensor, m: torch.Tensor, targe
     return top, rank
 
 
+class FfnInfoScan:
+    """FFN info as a scan (:mod:`fflayers.memories.scan`): units are blocks of length-bucketed batches of the
+    sentences' prefixes (fixed by the data, ``batch_tokens`` and ``block_sentences``); partial results are row
+    blocks of the table, concatenated in sentence order."""
+
+    kind = "ffn_info"
+
+    def __init__(self, adapter: LMAdapter, sentences: Sequence[Sequence[int]], mode: str,
+                 layers: Iterable[int] | None = None, dims: Iterable[int] | None = None, seed: int = 0,
+                 batch_tokens: int = 4096, block_sentences: int = 512, max_chunk_elements: int = 1 << 24,
+                 head_shortcut: bool | None = None, dtype: torch.dtype | None = None) -> None:
+        from fflayers.data.batching import plan_batches
+        from fflayers.memories.scan import group_units
+
+        if mode not in ("layer", "dim"):
+            raise AdapterError(f"unknown extract mode {mode!r}; use 'layer' or 'dim'")
+        if adapter.is_masked_lm:
+            raise AdapterError("ffn info needs a causal LM (the position t predicts token t+1); this model is a masked LM")
+        if batch_tokens < 1 or block_sentences < 1:
+            raise AdapterError(f"batch_tokens={batch_tokens} and block_sentences={block_sentences} must be >= 1")
+        self.adapter, self.mode, self.seed, self.dtype = adapter, mode, seed, dtype
+        self.layers = check_layers(adapter, layers)
+        d_ff = adapter.d_ff
+        if mode == "dim":
+            self.dim_list = list(range(d_ff)) if dims is None else sorted({int(d) for d in dims})
+            if not self.dim_list or self.dim_list[0] < 0 or self.dim_list[-1] >= d_ff:
+                raise AdapterError(f"dims must be a non-empty subset of 0..{d_ff - 1}")
+        else:
+            self.dim_list = list(range(d_ff))
+        self.seqs = [list(map(int, s)) for s in sentences]
+        self.positions = choose_positions([len(s) for s in self.seqs], seed, adapter.max_positions)
+        self.keep = [k for k in range(len(self.seqs)) if self.positions[k] >= 0]
+        if not self.keep:
+            raise AdapterError("no sentence has 2 or more tokens; pass tokenized sentences (BOS + words)")
+        self.prefixes = [self.seqs[k][: self.positions[k] + 1] for k in self.keep]
+        self.shortcut = None if head_shortcut is False else scaled_head(adapter)
+        if head_shortcut is True and self.shortcut is None:
+            raise AdapterError("head_shortcut=True, but this model's head has no exact shortcut (final norm or bias); "
+                               "pass head_shortcut=None")
+        self.post_ln = _is_post_ln(adapter)
+        self.max_chunk_elements = max_chunk_elements
+        self.batches = plan_batches([len(p) for p in self.prefixes], batch_tokens)
+        # blocks of at least `block` sentences: at least 8 of them when there are a few hundred sentences, so that
+        # a sharded run has work for every worker; fixed by the data only, so any sharding computes the same blocks
+        block = min(block_sentences, max(64, -(-len(self.prefixes) // 8)))
+        self.blocks = group_units([len(b) for b in self.batches], block)
+        self.n_units = len(self.blocks)
+        self._values: dict | None = None
+
+    def unit_sentences(self, unit: int) -> int:
+        return sum(len(self.batches[b]) for b in self.blocks[unit])
+
+    def _weights(self):
+        if self._values is None:
+            dev = self.adapter.device
+            with torch.no_grad():
+                values = {layer: self.adapter.ffn_values(layer).detach().to(dev) for layer in self.layers}
+                norms = {layer: full_precision(values[layer]).norm(dim=1) for layer in self.layers}
+            self._values = (values, norms, torch.as_tensor(self.dim_list, dtype=torch.long, device=dev))
+        return self._values
+
+    def run_units(self, units: range, progress=None) -> pd.DataFrame:
+        from fflayers.data.batching import Batch
+        from fflayers.memories.trigger_examples import autocast, collate
+
+        adapter, seqs, keep, positions = self.adapter, self.seqs, self.keep, self.positions
+        values, norms, dim_idx = self._weights()
+        reduce = _reduce_layer if self.mode == "layer" else _reduce_dim
+        frames = []
+        with torch.no_grad():
+            for unit in units:
+                pending = []
+                for b in self.blocks[unit]:
+                    index = self.batches[b]
+                    batch = Batch(*collate(self.prefixes, index, adapter.pad_id, None), list(index))
+                    with autocast(adapter, self.dtype):
+                        pending.append((index, _gather_forward(adapter, batch, self.layers, self.post_ln)))
+                    if progress is not None:
+                        progress(len(index))
+                idx = [keep[i] for ix, _ in pending for i in ix]
+                g = {name: torch.cat([p[name] for _, p in pending], dim=0 if name == "final" else 1)
+                     for name in ("final", "r", "y", "m")}
+                meta = (np.asarray(idx), positions[idx], np.asarray([seqs[k][positions[k] + 1] for k in idx]))
+                frames.append(reduce(adapter, g, self.layers, values, norms, dim_idx, meta, self.shortcut,
+                                     self.max_chunk_elements))
+        return self.merge(frames)
+
+    def merge(self, parts: list[pd.DataFrame]) -> pd.DataFrame:
+        df = pd.concat(parts, ignore_index=True).sort_values(["sentence", "layer"], kind="stable")
+        return df.reset_index(drop=True)
+
+    def to_state(self, part: pd.DataFrame) -> pd.DataFrame:
+        return part
+
+    def from_state(self, state: pd.DataFrame) -> pd.DataFrame:
+        return state
+
+    def result(self, df: pd.DataFrame) -> pd.DataFrame:
+        """The final table: columns in order and ``df.attrs`` (see :func:`extract_ffn_info`)."""
+        df = df[LAYER_COLUMNS if self.mode == "layer" else DIM_COLUMNS]
+        df.attrs.update({"mode": self.mode, "dims": self.dim_list if self.mode == "dim" else None,
+                         "d_ff": self.adapter.d_ff, "seed": self.seed, "layers": self.layers,
+                         "residual": "ffn_input" if self.post_ln else "resid_pre+attn_out",
+                         "head_shortcut": self.shortcut.kind if self.shortcut else "none"})
+        return df
+
+
 def extract_ffn_info(
     adapter: LMAdapter,
     sentences: Sequence[Sequence[int]],
@@ -449,73 +555,24 @@ def extract_ffn_info(
     block_sentences: int = 512,
     max_chunk_elements: int = 1 << 24,
     head_shortcut: bool | None = None,
+    dtype: torch.dtype | None = None,
 ) -> pd.DataFrame:
     """Layer- or dim-level FFN information at one random position per sentence (see the module docstring).
 
     ``sentences``: token-id lists (BOS first where the model uses one). ``dims`` selects values in ``dim`` mode
-    (ignored in ``layer`` mode, whose counts use all values). ``block_sentences`` sentences are gathered before
-    their sub-updates are projected; ``max_chunk_elements`` bounds the log-probs alive per projection chunk.
+    (ignored in ``layer`` mode, whose counts use all values). Up to ``block_sentences`` sentences (fewer on small
+    runs: at least 8 blocks from 512 sentences on) are gathered before their sub-updates are projected;
+    ``max_chunk_elements`` bounds the log-probs alive per projection chunk.
     ``head_shortcut``: None uses the exact shortcut when :func:`scaled_head` finds one, False never, True requires it.
+    ``dtype`` (``torch.bfloat16`` / ``torch.float16``): autocast the forward pass; projections stay in full precision.
+    (:class:`FfnInfoScan` with :mod:`fflayers.memories.scan` runs the same over torchrun ranks and job arrays.)
     """
-    if mode not in ("layer", "dim"):
-        raise AdapterError(f"unknown extract mode {mode!r}; use 'layer' or 'dim'")
-    if adapter.is_masked_lm:
-        raise AdapterError("ffn info needs a causal LM (the position t predicts token t+1); this model is a masked LM")
-    layers = check_layers(adapter, layers)
-    d_ff = adapter.d_ff
-    if mode == "dim":
-        dim_list = list(range(d_ff)) if dims is None else sorted({int(d) for d in dims})
-        if not dim_list or dim_list[0] < 0 or dim_list[-1] >= d_ff:
-            raise AdapterError(f"dims must be a non-empty subset of 0..{d_ff - 1}")
-    else:
-        dim_list = list(range(d_ff))
-    seqs = [list(map(int, s)) for s in sentences]
-    positions = choose_positions([len(s) for s in seqs], seed, adapter.max_positions)
-    keep = [k for k in range(len(seqs)) if positions[k] >= 0]
-    if not keep:
-        raise AdapterError("no sentence has 2 or more tokens; pass tokenized sentences (BOS + words)")
-    prefixes = [seqs[k][: positions[k] + 1] for k in keep]
-    shortcut = None if head_shortcut is False else scaled_head(adapter)
-    if head_shortcut is True and shortcut is None:
-        raise AdapterError("head_shortcut=True, but this model's head has no exact shortcut (final norm or bias); "
-                           "pass head_shortcut=None")
-    post_ln = _is_post_ln(adapter)
-    dev = adapter.device
-    with torch.no_grad():
-        values = {layer: adapter.ffn_values(layer).detach().to(dev) for layer in layers}
-        norms = {layer: full_precision(values[layer]).norm(dim=1) for layer in layers}
-    dim_idx = torch.as_tensor(dim_list, dtype=torch.long, device=dev)
-    frames: list[pd.DataFrame] = []
-    pending: list[tuple[list[int], dict]] = []
-
-    def flush():
-        if pending:
-            idx = [keep[i] for ix, _ in pending for i in ix]
-            g = {name: torch.cat([p[name] for _, p in pending], dim=0 if name == "final" else 1)
-                 for name in ("final", "r", "y", "m")}
-            meta = (np.asarray(idx), positions[idx], np.asarray([seqs[k][positions[k] + 1] for k in idx]))
-            reduce = _reduce_layer if mode == "layer" else _reduce_dim
-            frames.append(reduce(adapter, g, layers, values, norms, dim_idx, meta, shortcut, max_chunk_elements))
-            pending.clear()
-
-    batches = iter_batches(prefixes, adapter.pad_id, batch_tokens)
-    bar = _progress(len(prefixes), f"ffn info ({mode})", progress)
-    with torch.no_grad():
-        n_pending = 0
-        for batch in batches:
-            pending.append((list(batch.index), _gather_forward(adapter, batch, layers, post_ln)))
-            n_pending += len(batch)
-            bar.update(len(batch))
-            if n_pending >= block_sentences:
-                flush()
-                n_pending = 0
-        flush()
+    task = FfnInfoScan(adapter, sentences, mode, layers, dims, seed, batch_tokens, block_sentences,
+                       max_chunk_elements, head_shortcut, dtype)
+    bar = _progress(len(task.prefixes), f"ffn info ({mode})", progress)
+    df = task.run_units(range(task.n_units), bar.update)
     bar.close()
-    df = pd.concat(frames, ignore_index=True).sort_values(["sentence", "layer"], kind="stable").reset_index(drop=True)
-    df = df[LAYER_COLUMNS if mode == "layer" else DIM_COLUMNS]
-    df.attrs.update({"mode": mode, "dims": dim_list if mode == "dim" else None, "d_ff": d_ff, "seed": seed, "layers": layers,
-                     "residual": "ffn_input" if post_ln else "resid_pre+attn_out", "head_shortcut": shortcut.kind if shortcut else "none"})
-    return df
+    return task.result(df)
 
 
 def _base_columns(meta, layer_list, final_top1, S):

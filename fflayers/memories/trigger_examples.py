@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,6 +254,86 @@ class _BatchReducer:
         return v, i
 
 
+def autocast(adapter: LMAdapter, dtype: torch.dtype | None):
+    """``torch.autocast`` on the adapter's device for ``dtype`` (bf16 / fp16), or a no-op for None."""
+    import contextlib
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=adapter.device.type, dtype=dtype)
+
+
+def collate(sentences: Sequence[Sequence[int]], index: Sequence[int], pad_id: int, max_length: int | None):
+    """Right-padded ``(input_ids, attention_mask)`` of ``sentences[i] for i in index`` (truncated to ``max_length``)."""
+    seqs = [list(sentences[i])[:max_length] if max_length else list(sentences[i]) for i in index]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for r, seq in enumerate(seqs):
+        ids[r, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[r, : len(seq)] = True
+    return ids, mask
+
+
+class TriggerScan:
+    """Trigger mining as a scan (:mod:`fflayers.memories.scan`): units are the length-bucketed batches of all
+    sentences (fixed by the data and ``batch_tokens``), partial results :class:`StreamingTopK` s."""
+
+    kind = "trigger_examples"
+
+    def __init__(self, adapter: LMAdapter, sentences: Sequence[Sequence[int]], k: int, layers: list[int],
+                 dims: list[int], batch_tokens: int, dtype: torch.dtype | None = None) -> None:
+        from fflayers.data.batching import plan_batches
+
+        for i, s in enumerate(sentences):
+            if len(s) == 0:
+                raise AdapterError(f"sentence {i} is empty; drop empty sentences before mining")
+        self.adapter, self.sentences, self.k = adapter, sentences, k
+        self.layers, self.dims, self.dtype = layers, dims, dtype
+        self.max_len = adapter.max_positions
+        lengths = [min(len(s), self.max_len) if self.max_len else len(s) for s in sentences]
+        self.batches = plan_batches(lengths, batch_tokens)
+        self.n_units = len(self.batches)
+
+    def unit_sentences(self, unit: int) -> int:
+        return len(self.batches[unit])
+
+    def new_topk(self) -> StreamingTopK:
+        return StreamingTopK(len(self.layers) * len(self.dims), self.k, device=self.adapter.device)
+
+    def mine(self, units: Iterable[int], topk: StreamingTopK, progress=None) -> StreamingTopK:
+        """Fold the batches ``units`` into ``topk``."""
+        reducer = _BatchReducer(self.adapter, self.layers, self.dims)
+        with hooked(self.adapter, reducer.hooks()), torch.inference_mode(), autocast(self.adapter, self.dtype):
+            for u in units:
+                index = self.batches[u]
+                input_ids, mask = collate(self.sentences, index, self.adapter.pad_id, self.max_len)
+                v, i = reducer(input_ids, mask)
+                topk.update(v, i, torch.as_tensor(index, dtype=torch.int64))
+                if progress is not None:
+                    progress(len(index))
+        return topk
+
+    def run_units(self, units: range, progress=None) -> StreamingTopK:
+        return self.mine(units, self.new_topk(), progress)
+
+    def merge(self, parts: list[StreamingTopK]) -> StreamingTopK:
+        out = parts[0]
+        for part in parts[1:]:
+            out.merge(part)
+        return out
+
+    def to_state(self, part: StreamingTopK) -> dict:
+        return part.state_dict()
+
+    def from_state(self, state: dict) -> StreamingTopK:
+        return StreamingTopK.from_state_dict(state, device=self.adapter.device)
+
+    def result(self, topk: StreamingTopK) -> TriggerExamples:
+        return TriggerExamples(topk.values.cpu(), topk.sentence_ids.cpu(), topk.positions.cpu(), self.layers,
+                               self.dims, self.k, len(self.sentences))
+
+
 def trigger_examples(
     adapter: LMAdapter,
     sentences: Sequence[Sequence[int]],
@@ -265,18 +345,21 @@ def trigger_examples(
     checkpoint_dir: str | os.PathLike | None = None,
     shard_size: int = 10_000,
     distributed: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> TriggerExamples:
     """Top-``k`` trigger examples of every key ``(layer, dim)`` over ``sentences`` (token ids, each exactly as
     the model reads it: BOS included where the model uses one; sentence id = index in ``sentences``).
 
     ``layers`` / ``dims`` (default: all) select keys. Sentences longer than the model's maximum are truncated.
-    ``checkpoint_dir``: save the state after each shard of ``shard_size`` sentences and resume from it.
+    Batches are length-bucketed over all sentences; shards are runs of consecutive batches holding about
+    ``shard_size`` sentences. ``checkpoint_dir``: save the state after each shard and resume from it.
     ``distributed=True`` (inside an initialised ``torch.distributed`` job): shard ``s`` goes to rank
     ``s % world_size`` and the ranks' top-k are merged at the end; every rank returns the full result.
+    ``dtype`` (``torch.bfloat16`` / ``torch.float16``): autocast the forward pass (faster on GPUs; activations
+    are rounded, so near-equal activations can tie and then rank by sentence id).
+    (:mod:`fflayers.memories.scan` runs the same mining over torchrun ranks and job arrays with a manifest.)
     """
     from tqdm.auto import tqdm
-
-    from fflayers.data import iter_batches
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise AdapterError(f"k={k!r} must be a positive integer (the number of trigger examples per key)")
@@ -284,6 +367,8 @@ def trigger_examples(
         raise AdapterError(f"shard_size={shard_size} must be >= 1")
     if len(sentences) == 0:
         raise AdapterError("no sentences to mine; pass a non-empty list of token-id sequences")
+    if batch_tokens < 1:
+        raise AdapterError(f"batch_tokens={batch_tokens} must be >= 1; pass e.g. batch_tokens=4096")
     layers, dims = _check_selection(adapter, layers, dims)
     rank, world = 0, 1
     if distributed:
@@ -293,42 +378,38 @@ def trigger_examples(
             raise AdapterError("distributed=True needs an initialised torch.distributed process group (run under torchrun)")
         rank, world = dist.get_rank(), dist.get_world_size()
 
+    from fflayers.memories.scan import group_units
+
+    task = TriggerScan(adapter, sentences, k, layers, dims, batch_tokens, dtype)
     n = len(sentences)
-    n_shards = (n + shard_size - 1) // shard_size
-    my_shards = list(range(rank, n_shards, world))
-    topk = StreamingTopK(len(layers) * len(dims), k, device=adapter.device)
+    shards = group_units([task.unit_sentences(u) for u in range(task.n_units)], shard_size)
+    my_shards = list(range(rank, len(shards), world))
+    topk = task.new_topk()
     done_shards = 0
-    ckpt_path = config_hash = None
+    ckpt_path = chash = None
     if checkpoint_dir is not None:
         ckpt_dir = Path(checkpoint_dir)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         name = CHECKPOINT_NAME if world == 1 else CHECKPOINT_NAME.replace(".pt", f".rank{rank}-of-{world}.pt")
         ckpt_path = ckpt_dir / name
-        config_hash = _config_hash(adapter, sentences, k, layers, dims, batch_tokens, shard_size, world)
-        state = _load_checkpoint(ckpt_path, config_hash)
+        chash = _config_hash(adapter, sentences, k, layers, dims, batch_tokens, (shard_size, str(dtype)), world)
+        state = _load_checkpoint(ckpt_path, chash)
         if state is not None:
             topk.load_state_dict(state["topk"])
             done_shards = int(state["done_shards"])
 
-    reducer = _BatchReducer(adapter, layers, dims)
-    max_len = adapter.max_positions
-    done_sentences = sum(min(shard_size, n - s * shard_size) for s in my_shards[:done_shards])
-    total = sum(min(shard_size, n - s * shard_size) for s in my_shards)
+    def size(s: int) -> int:
+        return sum(task.unit_sentences(u) for u in shards[s])
+
+    done_sentences = sum(size(s) for s in my_shards[:done_shards])
+    total = sum(size(s) for s in my_shards)
     bar = tqdm(total=total, initial=done_sentences, disable=not progress, unit="sent", desc="trigger examples")
     try:
-        with hooked(adapter, reducer.hooks()), torch.inference_mode():
-            for j in range(done_shards, len(my_shards)):
-                start = my_shards[j] * shard_size
-                shard = sentences[start : start + shard_size]
-                for batch in iter_batches(shard, adapter.pad_id, batch_tokens=batch_tokens, max_length=max_len,
-                                          truncate=True):
-                    v, i = reducer(batch.input_ids, batch.attention_mask)
-                    ids = torch.tensor(batch.index, dtype=torch.int64) + start
-                    topk.update(v, i, ids)
-                    bar.update(len(batch))
-                done_sentences += len(shard)
-                if ckpt_path is not None:
-                    _save_checkpoint(ckpt_path, config_hash, j + 1, done_sentences, topk)
+        for j in range(done_shards, len(my_shards)):
+            task.mine(shards[my_shards[j]], topk, bar.update)
+            done_sentences += size(my_shards[j])
+            if ckpt_path is not None:
+                _save_checkpoint(ckpt_path, chash, j + 1, done_sentences, topk)
     finally:
         bar.close()
     if world > 1:

@@ -1,0 +1,215 @@
+"""Scaled-out corpus scans on the tiny fairseq LM: 2-rank torchrun runs (gloo, CPU), job arrays (--shard I/N +
+merge_shards.py) and a rank killed with SIGKILL then resumed, each compared with a one-process run (the peer):
+trigger JSONL, layer and dim tables and the agreement TSV must be identical. One thread per process everywhere
+(torchrun's default), since float results of matrix products can differ in the last bit with the thread count."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from analysis import generate_outputs as go
+from analysis import key_value_agreement as kva
+from analysis import merge_shards
+from analysis import trigger_examples_jsonl_to_textual as to_textual
+
+REPO = Path(__file__).resolve().parents[2]
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+
+WRAPPER = """
+import json, os, signal, sys
+sys.path.insert(0, {repo!r})
+import fflayers.distributed as fd
+from analysis import generate_outputs as go, key_value_agreement as kva
+if os.environ.get("KILL_RANK1_AFTER_FIRST_SHARD"):
+    from fflayers.memories import scan
+    update = scan.Manifest.update
+    def killing_update(self, shard, **fields):
+        update(self, shard, **fields)
+        if fields.get("status") == "done" and os.environ["RANK"] == "1":
+            os.kill(os.getpid(), signal.SIGKILL)
+    scan.Manifest.update = killing_update
+finish, fd.finish = fd.finish, lambda: None  # one process group for all the runs below
+rc = 0
+for prog, argv in json.loads(sys.argv[1]):
+    rc |= (go if prog == "go" else kva).main(argv)
+finish()
+sys.exit(rc)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(tmp: Path, runs: list, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    script = tmp / "wrapper.py"
+    script.write_text(WRAPPER.format(repo=str(REPO)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **(env_extra or {}))
+    argv = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(free_port()), str(script),
+            json.dumps([[p, [str(a) for a in args]] for p, args in runs])]
+    return subprocess.run(argv, capture_output=True, text=True, cwd=tmp, env=env, timeout=300)
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def lm(fairseq_adaptive_lm):
+    return fairseq_adaptive_lm
+
+
+def base_args(lm, out: Path, kind: str) -> list:
+    args = ["--data_file", lm.train, "--model_dir", lm.model_dir, "--max_sentences", 200, "--device", "cpu",
+            "--batch_tokens", 256, "--quiet", "--output_file", out]
+    if kind == "trigger":
+        return [*args, "--get_trigger_examples", "--top_k_trigger_examples", 4]
+    return [*args, "--extract_ffn_info", "--extract_mode", kind]
+
+
+def run_go(argv) -> int:
+    return go.main([str(a) for a in argv])
+
+
+def assert_same_table(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    assert list(a.columns) == list(b.columns) and len(a) == len(b) > 0
+    for col in a.columns:
+        x, y = a[col].to_numpy(), b[col].to_numpy()
+        if x.dtype == object and isinstance(x[0], np.ndarray):
+            x, y = np.stack(x), np.stack(y)
+        assert x.dtype == y.dtype and np.array_equal(x, y), col
+
+
+def test_torchrun_two_ranks_equal_one_process(lm, tmp_path, one_thread, capsys):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    names = {"trigger": "top.jsonl", "layer": "layer.pkl", "dim": "dim.pkl"}
+    for kind, name in names.items():
+        assert run_go(base_args(lm, one / name, kind)) == 0
+    assert to_textual.main(["--input_file", str(one / "top.jsonl"), "--model_dir", str(lm.model_dir),
+                            "--output_dir", str(tmp_path / "txt"), "--quiet"]) == 0
+    kva_args = ["--model_dir", lm.model_dir, "--data_dir", tmp_path / "txt", "--device", "cpu", "--chunk_values", 40,
+                "--random_baseline", "--quiet"]
+    assert kva.main([str(a) for a in [*kva_args, "--output_base", one / "kv"]]) == 0
+    capsys.readouterr()
+
+    runs = [("go", base_args(lm, two / name, kind)) for kind, name in names.items()]
+    runs.append(("kva", [*kva_args, "--output_base", two / "kv"]))
+    proc = torchrun(tmp_path, runs)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 ranks" in proc.stdout
+    # both ranks computed shards of every scan: the plan has 4 shards per worker
+    assert proc.stdout.count("8 shards") == 1 and "computed 8, reused 0" in proc.stdout, proc.stdout
+
+    assert (two / "top.jsonl").read_bytes() == (one / "top.jsonl").read_bytes()
+    for kind in ("layer", "dim"):
+        assert_same_table(pd.read_pickle(two / names[kind]), pd.read_pickle(one / names[kind]))
+    for name in ("kv.tsv", "kv_random.tsv", "kv_max_probs.json"):
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+    assert not list(two.glob("*.ckpt")) and not list(two.glob("*.shard-*"))
+
+
+@pytest.mark.parametrize("kind", ["trigger", "layer"])
+def test_job_array_shards_merge_to_single_run(kind, lm, tmp_path, capsys):
+    name = "top.jsonl" if kind == "trigger" else "layer.pkl"
+    single, out = tmp_path / f"single_{name}", tmp_path / name
+    assert run_go(base_args(lm, single, kind)) == 0
+    for i in range(3):
+        assert run_go([*base_args(lm, out, kind), "--shard", f"{i}/3"]) == 0
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.glob(f"{name}.shard-*")) == [f"{name}.shard-{i}-of-3.pt" for i in range(3)]
+    manifest = json.loads((tmp_path / f"{name}.ckpt" / "manifest.json").read_text())
+    assert manifest["left"] == {"shards": 0, "sentences": 0}
+    assert merge_shards.main(["--output_file", str(out)]) == 0
+    if kind == "trigger":
+        assert out.read_bytes() == single.read_bytes()
+    else:
+        assert_same_table(pd.read_pickle(out), pd.read_pickle(single))
+    assert json.loads(Path(f"{out}.meta.json").read_text())["config"]["jobs"] == 3
+    assert not list(tmp_path.glob(f"{name}.shard-*")) and not (tmp_path / f"{name}.ckpt").exists()
+
+
+def test_killed_rank_then_resume_with_another_world_size(lm, tmp_path, one_thread, capsys):
+    single, out = tmp_path / "single.jsonl", tmp_path / "top.jsonl"
+    assert run_go(base_args(lm, single, "trigger")) == 0
+    proc = torchrun(tmp_path, [("go", [*base_args(lm, out, "trigger"), "--resume"])],
+                    {"KILL_RANK1_AFTER_FIRST_SHARD": "1"})
+    assert proc.returncode != 0 and not out.exists()
+    manifest = json.loads((tmp_path / "top.jsonl.ckpt" / "manifest.json").read_text())
+    status = [s["status"] for s in manifest["shards"]]
+    n_done = status.count("done")
+    assert len(status) == 8 and 1 <= n_done < 8  # rank 1 died after its first of 4 shards
+    assert manifest["left"]["shards"] == 8 - n_done
+    assert manifest["left"]["sentences"] == sum(s["sentences"] for s in manifest["shards"] if s["status"] != "done")
+
+    capsys.readouterr()
+    assert run_go([*base_args(lm, out, "trigger"), "--resume"]) == 0  # one process now: the stored plan is kept
+    assert f"computed {8 - n_done}, reused {n_done} finished shard(s)" in capsys.readouterr().out
+    assert out.read_bytes() == single.read_bytes()
+    assert not (tmp_path / "top.jsonl.ckpt").exists()
+
+
+# ----- bad input ---------------------------------------------------------------------------------------------
+
+
+def one_line_error(capsys, prog: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{prog}: error:"), err
+    return err[0]
+
+
+@pytest.mark.parametrize("spec", ["3/2", "0/0", "2/2", "a/b", "1"])
+def test_bad_shard_spec(spec, lm, tmp_path, capsys):
+    out = tmp_path / "top.jsonl"
+    assert run_go([*base_args(lm, out, "trigger"), "--shard", spec]) == 2
+    assert "shard spec" in one_line_error(capsys, "generate_outputs.py")
+    assert not list(tmp_path.iterdir())
+
+
+def test_partials_of_different_configurations_are_refused(lm, tmp_path, capsys):
+    out = tmp_path / "top.jsonl"
+    assert run_go([*base_args(lm, out, "trigger"), "--shard", "0/2"]) == 0
+    # a rerun into the same run folder with another k is refused: results are never mixed
+    assert run_go([*base_args(lm, out, "trigger"), "--shard", "1/2", "--top_k_trigger_examples", 3]) == 2
+    assert "another configuration (differs in: k)" in one_line_error(capsys, "generate_outputs.py")
+    other = tmp_path / "other.jsonl"
+    assert run_go([*base_args(lm, other, "trigger"), "--shard", "1/2", "--top_k_trigger_examples", 3]) == 0
+    capsys.readouterr()
+    parts = [tmp_path / "top.jsonl.shard-0-of-2.pt", tmp_path / "other.jsonl.shard-1-of-2.pt"]
+    assert merge_shards.main(["--output_file", str(out), "--partials", *map(str, parts)]) == 2
+    assert "different configurations (differ in: k)" in one_line_error(capsys, "merge_shards.py")
+    assert merge_shards.main(["--output_file", str(out)]) == 2  # job 1 of 2 missing
+    assert "missing: [1]" in one_line_error(capsys, "merge_shards.py")
+    assert not out.exists()
+
+
+def test_no_gpu_for_a_rank(lm, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    out = tmp_path / "top.jsonl"
+    args = [a if a != "cpu" else "cuda" for a in base_args(lm, out, "trigger")]
+    assert run_go(args) == 2
+    assert "only 1 GPU(s) are visible" in one_line_error(capsys, "generate_outputs.py")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert run_go(args) == 2
+    assert "no CUDA device" in one_line_error(capsys, "generate_outputs.py")
