@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fflayers.backends.hf import minilm_path, smollm2_gguf_path
+from fflayers.backends.hf import minilm_path
 
 
 def _show(title: str, table: pd.DataFrame, columns: list[str], rows: int = 10) -> None:
@@ -35,13 +35,13 @@ def concept_value(export: pd.DataFrame, candidates: int = 200) -> tuple[int, int
     return int(best[0]), int(best[1])
 
 
-def run_embedding_space(out: Path, corpus: Path) -> None:
-    """Head pairs, the values export, a t-SNE map and neurons vs hidden on SmolLM2; keys and values on MiniLM."""
+def run_embedding_space(out: Path, corpus: Path, smollm2_dir: Path) -> None:
+    """Head pairs, the values export, a t-SNE map and neurons vs hidden on SmolLM2 (its dequantised copy in
+    ``smollm2_dir``); keys and values on MiniLM."""
     from memories_demo import _run  # examples/demo is on sys.path when run_demo.py runs
 
     out.mkdir(parents=True, exist_ok=True)
-    gguf = smollm2_gguf_path()
-    smol = ["--hf_model", str(gguf.parent), "--gguf_file", gguf.name, "--quiet"]
+    smol = ["--hf_model", str(smollm2_dir), "--quiet"]
     minilm = ["--hf_model", str(minilm_path()), "--quiet"]
 
     heads = out / "smollm2_heads_ov.tsv"

@@ -21,7 +21,11 @@ ANALYSIS = Path(__file__).resolve().parents[2] / "analysis"
 
 
 def _model_flags(adapter: LMAdapter, model_dir: Path | None) -> list[str]:
+    """``--hf_model DIR`` for an HF folder (the demo's dequantised SmolLM2 copy; the GGUF file when none is
+    given), ``--model_dir DIR`` for a fairseq model."""
     if isinstance(adapter, HFAdapter):
+        if model_dir is not None:
+            return ["--hf_model", str(model_dir)]
         gguf = smollm2_gguf_path()
         return ["--hf_model", str(gguf.parent), "--gguf_file", gguf.name]
     return ["--model_dir", str(model_dir)]

@@ -102,13 +102,18 @@ def main() -> None:
     model_dir = build_fairseq_lm(out, args.train_minutes)
 
     from fflayers.backends.fairseq_lm import load_fairseq_lm
-    from fflayers.backends.hf import load_smollm2
+    from fflayers.backends.hf import load_hf_lm, load_smollm2, save_dequantized
 
     banner("3. Models")
     fairseq_lm = load_fairseq_lm(model_dir, device=args.device)
     print(f"  {fairseq_lm}")
-    smollm2 = load_smollm2(device=args.device)
-    print(f"  SmolLM2-135M: {smollm2}")
+    smollm2_dir = out / "smollm2"
+    if (smollm2_dir / "config.json").is_file():
+        smollm2 = load_hf_lm(str(smollm2_dir), device=args.device)
+    else:  # dequantise the GGUF file once; every later step (and command) loads the plain copy in a second
+        smollm2 = load_smollm2(device=args.device)
+        save_dequantized(smollm2, smollm2_dir)
+    print(f"  SmolLM2-135M: {smollm2} (plain copy in {smollm2_dir})")
 
     banner("4. Next-token predictions and FFN value tokens")
     for name, adapter, prompts in (("fairseq demo LM", fairseq_lm, FAIRSEQ_PROMPTS), ("SmolLM2-135M", smollm2, HF_PROMPTS)):
@@ -125,13 +130,13 @@ def main() -> None:
         run_memories("fairseq demo LM", fairseq_lm, corpus, out / "memories_fairseq", args.sentences, model_dir=model_dir)
         every_third = sorted({*range(0, smollm2.n_layers, 3), smollm2.n_layers - 1})
         run_memories("SmolLM2-135M", smollm2, corpus, out / "memories_smollm2", args.hf_sentences,
-                     agreement_layers=every_third)
+                     model_dir=smollm2_dir, agreement_layers=every_third)
 
     if not args.skip_embedding_space:
         from embedding_space_demo import run_embedding_space
 
         banner("6. Parameters in embedding space")
-        run_embedding_space(out / "embedding_space", out / "corpus" / "wiki.valid.tokens")
+        run_embedding_space(out / "embedding_space", out / "corpus" / "wiki.valid.tokens", smollm2_dir)
 
     if not args.skip_shortcuts:
         from shortcuts_demo import run_shortcuts

