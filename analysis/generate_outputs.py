@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="job I of N of a job array: write OUTPUT_FILE.shard-I-of-N.pt (merge with merge_shards.py); "
                         "finished shards in OUTPUT_FILE.ckpt are reused")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="line shuffling seed (default 0xdead, the original's)")
-    p.add_argument("--resume", action="store_true", help="checkpoint to OUTPUT_FILE.ckpt and continue from it")
+    p.add_argument("--resume", action="store_true",
+                   help="checkpoint finished shards to OUTPUT_FILE.ckpt and continue from them (all modes)")
     p.add_argument("--raw_wikitext", action="store_true",
                    help="feed a .tokens corpus to a subword (HF) model as it is (default: detokenized to ordinary "
                         "text: '@-@' -> '-', no space before punctuation, \"John 's\" -> \"John's\")")
@@ -90,8 +91,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--max_sentences {args.max_sentences} must be positive, or -1 for all")
     if args.batch_tokens is not None and args.batch_tokens < 1:
         raise CLIError(f"--batch_tokens {args.batch_tokens} must be >= 1")
-    if args.resume and not args.get_trigger_examples:
-        raise CLIError("--resume applies to --get_trigger_examples only")
     if args.dims_for_analysis is not None and any(d < 0 for d in args.dims_for_analysis):
         raise CLIError(f"--dims_for_analysis {min(args.dims_for_analysis)} is negative; dims count from 0")
     if not Path(args.data_file).is_file():
@@ -177,17 +176,20 @@ def scan_config(args: argparse.Namespace, adapter, ids, layers, dims) -> dict:
 
 
 def make_task(args: argparse.Namespace, adapter, ids, layers, dims):
+    """``batch_tokens -> task``, built once per value (building an FFN-info task checks the model's head)."""
+    import functools
+
     import torch
 
     dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
     if args.get_trigger_examples:
         from fflayers.memories.trigger_examples import TriggerScan
 
-        return lambda bt: TriggerScan(adapter, ids, args.top_k_trigger_examples, layers, dims, bt, dtype)
+        return functools.cache(lambda bt: TriggerScan(adapter, ids, args.top_k_trigger_examples, layers, dims, bt, dtype))
     from fflayers.memories.ffn_info import FfnInfoScan
 
     sel = dims if args.extract_mode == "dim" and args.dims_for_analysis else None
-    return lambda bt: FfnInfoScan(adapter, ids, args.extract_mode, layers, sel, args.seed, bt, dtype=dtype)
+    return functools.cache(lambda bt: FfnInfoScan(adapter, ids, args.extract_mode, layers, sel, args.seed, bt, dtype=dtype))
 
 
 def run(args: argparse.Namespace) -> None:
@@ -236,7 +238,8 @@ def scan(args: argparse.Namespace, info, job: tuple[int, int]) -> None:
     run_dir = Path(str(output) + ".ckpt") if (args.resume or args.shard) else None
     batch_tokens = args.batch_tokens or auto_batch_tokens(adapter)
     workers = Workers(job[0], job[1], info.rank, info.world_size)
-    done = run_scan(make_task(args, adapter, ids, layers, dims), batch_tokens, config, len(ids), run_dir, workers,
+    task_for = make_task(args, adapter, ids, layers, dims)
+    done = run_scan(task_for, batch_tokens, config, len(ids), run_dir, workers,
                     progress=not args.quiet, desc="trigger examples" if args.get_trigger_examples else f"ffn info ({args.extract_mode})")
     if not info.is_main:
         return
@@ -245,7 +248,7 @@ def scan(args: argparse.Namespace, info, job: tuple[int, int]) -> None:
           f"computed {done.computed_all}, reused {done.reused} finished shard(s)")
     state = done.result
     if state is not None and args.extract_ffn_info:
-        state = make_task(args, adapter, ids, layers, dims)(plan["batch_tokens"]).result(state)
+        state = task_for(int(plan["batch_tokens"])).result(state)
     elif state is not None:
         state = state.state_dict()
     meta = dict(vars(args))

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -147,6 +148,23 @@ def test_hf_table_dims_layers_and_resume(suffix, tiny_gpt2_dir, corpus, tmp_path
         check_key(list(zip(sub.value, sub.sentence_id, sub.position, strict=True)), columns[1, dim], 3)
 
 
+def test_ffn_info_resume(tiny_gpt2_dir, corpus, tmp_path, capsys):
+    """--resume with --extract_ffn_info: the table of a run without it, the run folder removed
+    (interrupted runs and other configurations: tests/analysis/test_scale_out.py)."""
+    base = ["--data_file", corpus, "--hf_model", tiny_gpt2_dir, "--extract_ffn_info", "--extract_mode", "dim",
+            "--dims_for_analysis", 3, 1, "--max_sentences", 10, "--device", "cpu"]
+    plain, out = tmp_path / "plain.pkl", tmp_path / "dim.pkl"
+    assert run_cli([*base, "--output_file", plain], capsys)[0] == 0
+    rc, err = run_cli([*base, "--output_file", out, "--resume"], capsys)
+    assert rc == 0, err
+    got, want = pd.read_pickle(out), pd.read_pickle(plain)
+    assert len(got) == 10 * 2 and list(got.columns) == list(want.columns)
+    for col in want.columns:
+        x, y = want[col].to_numpy(), got[col].to_numpy()
+        assert all(np.array_equal(a, b) for a, b in zip(x, y, strict=True)), col
+    assert not (tmp_path / "dim.pkl.ckpt").exists()
+
+
 def test_script_runs_as_a_program(tiny_gpt2_dir, corpus, tmp_path):
     out = tmp_path / "info.pkl"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -186,7 +204,6 @@ def bad_cases(model: Path, corpus: Path, tmp: Path) -> dict[str, list]:
         "bad mode": [*base, "--extract_ffn_info", "--extract_mode", "neuron"],
         "max_sentences 0": [*trig, "--max_sentences", 0],
         "missing model folder": ["--data_file", corpus, "--hf_model", tmp / "no_model", "--get_trigger_examples"],
-        "resume with ffn info": [*base, "--extract_ffn_info", "--extract_mode", "layer", "--resume"],
     }
 
 

@@ -30,12 +30,12 @@ import json, os, signal, sys
 sys.path.insert(0, {repo!r})
 import fflayers.distributed as fd
 from analysis import generate_outputs as go, key_value_agreement as kva
-if os.environ.get("KILL_RANK1_AFTER_FIRST_SHARD"):
+if os.environ.get("KILL_RANK_AFTER_FIRST_SHARD"):
     from fflayers.memories import scan
     update = scan.Manifest.update
     def killing_update(self, shard, **fields):
         update(self, shard, **fields)
-        if fields.get("status") == "done" and os.environ["RANK"] == "1":
+        if fields.get("status") == "done" and os.environ["RANK"] == os.environ["KILL_RANK_AFTER_FIRST_SHARD"]:
             os.kill(os.getpid(), signal.SIGKILL)
     scan.Manifest.update = killing_update
 finish, fd.finish = fd.finish, lambda: None  # one process group for all the runs below
@@ -146,24 +146,81 @@ def test_job_array_shards_merge_to_single_run(kind, lm, tmp_path, capsys):
     assert not list(tmp_path.glob(f"{name}.shard-*")) and not (tmp_path / f"{name}.ckpt").exists()
 
 
-def test_killed_rank_then_resume_with_another_world_size(lm, tmp_path, one_thread, capsys):
-    single, out = tmp_path / "single.jsonl", tmp_path / "top.jsonl"
-    assert run_go(base_args(lm, single, "trigger")) == 0
-    proc = torchrun(tmp_path, [("go", [*base_args(lm, out, "trigger"), "--resume"])],
-                    {"KILL_RANK1_AFTER_FIRST_SHARD": "1"})
+def test_job_array_of_torchrun_jobs_merges_to_single_run(lm, tmp_path, one_thread, capsys):
+    """Two jobs (--shard I/2) of two torchrun ranks each: four workers over one plan; the partials merge into the
+    single run's output."""
+    names = {"trigger": "top.jsonl", "layer": "layer.pkl"}
+    for kind, name in names.items():
+        assert run_go(base_args(lm, tmp_path / f"single_{name}", kind)) == 0
+    runs = [("go", [*base_args(lm, tmp_path / name, kind), "--shard", f"{i}/2"]) for kind, name in names.items()
+            for i in range(2)]
+    proc = torchrun(tmp_path, runs)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("2 ranks, job 0 of 2") == 2 and proc.stdout.count("2 ranks, job 1 of 2") == 2, proc.stdout
+    capsys.readouterr()
+    for kind, name in names.items():
+        out = tmp_path / name
+        manifest = json.loads((tmp_path / f"{name}.ckpt" / "manifest.json").read_text())
+        n_shards = manifest["plan"]["n_shards"]
+        assert manifest["plan"]["workers"] == 4 and manifest["left"] == {"shards": 0, "sentences": 0}
+        assert n_shards == (11 if kind == "trigger" else 3)  # trigger: one per batch (11 < 4 per worker); layer: 3 blocks
+        # worker w = 2 job + rank takes a contiguous quarter of the shards (the first ones one more): job 0 the
+        # first two quarters
+        quarters = [n_shards // 4 + (w < n_shards % 4) for w in range(4)]
+        shards = [torch.load(tmp_path / f"{name}.shard-{i}-of-2.pt", weights_only=False)["shards"] for i in range(2)]
+        split = quarters[0] + quarters[1]
+        assert shards == [list(range(split)), list(range(split, n_shards))]
+        assert not out.exists()
+        assert merge_shards.main(["--output_file", str(out)]) == 0
+        if kind == "trigger":
+            assert out.read_bytes() == (tmp_path / f"single_{name}").read_bytes()
+        else:
+            assert_same_table(pd.read_pickle(out), pd.read_pickle(tmp_path / f"single_{name}"))
+        assert not list(tmp_path.glob(f"{name}.shard-*")) and not (tmp_path / f"{name}.ckpt").exists()
+
+
+@pytest.mark.parametrize("kind", ["trigger", "layer"])
+def test_killed_rank_then_resume_with_another_world_size(kind, lm, tmp_path, one_thread, capsys, monkeypatch):
+    name = "top.jsonl" if kind == "trigger" else "layer.pkl"
+    single, out, run_dir = tmp_path / f"single_{name}", tmp_path / name, tmp_path / f"{name}.ckpt"
+    assert run_go(base_args(lm, single, kind)) == 0
+    # rank 0 holds the first half of the shards (the larger one), and dies after the first of them
+    proc = torchrun(tmp_path, [("go", [*base_args(lm, out, kind), "--resume"])], {"KILL_RANK_AFTER_FIRST_SHARD": "0"})
     assert proc.returncode != 0 and not out.exists()
-    manifest = json.loads((tmp_path / "top.jsonl.ckpt" / "manifest.json").read_text())
+    manifest = json.loads((run_dir / "manifest.json").read_text())
     status = [s["status"] for s in manifest["shards"]]
-    n_done = status.count("done")
-    assert len(status) == 8 and 1 <= n_done < 8  # rank 1 died after its first of 4 shards
-    assert manifest["left"]["shards"] == 8 - n_done
+    n_shards, n_done = len(status), status.count("done")
+    assert n_shards == (8 if kind == "trigger" else 3)  # layer: 200 sentences make 3 blocks of >= 64
+    assert status[0] == "done" and status[1] != "done" and 1 <= n_done < n_shards, status
+    assert manifest["left"]["shards"] == n_shards - n_done
     assert manifest["left"]["sentences"] == sum(s["sentences"] for s in manifest["shards"] if s["status"] != "done")
 
+    # a rerun of another configuration into the same run folder is refused, and changes nothing
     capsys.readouterr()
-    assert run_go([*base_args(lm, out, "trigger"), "--resume"]) == 0  # one process now: the stored plan is kept
-    assert f"computed {8 - n_done}, reused {n_done} finished shard(s)" in capsys.readouterr().out
-    assert out.read_bytes() == single.read_bytes()
-    assert not (tmp_path / "top.jsonl.ckpt").exists()
+    other = [*base_args(lm, out, "dim" if kind == "layer" else kind), "--resume"]
+    if kind == "trigger":
+        other += ["--top_k_trigger_examples", 3]
+    assert run_go(other) == 2
+    assert "another configuration (differs in: " + ("mode" if kind == "layer" else "k") in one_line_error(capsys, "generate_outputs.py")
+    assert json.loads((run_dir / "manifest.json").read_text()) == manifest
+
+    # the resume computes the unfinished shards' units only (recorded), in one process: the stored plan is kept
+    from fflayers.memories.ffn_info import FfnInfoScan
+    from fflayers.memories.trigger_examples import TriggerScan
+
+    scan_cls = TriggerScan if kind == "trigger" else FfnInfoScan
+    units: list[int] = []
+    run_units = scan_cls.run_units
+    monkeypatch.setattr(scan_cls, "run_units", lambda self, r, progress=None: units.extend(r) or run_units(self, r, progress))
+    assert run_go([*base_args(lm, out, kind), "--resume"]) == 0
+    assert f"computed {n_shards - n_done}, reused {n_done} finished shard(s)" in capsys.readouterr().out
+    pending = [u for s in manifest["shards"] if s["status"] != "done" for u in range(*s["units"])]
+    assert sorted(units) == pending
+    if kind == "trigger":
+        assert out.read_bytes() == single.read_bytes()
+    else:
+        assert_same_table(pd.read_pickle(out), pd.read_pickle(single))
+    assert not run_dir.exists()
 
 
 # ----- bad input ---------------------------------------------------------------------------------------------
