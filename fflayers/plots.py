@@ -289,7 +289,7 @@ def plot_knockout_curves(table: pd.DataFrame, title: str | None = None) -> Figur
     width = int((table["window_end"] - table["window_start"]).max()) + 1 if len(table) else 0
     n_facts = table["known_id"].nunique() if "known_id" in table else 0
     ax.set_title(title or f"Attention knockout (window of up to {width} layers, {n_facts} facts)")
-    ax.legend()
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return fig
 
 

@@ -1,0 +1,52 @@
+"""Right-padded batches of encoded facts, in input order."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from fflayers.backends.base import AdapterError, LMAdapter
+
+if TYPE_CHECKING:
+    from fflayers.recall.facts import EncodedFact
+
+
+@dataclass
+class FactBatch:
+    """Facts ``items`` as one batch: ``ids`` ``[B, T]`` right-padded with the adapter's pad id, ``mask``
+    ``[B, T]`` True on real tokens, ``last`` ``[B]`` the index of each row's last real token (all on the
+    adapter's device). Right padding keeps every real token at its own position."""
+
+    items: list[EncodedFact]
+    ids: torch.Tensor
+    mask: torch.Tensor
+    last: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def make_fact_batch(adapter: LMAdapter, items: Sequence[EncodedFact]) -> FactBatch:
+    """One :class:`FactBatch` of ``items``."""
+    if not items:
+        raise AdapterError("cannot batch zero facts")
+    T = max(len(e.ids) for e in items)
+    ids = torch.full((len(items), T), adapter.pad_id, dtype=torch.long)
+    mask = torch.zeros(len(items), T, dtype=torch.bool)
+    for row, e in enumerate(items):
+        ids[row, : len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
+        mask[row, : len(e.ids)] = True
+    last = torch.tensor([e.last for e in items], dtype=torch.long)
+    dev = adapter.device
+    return FactBatch(list(items), ids.to(dev), mask.to(dev), last.to(dev))
+
+
+def fact_batches(adapter: LMAdapter, encoded: Sequence[EncodedFact], batch_size: int) -> Iterator[FactBatch]:
+    """Consecutive batches of at most ``batch_size`` facts, in input order."""
+    if batch_size < 1:
+        raise AdapterError(f"batch_size {batch_size} must be >= 1")
+    for start in range(0, len(encoded), batch_size):
+        yield make_fact_batch(adapter, encoded[start : start + batch_size])
