@@ -75,13 +75,13 @@ def _extraction_and_projection(adapter, known, out_dir: Path) -> None:
         print(f"  {layer:5d}  " + "".join(f"{row[p]!r:>18.18}" for p in ("resid_post", "attn_out", "mlp_out")))
 
 
-def run_recall(out_dir: Path) -> None:
-    """SmolLM2: known country -> capital facts, attention knockout of all five position sets in every layer
-    (window 9), figure and table in ``out_dir``, printed summary."""
+def run_recall(out_dir: Path, adapter=None) -> None:
+    """SmolLM2 (``adapter``, loaded when None): known country -> capital facts, attention knockout of all five
+    position sets in every layer (window 9), figure and table in ``out_dir``, printed summary."""
     t0 = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    adapter = load_smollm2()
+    adapter = load_smollm2() if adapter is None else adapter
     print(f"\n--- dissecting factual recall: SmolLM2-135M ({adapter.n_layers} layers), country -> capital facts")
     encoded, skipped = encode_facts(adapter, countries_facts()[:N_COUNTRIES])
     known = filter_facts(adapter, encoded)

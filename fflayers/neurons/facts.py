@@ -1,0 +1,145 @@
+"""Fact files: PARAREL-like jsonl, one fact a line, several paraphrased prompts each.
+
+``{"uuid": "capital-FRA", "relation": "capital", "prompts": ["The capital of France is", ...], "answer": "Paris"}``
+
+For causal LMs the answer follows each prompt; for masked LMs each prompt holds the mask token where the answer
+goes. :func:`countries_paraphrases` builds such a file offline from the countries list
+(:func:`fflayers.data.countries.read_countries`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fflayers.backends.base import AdapterError
+
+FIELDS = ("uuid", "relation", "prompts", "answer")
+
+#: Paraphrase templates per relation of the countries list; ``{}`` is the subject.
+COUNTRY_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "capital": (
+        "The capital of {} is",
+        "{}'s capital city is",
+        "The capital city of {} is called",
+        "The seat of the government of {} is in the city of",
+        "The largest political center of {} is its capital,",
+    ),
+    "country_of_capital": (
+        "{} is the capital of",
+        "{} is the capital city of the country of",
+        "The city of {} is the capital of",
+        "{} serves as the capital of",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One fact: an id, its relation, prompts that all express it, and the answer."""
+
+    uuid: str
+    relation: str
+    prompts: tuple[str, ...]
+    answer: str
+
+    def to_json(self) -> dict:
+        row = asdict(self)
+        row["prompts"] = list(self.prompts)
+        return row
+
+
+def fact_from_row(row: Mapping, where: str = "fact") -> Fact:
+    """A :class:`Fact` from a parsed jsonl row; one-line :class:`AdapterError` naming what is wrong."""
+    if not isinstance(row, Mapping):
+        raise AdapterError(f"{where}: expected a JSON object with fields {', '.join(FIELDS)}")
+    missing = [f for f in FIELDS if f not in row]
+    if missing:
+        raise AdapterError(f"{where}: missing field(s) {', '.join(missing)}; each fact needs {', '.join(FIELDS)}")
+    prompts = row["prompts"]
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+        raise AdapterError(f"{where}: 'prompts' must be a non-empty list of strings")
+    if not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise AdapterError(f"{where}: every prompt must be a non-empty string")
+    for name in ("uuid", "relation", "answer"):
+        value = row[name]
+        if not isinstance(value, str | int) or not str(value).strip():
+            raise AdapterError(f"{where}: '{name}' must be a non-empty string")
+    return Fact(str(row["uuid"]), str(row["relation"]), tuple(prompts), str(row["answer"]))
+
+
+def read_facts(path: str | Path) -> list[Fact]:
+    """Facts of a jsonl file, in file order (blank lines skipped); uuids must be unique."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"fact file {path} does not exist; pass a jsonl file of facts (uuid, relation, prompts, answer)")
+    facts: list[Fact] = []
+    seen: set[str] = set()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise AdapterError(f"cannot read fact file {path} ({err})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise AdapterError(f"{path}:{n}: not valid JSON ({err.msg}); one JSON object per line") from None
+        fact = fact_from_row(row, f"{path}:{n}")
+        if fact.uuid in seen:
+            raise AdapterError(f"{path}:{n}: uuid {fact.uuid!r} appears twice; uuids must be unique")
+        seen.add(fact.uuid)
+        facts.append(fact)
+    if not facts:
+        raise AdapterError(f"fact file {path} holds no facts; one JSON object per line with {', '.join(FIELDS)}")
+    return facts
+
+
+def write_facts(path: str | Path, facts: Iterable[Fact]) -> None:
+    """Write facts as jsonl (atomically)."""
+    from fflayers.io import write_jsonl
+
+    write_jsonl(path, (f.to_json() for f in facts))
+
+
+def _simple(name: str) -> bool:
+    """Names usable as a subject or an answer: no parenthesised notes, no lists of alternatives."""
+    return bool(name) and not any(c in name for c in "(),;/")
+
+
+def countries_paraphrases(
+    templates: Mapping[str, Sequence[str]] | None = None,
+    countries_file: str | Path | None = None,
+    limit: int | None = None,
+    mask_token: str | None = None,
+) -> list[Fact]:
+    """Facts of the countries list: per country ``capital`` (country -> capital) and ``country_of_capital``
+    (capital -> country), each with every template of its relation as a prompt.
+
+    ``templates`` maps relation names (keys of :data:`COUNTRY_TEMPLATES`) to ``{}`` templates; ``limit`` keeps
+    the first countries; ``mask_token`` (masked LMs) appends ``" <mask>."`` to every prompt. Countries whose
+    name or capital carries notes or alternatives (``"La Paz (seat of government), Sucre ..."``) are skipped.
+    """
+    from fflayers.data.countries import COUNTRIES_FILE, read_countries
+
+    templates = COUNTRY_TEMPLATES if templates is None else templates
+    unknown = sorted(set(templates) - set(COUNTRY_TEMPLATES))
+    if unknown:
+        raise AdapterError(f"unknown relation(s) {', '.join(unknown)}; choose from {', '.join(COUNTRY_TEMPLATES)}")
+    for relation, temps in templates.items():
+        if not temps or any(t.count("{}") != 1 for t in temps):
+            raise AdapterError(f"templates of {relation!r} must be a non-empty list, each with exactly one '{{}}'")
+    countries = [c for c in read_countries(countries_file or COUNTRIES_FILE) if _simple(c.name) and _simple(c.capital)]
+    if limit is not None:
+        countries = countries[: max(0, limit)]
+    suffix = f" {mask_token}." if mask_token else ""
+    facts = []
+    for relation, temps in templates.items():
+        for c in countries:
+            subject, answer = (c.name, c.capital) if relation == "capital" else (c.capital, c.name)
+            prompts = tuple(t.format(subject) + suffix for t in temps)
+            facts.append(Fact(f"{relation}-{c.alpha3}", relation, prompts, answer))
+    return facts
