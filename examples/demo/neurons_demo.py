@@ -19,8 +19,9 @@ TEMPLATES = {
 }
 
 
-def run_neurons(out_dir: Path) -> None:
-    """Find and test the knowledge neurons; tables, JSON summary and figure land in ``out_dir``."""
+def run_neurons(out_dir: Path, adapter=None) -> None:
+    """Find and test the knowledge neurons of SmolLM2 (``adapter``, loaded when None); tables, JSON summary and
+    figure land in ``out_dir``."""
     from fflayers.backends.hf import load_smollm2
     from fflayers.io import write_json, write_table
     from fflayers.neurons.evaluate import (
@@ -36,7 +37,7 @@ def run_neurons(out_dir: Path) -> None:
     start = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    adapter = load_smollm2()
+    adapter = load_smollm2() if adapter is None else adapter
     facts = [f for f in countries_paraphrases(TEMPLATES) if f.uuid.split("-")[-1] in COUNTRIES]
     wanted = [i for i, f in enumerate(facts) if f.relation == "capital"]
     layers = tuple(range(adapter.n_layers - 6, adapter.n_layers))

@@ -10,7 +10,12 @@
    values' top tokens (parquet), a t-SNE map of a value's tokens, hidden state vs most active values per
    layer; MiniLM's keys and values (projected with its input embedding: it has no MLM head).
 7. Linear shortcuts between layers: maps A_{j,i} fitted on the demo fairseq LM (r^2, shortcuts to the output,
-   early exit) and on MiniLM (r^2: it has no MLM head).
+   early exit, submodule maps and the mat_attn / mat_ffn / mat_ln1_ln2 shortcuts) and on MiniLM (r^2: it has
+   no MLM head).
+8. Dissecting factual recall on SmolLM2: the country -> capital facts it gets right, attention knockout of five
+   position sets in every layer, attribute extraction, the vocabulary projections of one fact.
+9. Knowledge neurons of a few of those facts on SmolLM2: refined neurons by integrated gradients, the effect of
+   suppressing and enhancing them vs unrelated facts and random neurons.
 
 Everything lands in ``runs/demo`` (``--out``); finished steps are reused when the demo runs again.
 
@@ -93,6 +98,8 @@ def main() -> None:
     p.add_argument("--skip_memories", action="store_true", help="skip the key-value memory step")
     p.add_argument("--skip_embedding_space", action="store_true", help="skip the embedding-space step")
     p.add_argument("--skip_shortcuts", action="store_true", help="skip the linear-shortcuts step")
+    p.add_argument("--skip_recall", action="store_true", help="skip the factual-recall step")
+    p.add_argument("--skip_neurons", action="store_true", help="skip the knowledge-neurons step")
     args = p.parse_args()
     start = time.time()
     out = Path(args.out)
@@ -143,6 +150,24 @@ def main() -> None:
 
         banner("7. Linear shortcuts between layers")
         run_shortcuts(out / "shortcuts", out / "corpus" / "wiki.train.tokens", model_dir)
+
+    if not args.skip_recall:
+        from recall_demo import run_recall
+
+        banner("8. Dissecting factual recall")
+        if (out / "recall" / "knockout.parquet").is_file() and (out / "recall" / "extraction.parquet").is_file():
+            print(f"  done before: see {out / 'recall'}/")
+        else:
+            run_recall(out / "recall", smollm2)
+
+    if not args.skip_neurons:
+        from neurons_demo import run_neurons
+
+        banner("9. Knowledge neurons")
+        if (out / "neurons" / "results.json").is_file():
+            print(f"  done before: see {out / 'neurons'}/")
+        else:
+            run_neurons(out / "neurons", smollm2)
 
     print(f"\ndemo finished in {time.time() - start:.0f} s; outputs in {out}/")
 
