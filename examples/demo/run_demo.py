@@ -10,8 +10,8 @@
    values' top tokens (parquet), a t-SNE map of a value's tokens, hidden state vs most active values per
    layer; MiniLM's keys and values (projected with its input embedding: it has no MLM head).
 7. Linear shortcuts between layers: maps A_{j,i} fitted on the demo fairseq LM (r^2, shortcuts to the output,
-   early exit, submodule maps and the mat_attn / mat_ffn / mat_ln1_ln2 shortcuts) and on MiniLM (r^2: it has
-   no MLM head).
+   early exit, submodule maps and the mat_attn / mat_ffn / mat_ln1_ln2 shortcuts), on SmolLM2 (a small
+   sample) and on MiniLM (r^2: it has no MLM head).
 8. Dissecting factual recall on SmolLM2: the country -> capital facts it gets right, attention knockout of five
    position sets in every layer, attribute extraction, the vocabulary projections of one fact.
 9. Knowledge neurons of a few of those facts on SmolLM2: refined neurons by integrated gradients, the effect of
@@ -25,6 +25,7 @@ Everything lands in ``runs/demo`` (``--out``); finished steps are reused when th
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -122,6 +123,7 @@ def main() -> None:
         save_dequantized(smollm2, smollm2_dir)
     print(f"  SmolLM2-135M: {smollm2} (plain copy in {smollm2_dir})")
 
+    logging.getLogger().setLevel(logging.WARNING)  # importing fairseq sets the root logger to DEBUG
     banner("4. Next-token predictions and FFN value tokens")
     for name, adapter, prompts in (("fairseq demo LM", fairseq_lm, FAIRSEQ_PROMPTS), ("SmolLM2-135M", smollm2, HF_PROMPTS)):
         print(f"{name}: next-token predictions")
@@ -149,7 +151,7 @@ def main() -> None:
         from shortcuts_demo import run_shortcuts
 
         banner("7. Linear shortcuts between layers")
-        run_shortcuts(out / "shortcuts", out / "corpus" / "wiki.train.tokens", model_dir)
+        run_shortcuts(out / "shortcuts", out / "corpus" / "wiki.train.tokens", model_dir, smollm2_dir)
 
     if not args.skip_recall:
         from recall_demo import run_recall

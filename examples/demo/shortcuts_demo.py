@@ -19,14 +19,16 @@ def _adjacent_r2(out: Path) -> str:
     return "  ".join(f"{i}->{i + 1}: mat {fmt(row['mat'])} / id {fmt(row['id'])}" for i, row in adj.iterrows())
 
 
-def run_shortcuts(out: Path, corpus: Path, fairseq_dir: Path) -> None:
-    """The demo fairseq LM (all analyses and the submodule maps) and MiniLM (r2: an encoder without an MLM
-    head). SmolLM2 runs through the same command line, outside the demo's time budget."""
+def run_shortcuts(out: Path, corpus: Path, fairseq_dir: Path, smollm2_dir: Path) -> None:
+    """The demo fairseq LM (all analyses and the submodule maps), SmolLM2 (a small sample: 200 positions for
+    d = 576, so a ridge) and MiniLM (r2: an encoder without an MLM head)."""
     from memories_demo import _run  # examples/demo is on sys.path when run_demo.py runs
 
     runs = {
         "fairseq demo LM": (out / "fairseq", ["--model_dir", str(fairseq_dir), "--train_sentences", "2000",
                                               "--val_sentences", "300"]),
+        "SmolLM2-135M": (out / "smollm2", ["--hf_model", str(smollm2_dir), "--train_sentences", "200",
+                                           "--val_sentences", "60", "--ridge", "0.01", "--lambdas", "0.2", "0.6"]),
         "MiniLM (BERT, masked)": (out / "minilm", ["--hf_model", str(minilm_path()), "--train_sentences", "1000",
                                                    "--val_sentences", "200", "--ridge", "0.01"]),
     }
@@ -53,6 +55,12 @@ def run_shortcuts(out: Path, corpus: Path, fairseq_dir: Path) -> None:
     for mapping, g in ee.groupby("mapping"):
         print(f"  {mapping}: " + "  ".join(f"{r['lambda']:.1f}: {r.layers_saved:.2f}/{r['precision@1']:.2f}"
                                           for _, r in g.iloc[::2].iterrows()))
+    sm = pd.read_csv(runs["SmolLM2-135M"][0] / "evaluate.tsv", sep="\t").pivot(index="layer", columns="mapping",
+                                                                                values="precision@1")
+    print("SmolLM2-135M: precision@1 of shortcuts to the output, every third layer (200 training positions)")
+    print("  layer: " + " ".join(f"{i:>5d}" for i in sm.index[::3]))
+    print("  mat:   " + " ".join(f"{x:5.2f}" for x in sm["mat"].iloc[::3]))
+    print("  id:    " + " ".join(f"{x:5.2f}" for x in sm["id"].iloc[::3]))
     sub = pd.read_csv(fairseq_out / "submodule_evaluate.tsv", sep="\t").pivot(index="layer", columns="mapping",
                                                                               values="precision@1")
     print("fairseq demo LM: precision@1 with one kind of submodule replaced by its linear map in blocks l..L-1")

@@ -130,17 +130,9 @@ def _check_selection(adapter: LMAdapter, layers: Sequence[int] | None, dims: Seq
 
 
 def _sentences_digest(sentences: Sequence[Sequence[int]]) -> str:
-    h = hashlib.sha256()
-    lengths = np.fromiter((len(s) for s in sentences), dtype=np.int64, count=len(sentences))
-    h.update(lengths.tobytes())
-    chunk: list[int] = []
-    for s in sentences:
-        chunk.extend(int(t) for t in s)
-        if len(chunk) > 1 << 20:
-            h.update(np.asarray(chunk, dtype=np.int64).tobytes())
-            chunk = []
-    h.update(np.asarray(chunk, dtype=np.int64).tobytes())
-    return h.hexdigest()
+    from fflayers.memories.scan import sentences_digest
+
+    return sentences_digest(sentences)
 
 
 def _model_digest(adapter: LMAdapter, layer: int) -> str:

@@ -132,11 +132,18 @@ def evaluate_shortcuts(
             c = top1.shape[0]
             lp = final.gather(1, top1.reshape(c, -1)).reshape(c, L, len(names))
             bits += (-lp.double() / math.log(2)).sum(0).cpu()
+    return precision_table(range(L), names, ks, hits, bits, n)
+
+
+def precision_table(layers: Iterable[int], names: Sequence[str], ks: Sequence[int], hits: torch.Tensor,
+                    bits: torch.Tensor, n: int) -> pd.DataFrame:
+    """Rows ``layer, mapping, precision@k..., surprisal`` from hit counts ``[layers, mappings, ks]`` and summed
+    surprisal bits ``[layers, mappings]`` over ``n`` examples."""
     rows = []
-    for i in range(L):
+    for li, layer in enumerate(layers):
         for mi, m in enumerate(names):
-            row = {"layer": i, "mapping": m}
-            row.update({f"precision@{k}": float(hits[i, mi, col] / n) for col, k in enumerate(ks)})
-            row["surprisal"] = float(bits[i, mi] / n)
+            row = {"layer": layer, "mapping": m}
+            row.update({f"precision@{k}": float(hits[li, mi, col] / n) for col, k in enumerate(ks)})
+            row["surprisal"] = float(bits[li, mi] / n)
             rows.append(row)
     return pd.DataFrame(rows)

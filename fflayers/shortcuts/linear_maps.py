@@ -190,20 +190,25 @@ def save_maps(path: str | os.PathLike, maps: Mapping[tuple[int, int], torch.Tens
         f.write(save(tensors, metadata=meta))
 
 
+def read_safetensors(path: Path, what: str, missing_hint: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and string metadata of a safetensors file; one-line :class:`AdapterError` when it is missing
+    (``missing_hint`` says what to do) or unreadable."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise AdapterError(f"{what} {path} does not exist; {missing_hint}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise AdapterError(f"{what} {path} is not a readable safetensors file ({type(err).__name__}); refit the maps") from None
+
+
 def load_maps(path: str | os.PathLike, adapter: LMAdapter | None = None) -> tuple[Maps, dict[str, str]]:
     """Maps and metadata written by :func:`save_maps`; with ``adapter``, :class:`AdapterError` unless they were
     fitted for the same model (``model`` metadata), ``d_model`` and number of states."""
-    from safetensors import safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise AdapterError(f"maps file {path} does not exist; fit the maps first or give the right path")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise AdapterError(f"maps file {path} is not a readable safetensors file ({type(err).__name__}); refit the maps") from None
+    tensors, meta = read_safetensors(path, "maps file", "fit the maps first or give the right path")
     maps: Maps = {}
     for name, A in tensors.items():
         m = _KEY.match(name)

@@ -38,7 +38,8 @@ import torch
 
 from fflayers.backends.base import AdapterError, LMAdapter
 from fflayers.hooks import hooked
-from fflayers.shortcuts.linear_maps import solve_least_squares
+from fflayers.shortcuts.evaluate import precision_table
+from fflayers.shortcuts.linear_maps import read_safetensors, solve_least_squares
 from fflayers.shortcuts.positions import Position
 from fflayers.shortcuts.r2 import r2_from_sums
 from fflayers.shortcuts.states import check_positions, collate_positions
@@ -343,15 +344,7 @@ def evaluate_submodule_shortcuts(
                 bits[li, mi] += float((-final.gather(1, top1[:, None]).double() / math.log(2)).sum())
                 bar.update(len(batch))
     bar.close()
-    n = len(positions)
-    rows = []
-    for li, layer in enumerate(layers):
-        for mi, m in enumerate(names):
-            row = {"layer": layer, "mapping": m}
-            row.update({f"precision@{k}": float(hits[li, mi, col] / n) for col, k in enumerate(ks)})
-            row["surprisal"] = float(bits[li, mi] / n)
-            rows.append(row)
-    return pd.DataFrame(rows)
+    return precision_table(layers, names, ks, hits, bits, len(positions))
 
 
 # ----- files ------------------------------------------------------------------------------------------------
@@ -372,19 +365,10 @@ def save_submodule_maps(path: str | os.PathLike, maps: SubMaps, metadata: Mappin
 
 def load_submodule_maps(path: str | os.PathLike, adapter: LMAdapter | None = None) -> tuple[dict, dict[str, str]]:
     """Maps and metadata written by :func:`save_submodule_maps`; with ``adapter``, checks the model and size."""
-    from safetensors import safe_open
-
     from fflayers.shortcuts.linear_maps import model_id
 
     path = Path(path)
-    if not path.is_file():
-        raise AdapterError(f"submodule maps file {path} does not exist; run the submodules step first")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise AdapterError(f"{path} is not a readable safetensors file ({type(err).__name__}); refit the maps") from None
+    tensors, meta = read_safetensors(path, "submodule maps file", "run the submodules step first")
     maps = {}
     for key, A in tensors.items():
         _, layer, name = key.split("_", 2)
