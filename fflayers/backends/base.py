@@ -246,6 +246,18 @@ class LMAdapter(ABC):
         except StopForward:
             return None
 
+    def prefix_cache(self, prefix_ids: torch.Tensor, batch: int) -> object | None:
+        """Keys and values of one shared prefix ``prefix_ids`` ``[1, P]`` (no padding), repeated for ``batch``
+        rows, for :meth:`run_cached`; computed without gradients (run it before installing hooks). None when
+        the backend cannot cache a prefix (masked LMs, fairseq): the caller then runs whole sequences."""
+        return None
+
+    def run_cached(self, cache: object, input_ids: torch.Tensor) -> torch.Tensor:
+        """Final residual stream ``[batch, T, d]`` of ``input_ids`` ``[batch, T]`` read after the cached prefix:
+        hooks see only these ``T`` positions (their position 0 is position ``P`` of the whole sequence). A
+        cache serves one call."""
+        raise AdapterError(f"{type(self).__name__} cannot cache a prefix; run whole sequences")
+
     def log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token log-probabilities ``[B, T, V]`` (masked LMs: log-probs of the token at each position)."""
         h = self.run(input_ids, attention_mask)

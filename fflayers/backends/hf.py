@@ -221,6 +221,43 @@ class HFAdapter(LMAdapter):
             handle.remove()
         return out["h"]
 
+    def prefix_cache(self, prefix_ids: torch.Tensor, batch: int) -> object | None:
+        if self.is_masked_lm or prefix_ids.shape[1] == 0:
+            return None
+        with torch.no_grad():
+            out = self.model.base_model(input_ids=prefix_ids.to(self.device), use_cache=True)
+        cache = out.get("cache", out.get("past_key_values"))  # renamed in transformers 5.2x
+        if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+            return None
+        cache.batch_repeat_interleave(batch)
+        return cache
+
+    def _cache_arg(self) -> str:
+        """The body's keyword for a key/value cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+        import inspect
+
+        params = inspect.signature(self.model.base_model.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
+
+    def run_cached(self, cache: object, input_ids: torch.Tensor) -> torch.Tensor:
+        from fflayers.hooks import StopForward
+
+        input_ids = input_ids.to(self.device)
+        self.check_length(cache.get_seq_length() + input_ids.shape[1])
+        out: dict[str, torch.Tensor] = {}
+
+        def keep(_module, _args, output):
+            out["h"] = output[0] if isinstance(output, tuple) else output
+
+        handle = self.blocks[-1].register_forward_hook(keep)
+        try:
+            self.model.base_model(input_ids=input_ids, use_cache=True, **{self._cache_arg(): cache})
+        except StopForward:
+            return None
+        finally:
+            handle.remove()
+        return out["h"]
+
     def _project_rows(self, h: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
         if final_norm and self.spec.final_norm is not None:
             h = _get(self.model, self.spec.final_norm)(h)

@@ -141,13 +141,21 @@ def _accumulate(adapter, target, point, layers, chunk, base, delta, alphas, pos_
         leaf = x.detach().requires_grad_(True)
         leaves.append((s, sel, leaf))
         hooks.append((point, layers[s], _setter(sel, pos_of[trow[sel]], leaf)))
-    ids = target.ids.expand(R, -1)
+    # positions before the first target position are the same in every row: a causal model that can cache
+    # them runs them once (hooks then see positions from `first` on)
+    first = int(pos_of.min())
+    cache = adapter.prefix_cache(target.ids[:, :first], R) if first > 0 else None
+    shift = first if cache is not None else 0
+    if shift:
+        hooks = [(p, layer, _setter(sel, pos_of[trow[sel]] - shift, leaf))
+                 for (p, layer, _), (_s, sel, leaf) in zip(hooks, leaves, strict=True)]
+    ids = target.ids[:, shift:].expand(R, -1)
     with torch.enable_grad(), hooked(adapter, hooks):
-        h = adapter.run(ids)
+        h = adapter.run(ids) if cache is None else adapter.run_cached(cache, ids)
         if h is None:
             raise AdapterError("the forward pass was stopped early by a hook; integrated gradients needs the full pass")
         rix = torch.arange(R, device=h.device)
-        lp = adapter.project(h[rix, pos_of[trow]])
+        lp = adapter.project(h[rix, pos_of[trow] - shift])
         prob = lp.float()[rix, tok_of[trow]].exp().sum()
         got = torch.autograd.grad(prob, [leaf for _, _, leaf in leaves])
     for (s, sel, _), g in zip(leaves, got, strict=True):
