@@ -226,7 +226,7 @@ class HFAdapter(LMAdapter):
             return None
         with torch.no_grad():
             out = self.model.base_model(input_ids=prefix_ids.to(self.device), use_cache=True)
-        cache = out.get("cache", out.get("past_key_values"))  # renamed in transformers 5.2x
+        cache = out["cache"] if "cache" in out else out.get("past_key_values")  # renamed in transformers 5.2x
         if cache is None or not hasattr(cache, "batch_repeat_interleave"):
             return None
         cache.batch_repeat_interleave(batch)
