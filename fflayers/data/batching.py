@@ -104,14 +104,19 @@ def plan_batches(
     return groups
 
 
-def _collate(ids: list[list[int]], index: list[int], pad_id: int) -> Batch:
-    width = max(len(s) for s in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(ids), width), dtype=torch.bool)
-    for r, s in enumerate(ids):
-        input_ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+def pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids`` ``[n, T]`` and ``attention_mask`` ``[n, T]`` (True for real tokens), on the CPU."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for r, s in enumerate(sequences):
+        input_ids[r, : len(s)] = torch.as_tensor(s, dtype=torch.long)
         attention_mask[r, : len(s)] = True
-    return Batch(input_ids, attention_mask, index)
+    return input_ids, attention_mask
+
+
+def _collate(ids: list[list[int]], index: list[int], pad_id: int) -> Batch:
+    return Batch(*pad_right(ids, pad_id), index)
 
 
 def iter_batches(

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.data.batching import pad_right
 from fflayers.hooks import StopForward, hooked
 from fflayers.memories.topk import StreamingTopK, all_gather_merge
 
@@ -257,14 +258,7 @@ def autocast(adapter: LMAdapter, dtype: torch.dtype | None):
 
 def collate(sentences: Sequence[Sequence[int]], index: Sequence[int], pad_id: int, max_length: int | None):
     """Right-padded ``(input_ids, attention_mask)`` of ``sentences[i] for i in index`` (truncated to ``max_length``)."""
-    seqs = [list(sentences[i])[:max_length] if max_length else list(sentences[i]) for i in index]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for r, seq in enumerate(seqs):
-        ids[r, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-        mask[r, : len(seq)] = True
-    return ids, mask
+    return pad_right([list(sentences[i])[:max_length] if max_length else list(sentences[i]) for i in index], pad_id)
 
 
 class TriggerScan:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.data.batching import pad_right
 
 if TYPE_CHECKING:
     from fflayers.recall.facts import EncodedFact
@@ -33,12 +34,7 @@ def make_fact_batch(adapter: LMAdapter, items: Sequence[EncodedFact]) -> FactBat
     """One :class:`FactBatch` of ``items``."""
     if not items:
         raise AdapterError("cannot batch zero facts")
-    T = max(len(e.ids) for e in items)
-    ids = torch.full((len(items), T), adapter.pad_id, dtype=torch.long)
-    mask = torch.zeros(len(items), T, dtype=torch.bool)
-    for row, e in enumerate(items):
-        ids[row, : len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
-        mask[row, : len(e.ids)] = True
+    ids, mask = pad_right([e.ids for e in items], adapter.pad_id)
     last = torch.tensor([e.last for e in items], dtype=torch.long)
     dev = adapter.device
     return FactBatch(list(items), ids.to(dev), mask.to(dev), last.to(dev))

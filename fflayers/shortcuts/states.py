@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.data.batching import pad_right
 from fflayers.hooks import hooked
 from fflayers.shortcuts.positions import Position
 
@@ -31,12 +32,7 @@ def check_positions(positions: Sequence[Position], batch_size: int) -> None:
 
 def collate_positions(batch: Sequence[Position], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids ``[b, T]``, attention mask ``[b, T]`` and read rows ``[b]`` (CPU) of a batch of positions."""
-    width = max(len(p.input_ids) for p in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.bool)
-    for r, p in enumerate(batch):
-        ids[r, : len(p.input_ids)] = torch.tensor(p.input_ids, dtype=torch.long)
-        mask[r, : len(p.input_ids)] = True
+    ids, mask = pad_right([p.input_ids for p in batch], pad_id)
     read_at = torch.tensor([p.read_at for p in batch], dtype=torch.long)
     return ids, mask, read_at
 
