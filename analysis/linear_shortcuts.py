@@ -200,7 +200,6 @@ def run_submodules(adapter, args, out: Path) -> None:
     from fflayers.shortcuts.linear_maps import model_id
     from fflayers.shortcuts.submodules import (
         SUBMODULE_MAPPINGS,
-        check_submodule_mappings,
         evaluate_submodule_shortcuts,
         fit_submodule_maps,
         save_submodule_maps,
@@ -233,7 +232,6 @@ def run_submodules(adapter, args, out: Path) -> None:
         fitted = sorted({layer for layer, _ in maps})
         first = next(x for x in range(adapter.n_layers + 1) if all(b in fitted for b in range(x, adapter.n_layers)))
         names = [m for m in SUBMODULE_MAPPINGS if adapter.block_layout != "post_norm" or m != "mat_ln1_ln2"]
-        check_submodule_mappings(adapter, names)
         tables = []
         if (out / "maps.safetensors").is_file():
             layer_maps, _ = load_maps(out / "maps.safetensors", adapter)

@@ -184,21 +184,23 @@ def suppress_knowledge(adapter: LMAdapter, prompt: TextOrIds, ground_truth: Text
                        undo_modification: bool = True) -> Modification:
     """Set the neurons' activations (``mlp_coef``) to 0 at the answer's positions; probability of
     ``ground_truth`` before and after."""
-    from fflayers.neurons.targets import encode_target
-
-    target = encode_target(adapter, prompt, ground_truth)
-    apply, revert = _activation_change(adapter, target, neurons, 0.0)
-    return _run(adapter, target, apply, revert, undo_modification)
+    return _scale_knowledge(adapter, prompt, ground_truth, neurons, 0.0, undo_modification)
 
 
 def enhance_knowledge(adapter: LMAdapter, prompt: TextOrIds, ground_truth: TextOrIds, neurons: Neurons,
                       undo_modification: bool = True) -> Modification:
     """Double the neurons' activations (``mlp_coef``) at the answer's positions; probability of
     ``ground_truth`` before and after."""
+    return _scale_knowledge(adapter, prompt, ground_truth, neurons, 2.0, undo_modification)
+
+
+def _scale_knowledge(adapter: LMAdapter, prompt: TextOrIds, ground_truth: TextOrIds, neurons: Neurons,
+                     factor: float, undo_modification: bool) -> Modification:
+    """The neurons' activations times ``factor`` at the answer's positions, measured before and after."""
     from fflayers.neurons.targets import encode_target
 
     target = encode_target(adapter, prompt, ground_truth)
-    apply, revert = _activation_change(adapter, target, neurons, 2.0)
+    apply, revert = _activation_change(adapter, target, neurons, factor)
     return _run(adapter, target, apply, revert, undo_modification)
 
 

@@ -142,18 +142,20 @@ class SubmoduleGram:
 
     def update(self, points: Mapping[tuple[int, str], torch.Tensor]) -> None:
         """Add one batch from :func:`iter_submodule_points`."""
-        b = 0
-        for (layer, src), G in self.gram.items():
-            x = points[layer, src].to(self.device, torch.float64)
-            if not torch.isfinite(x).all():
-                raise AdapterError(f"layer {layer} {src} holds NaN or inf values; check the model's dtype")
-            G.addmm_(x.T, x)
-            b = x.shape[0]
+        x = {}  # each point once in float64 (a point is the source or target of up to three steps)
         for layer in self.layers:
             for s in self.steps:
-                x = points[layer, s.source].to(self.device, torch.float64)
-                self.cross[layer, s.name].addmm_(x.T, points[layer, s.target].to(self.device, torch.float64))
-        self.n += b
+                for p in (s.source, s.target):
+                    if (layer, p) not in x:
+                        x[layer, p] = points[layer, p].to(self.device, torch.float64)
+        for (layer, src), G in self.gram.items():
+            if not torch.isfinite(x[layer, src]).all():
+                raise AdapterError(f"layer {layer} {src} holds NaN or inf values; check the model's dtype")
+            G.addmm_(x[layer, src].T, x[layer, src])
+        for layer in self.layers:
+            for s in self.steps:
+                self.cross[layer, s.name].addmm_(x[layer, s.source].T, x[layer, s.target])
+        self.n += next(iter(x.values())).shape[0]
 
     def fit(self, ridge: float = 0.0) -> dict[tuple[int, str], torch.Tensor]:
         """Maps ``{(layer, name): A}`` (``[d, d]`` float32, CPU), ``target ≈ A @ source``."""
@@ -290,17 +292,29 @@ def submodule_log_probs(
 ) -> torch.Tensor:
     """Log-probs ``[n, V]`` at the read rows of one batch of positions, with blocks ``layer .. L-1`` running
     ``mapping``'s submodules replaced by their maps at those rows."""
+    replaced = _replaced(adapter, maps, layer, mapping)
+    dev = adapter.device
+    ids, mask, read_at = (t.to(dev) for t in collate_positions(positions, adapter.pad_id))
+    return _replaced_log_probs(adapter, maps, layer, replaced, ids, mask, read_at)
+
+
+def _replaced(adapter: LMAdapter, maps: SubMaps, layer: int, mapping: str) -> tuple[str, ...]:
+    """The submodules ``mapping`` replaces; :class:`AdapterError` when a map of blocks ``layer..L-1`` is missing."""
     (mapping,) = check_submodule_mappings(adapter, [mapping])
     replaced = SUBMODULE_MAPPINGS[mapping]
     for b in range(layer, adapter.n_layers):
         for name in replaced:
             if (b, name) not in maps:
                 raise AdapterError(f"no submodule map for layer {b} {name}; fit the submodule maps of layers {layer}..")
-    ids, mask, read_at = collate_positions(positions, adapter.pad_id)
-    dev = adapter.device
-    rows, read_at = torch.arange(ids.shape[0], device=dev), read_at.to(dev)
+    return replaced
+
+
+def _replaced_log_probs(adapter: LMAdapter, maps: SubMaps, layer: int, replaced: tuple[str, ...],
+                        ids: torch.Tensor, mask: torch.Tensor, read_at: torch.Tensor) -> torch.Tensor:
+    """Log-probs at the read rows of a collated batch (on the adapter's device) with ``replaced`` swapped."""
+    rows = torch.arange(ids.shape[0], device=ids.device)
     with hooked(adapter, _replacement_hooks(adapter, maps, layer, replaced, rows, read_at)), torch.inference_mode():
-        lp = adapter.log_probs(ids.to(dev), mask.to(dev))
+        lp = adapter.log_probs(ids, mask)
     return lp[rows, read_at]
 
 
@@ -325,19 +339,19 @@ def evaluate_submodule_shortcuts(
     if not ks or ks[0] < 1 or ks[-1] > adapter.vocab_size:
         raise AdapterError(f"ks must be between 1 and the vocabulary size {adapter.vocab_size}, got {ks}")
     check_positions(positions, batch_size)
+    replaced = {(layer, m): _replaced(adapter, maps, layer, m) for layer in layers for m in names}
     hits = torch.zeros(len(layers), len(names), len(ks), dtype=torch.float64)
     bits = torch.zeros(len(layers), len(names), dtype=torch.float64)
     bar = tqdm(total=len(positions) * len(layers) * len(names), desc="submodule shortcuts", disable=not progress)
     for start in range(0, len(positions), batch_size):
         batch = positions[start : start + batch_size]
-        ids, mask, read_at = collate_positions(batch, adapter.pad_id)
-        dev = adapter.device
+        ids, mask, read_at = (t.to(adapter.device) for t in collate_positions(batch, adapter.pad_id))
         with torch.inference_mode():
-            final = adapter.log_probs(ids.to(dev), mask.to(dev))[torch.arange(len(batch), device=dev), read_at.to(dev)]
+            final = adapter.log_probs(ids, mask)[torch.arange(len(batch), device=ids.device), read_at]
         top_k = final.topk(ks[-1], dim=-1).indices
         for li, layer in enumerate(layers):
             for mi, m in enumerate(names):
-                top1 = submodule_log_probs(adapter, batch, maps, layer, m).argmax(-1)
+                top1 = _replaced_log_probs(adapter, maps, layer, replaced[layer, m], ids, mask, read_at).argmax(-1)
                 inside = top_k == top1[:, None]
                 for col, k in enumerate(ks):
                     hits[li, mi, col] += float(inside[:, :k].any(-1).sum())
