@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from fflayers.cli import CLIError, Parser, run_main
+from fflayers.safe_pickle import UnsafePickleError, load_pickle
 
 PROG = "plot_memories.py"
 
@@ -34,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d_ff", type=int, default=None, help="FFN width, for shares when a table does not record it")
     p.add_argument("--top_n", type=int, default=100, help="most confident values to locate (default 100)")
     p.add_argument("--formats", nargs="+", default=["png", "pdf"], choices=["png", "pdf", "svg"])
+    p.add_argument("--trust-checkpoint", dest="trust_checkpoint", action="store_true",
+                   help="read .pkl tables in full (a pickle can run code: only for files you trust)")
     return p
 
 
@@ -55,7 +58,7 @@ def read_agreement(path: str):
     return table
 
 
-def read_ffn_info(path: str):
+def read_ffn_info(path: str, trust: bool = False):
     import pandas as pd
 
     p = Path(path)
@@ -64,7 +67,7 @@ def read_ffn_info(path: str):
     suffix = p.suffix.lower()
     try:
         if suffix in (".pkl", ".pickle"):
-            table = pd.read_pickle(p)  # pickles run code: only read tables you made
+            table = load_pickle(p, trust=trust)  # names outside pandas/numpy are refused, never called
         elif suffix == ".parquet":
             table = pd.read_parquet(p)
         elif suffix == ".jsonl":
@@ -73,7 +76,7 @@ def read_ffn_info(path: str):
             table = pd.read_csv(p, sep="\t" if suffix == ".tsv" else ",")
         else:
             raise CLIError(f"unknown table format {suffix!r} of {p}; use .pkl, .parquet, .jsonl, .tsv or .csv")
-    except CLIError:
+    except (CLIError, UnsafePickleError):
         raise
     except Exception as err:  # noqa: BLE001 - any reader failure is bad input here
         raise CLIError(f"cannot read {p} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
@@ -124,7 +127,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     # read everything before writing anything
     agreement = read_agreement(args.agreement_tsv) if args.agreement_tsv else None
     baseline = read_agreement(args.baseline_tsv) if args.baseline_tsv else None
-    infos = [read_ffn_info(p) for p in args.ffn_info]
+    infos = [read_ffn_info(p, trust=args.trust_checkpoint) for p in args.ffn_info]
     out = prepare_output_dir(args.output_dir)
     written: list[Path] = []
     fmts = args.formats

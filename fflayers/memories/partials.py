@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from fflayers.backends.base import AdapterError
+from fflayers.safe_pickle import UnsafePickleError, torch_load_restricted
 
 PARTIAL_FORMAT = "fflayers-scan-partial/1"
 TABLE_SUFFIXES = (".parquet", ".pkl", ".pickle", ".tsv", ".csv")
@@ -47,7 +48,9 @@ def write_partial(path: str | os.PathLike, header: dict, state: Any, texts: dict
 
 def read_partial(path: str | os.PathLike) -> dict:
     try:
-        data = torch.load(path, map_location="cpu", weights_only=False)
+        data = torch_load_restricted(path)
+    except UnsafePickleError:
+        raise
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
         raise AdapterError(f"partial {path} is unreadable ({type(err).__name__}); rerun its job") from None
     if not isinstance(data, dict) or data.get("format") != PARTIAL_FORMAT:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.safe_pickle import UnsafePickleError, torch_load_restricted
 from fflayers.distributed import (
     barrier,
     broadcast_from_main,
@@ -254,7 +255,9 @@ def _save_shard(run_dir: Path, chash: str, shard: int, state: Any) -> None:
 def _load_shard(run_dir: Path, chash: str, shard: int) -> Any:
     path = shard_file(run_dir, shard)
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        saved = torch_load_restricted(path)
+    except UnsafePickleError:
+        raise
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
         raise AdapterError(f"shard file {path} is unreadable ({type(err).__name__}); delete it and rerun with --resume") from None
     if saved.get("config_hash") != chash or saved.get("shard") != shard:
