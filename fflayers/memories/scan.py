@@ -33,7 +33,6 @@ import numpy as np
 import torch
 
 from fflayers.backends.base import AdapterError, LMAdapter
-from fflayers.safe_pickle import UnsafePickleError, torch_load_restricted
 from fflayers.distributed import (
     barrier,
     broadcast_from_main,
@@ -42,6 +41,7 @@ from fflayers.distributed import (
     gather_to_main,
     shard_range,
 )
+from fflayers.safe_pickle import UnsafePickleError, torch_load_restricted
 
 MANIFEST = "manifest.json"
 FORMAT = "fflayers-scan/1"
