@@ -24,7 +24,7 @@ def demo_sentences(adapter: LMAdapter, n: int, corpus: str | None = None, seed: 
         pretok = path.suffix == ".tokens"
         sents = shuffled_sentences(lines, seed=seed, max_sentences=n, pretokenized=pretok)
         limit = (adapter.max_positions or 10**9) - 2
-        return [adapter.tokenize(s)[:limit] for s in sents]
+        return [adapter.vocab.tokenize(s)[:limit] for s in sents]
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(8, 40, (n,), generator=g)
     return [torch.randint(5, adapter.vocab_size, (int(k),), generator=g).tolist() for k in lengths]

@@ -43,7 +43,7 @@ def load(args):
         return HFAdapter(tiny_model(args.hf_tiny), device="cpu"), f"tiny random {args.hf_tiny}"
     model_dir = Path(args.model_dir) if args.model_dir else DEMO_DIR / "fairseq_lm"
     if not args.random_fairseq and (args.model_dir or (model_dir / "dict.txt").is_file()):
-        from fflayers.backends.fairseq_lm import load_fairseq_lm
+        from fflayers.backends.fairseq_loading import load_fairseq_lm
 
         return load_fairseq_lm(model_dir, device=args.device), str(model_dir)
     adapter = build_random_fairseq_lm(vocab=32_000, layers=4, dim=256, ffn=1024, heads=4, cutoffs="4000,12000")

@@ -22,7 +22,7 @@ from fflayers.hooks import capture  # noqa: E402
 
 def measure(name: str, adapter: LMAdapter, n_sentences: int, repeats: int, batch_tokens: int) -> float:
     sents = demo_sentences(adapter, n_sentences)
-    batches = [b.to(adapter.device) for b in make_batches(sents, adapter.pad_id, batch_tokens=batch_tokens)]
+    batches = [b.to(adapter.device) for b in make_batches(sents, adapter.vocab.pad_id, batch_tokens=batch_tokens)]
     n_tokens = sum(int(b.attention_mask.sum()) for b in batches)
 
     @torch.inference_mode()
@@ -56,14 +56,14 @@ def main() -> None:
     torch.manual_seed(0)
 
     if Path(args.model_dir).is_dir():
-        from fflayers.backends.fairseq_lm import load_fairseq_lm
+        from fflayers.backends.fairseq_loading import load_fairseq_lm
 
         measure("fairseq demo LM", load_fairseq_lm(args.model_dir, device=args.device), args.sentences,
                 args.repeats, args.batch_tokens)
     else:
         print(f"no fairseq model at {args.model_dir}: run `make demo` first (skipped)")
     if not args.skip_smollm2:
-        from fflayers.backends.hf import load_smollm2
+        from fflayers.assets import load_smollm2
 
         measure("SmolLM2-135M", load_smollm2(device=args.device), args.sentences, args.repeats, args.batch_tokens)
 

@@ -52,7 +52,7 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=128, help="rows per forward of the batched run")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
-    from fflayers.backends.hf import load_smollm2
+    from fflayers.assets import load_smollm2
 
     adapter = load_smollm2(device=args.device)
     encoded, _ = encode_facts(adapter, countries_facts()[:60])

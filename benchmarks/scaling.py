@@ -40,7 +40,7 @@ def flops_per_token(layers: int, d: int, d_ff: int) -> float:
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from fflayers.backends.fairseq_lm import load_fairseq_lm
+    from fflayers.backends.fairseq_loading import load_fairseq_lm
     from fflayers.distributed import barrier, dist_info, finish, init_distributed
     from fflayers.memories.scan import run_scan
     from fflayers.memories.trigger_examples import TriggerScan

@@ -40,7 +40,7 @@ from fflayers.memories import trigger_examples  # noqa: E402
 def measure(name: str, adapter: LMAdapter, sentences: list[list[int]], repeats: int, batch_tokens: int, k: int,
             min_time: float = 10.0) -> float:
     limit = adapter.max_positions
-    batches = make_batches(sentences, adapter.pad_id, batch_tokens=batch_tokens, max_length=limit, truncate=True)
+    batches = make_batches(sentences, adapter.vocab.pad_id, batch_tokens=batch_tokens, max_length=limit, truncate=True)
     n_tokens = sum(int(b.attention_mask.sum()) for b in batches)
     last = adapter.n_layers - 1
 
@@ -49,7 +49,7 @@ def measure(name: str, adapter: LMAdapter, sentences: list[list[int]], repeats: 
 
     def bare():
         with hooked(adapter, [("resid_post", last, stop)]), torch.inference_mode():
-            for b in make_batches(sentences, adapter.pad_id, batch_tokens=batch_tokens, max_length=limit, truncate=True):
+            for b in make_batches(sentences, adapter.vocab.pad_id, batch_tokens=batch_tokens, max_length=limit, truncate=True):
                 adapter.run(b.input_ids, b.attention_mask)
 
     def mining():
@@ -134,7 +134,7 @@ def main() -> None:
     ratios = {}
 
     if not args.skip_fairseq:
-        from fflayers.backends.fairseq_lm import load_fairseq_lm
+        from fflayers.backends.fairseq_loading import load_fairseq_lm
 
         with tempfile.TemporaryDirectory() as tmp:
             model_dir = args.model_dir or str(DEMO_DIR / "fairseq_lm")
@@ -150,7 +150,7 @@ def main() -> None:
             ratios["fairseq"] = measure(name, adapter, sents, args.repeats, args.batch_tokens, args.k, args.min_time)
             del adapter
     if not args.skip_smollm2:
-        from fflayers.backends.hf import load_smollm2
+        from fflayers.assets import load_smollm2
 
         adapter = load_smollm2(device=args.device)
         sents = demo_sentences(adapter, args.smollm2_sentences, args.corpus)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from fflayers.backends.base import AdapterError
+from fflayers.core import InputError
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,9 @@ def dist_info() -> DistInfo:
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", str(rank)))
     except ValueError:
-        raise AdapterError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
+        raise InputError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
     if world < 1 or not 0 <= rank < world:
-        raise AdapterError(f"rank {rank} of world size {world} is out of range (set by torchrun)")
+        raise InputError(f"rank {rank} of world size {world} is out of range (set by torchrun)")
     return DistInfo(rank, world, local)
 
 
@@ -53,11 +53,11 @@ def rank_device(info: DistInfo, device: str | torch.device | None = "auto") -> t
     if want.startswith("cuda") or want == "auto":
         n = torch.cuda.device_count()
         if n == 0:
-            raise AdapterError("--device cuda asked for, but no CUDA device is visible")
+            raise InputError("--device cuda asked for, but no CUDA device is visible")
         if ":" in want:
             return torch.device(want)
         if info.local_rank >= n:
-            raise AdapterError(f"rank {info.rank} has local rank {info.local_rank} but only {n} GPU(s) are visible; "
+            raise InputError(f"rank {info.rank} has local rank {info.local_rank} but only {n} GPU(s) are visible; "
                                "start at most one process per GPU (--nproc_per_node)")
         return torch.device("cuda", info.local_rank)
     return torch.device(want)
@@ -84,14 +84,14 @@ def init_distributed(device: torch.device, timeout_s: float | None = None) -> Di
 
 
 def parse_shard_spec(spec: str) -> tuple[int, int]:
-    """``"I/N"`` (job I of N, counted from 0) as ``(I, N)``; one-line :class:`AdapterError` otherwise."""
+    """``"I/N"`` (job I of N, counted from 0) as ``(I, N)``; one-line :class:`~fflayers.core.InputError` otherwise."""
     parts = str(spec).split("/")
     try:
         index, count = (int(p) for p in parts)
     except ValueError:
-        raise AdapterError(f"shard spec {spec!r} is not I/N; pass e.g. --shard 0/4 (job 0 of 4)") from None
+        raise InputError(f"shard spec {spec!r} is not I/N; pass e.g. --shard 0/4 (job 0 of 4)") from None
     if count < 1 or not 0 <= index < count:
-        raise AdapterError(f"shard spec {spec!r} is out of range: I/N needs N >= 1 and 0 <= I < N "
+        raise InputError(f"shard spec {spec!r} is out of range: I/N needs N >= 1 and 0 <= I < N "
                            f"(e.g. --shard 0/{max(count, 1)} .. {max(count, 1) - 1}/{max(count, 1)})")
     return index, count
 
@@ -129,7 +129,7 @@ def broadcast_from_main(obj: Any) -> Any:
 def shard_range(n_items: int, rank: int, world_size: int) -> range:
     """The contiguous share of ``n_items`` of ``rank``; shares differ by at most one item, in order."""
     if world_size < 1 or not 0 <= rank < world_size:
-        raise AdapterError(f"shard {rank} of {world_size} is out of range")
+        raise InputError(f"shard {rank} of {world_size} is out of range")
     base, extra = divmod(n_items, world_size)
     start = rank * base + min(rank, extra)
     return range(start, start + base + (1 if rank < extra else 0))

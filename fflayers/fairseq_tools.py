@@ -4,7 +4,7 @@ Each wrapper runs the real CLI in a subprocess (the one installed next to the ru
 :class:`FairseqToolError` with the tail of the tool's output when it fails.
 
 A *model dir* is a folder holding ``model.pt`` and ``dict.txt``: what :func:`train_lm` produces and what
-:func:`fflayers.backends.fairseq_lm.load_fairseq_lm` and ``fairseq-eval-lm`` read.
+:func:`fflayers.backends.fairseq_loading.load_fairseq_lm` and ``fairseq-eval-lm`` read.
 """
 
 from __future__ import annotations

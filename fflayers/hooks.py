@@ -18,17 +18,14 @@ from dataclasses import dataclass
 
 import torch
 
-from fflayers.backends.base import HOOK_POINTS, AdapterError, HookSite, LMAdapter
+from fflayers.backends.base import LMAdapter
+from fflayers.core import HOOK_POINTS, HookSite, ModelError, StopForward
 
 #: Attribute set on an attention module while some of its edges are blocked.
 EDGE_ATTR = "_fflayers_blocked_edges"
 
 Positions = None | int | Sequence[int] | torch.Tensor
 Index = None | int | Sequence[int] | torch.Tensor
-
-
-class StopForward(Exception):
-    """Raised inside a hook to end a forward pass once everything needed was captured."""
 
 
 class ActivationCache(dict):
@@ -44,7 +41,7 @@ class ActivationCache(dict):
 
 def _check_point(point: str) -> None:
     if point not in HOOK_POINTS:
-        raise AdapterError(f"unknown hook point {point!r}; choose from {', '.join(HOOK_POINTS)}")
+        raise ModelError(f"unknown hook point {point!r}; choose from {', '.join(HOOK_POINTS)}")
 
 
 def site_of(adapter: LMAdapter, point: str, layer: int) -> HookSite:
@@ -55,7 +52,7 @@ def site_of(adapter: LMAdapter, point: str, layer: int) -> HookSite:
     if point == "mlp_in":
         try:
             return adapter.hook_site(point, layer)
-        except AdapterError:
+        except ModelError:
             key = adapter.hook_site("mlp_key", layer)
             return HookSite(key.module, "input", key.time_first, "input")
     return adapter.hook_site(point, layer)
@@ -75,7 +72,7 @@ def _install(site: HookSite, fn: Callable[[torch.Tensor], torch.Tensor | None]):
             elif site.arg_name in kwargs:
                 x = kwargs[site.arg_name]
             else:
-                raise AdapterError(f"cannot find the input of {type(module).__name__} to hook")
+                raise ModelError(f"cannot find the input of {type(module).__name__} to hook")
             new = fn(to_bf(x))
             if new is None:
                 return None
@@ -100,7 +97,7 @@ def _install(site: HookSite, fn: Callable[[torch.Tensor], torch.Tensor | None]):
 
         return site.module.register_forward_hook(post_hook)
 
-    raise AdapterError(f"bad hook side {site.side!r}")
+    raise ModelError(f"bad hook side {site.side!r}")
 
 
 @contextmanager
@@ -178,14 +175,14 @@ def _position_mask(x: torch.Tensor, positions: Positions) -> torch.Tensor | None
     B, T = x.shape[0], x.shape[1]
     if isinstance(positions, torch.Tensor) and positions.dtype == torch.bool:
         if positions.shape != (B, T):
-            raise AdapterError(f"position mask has shape {tuple(positions.shape)}, expected {(B, T)}")
+            raise ModelError(f"position mask has shape {tuple(positions.shape)}, expected {(B, T)}")
         return positions.to(x.device)[..., None]
     pos = torch.as_tensor(positions, device=x.device).long()
     mask = torch.zeros(B, T, dtype=torch.bool, device=x.device)
     if pos.dim() == 0:
         pos = pos[None]
     if (pos >= T).any() or (pos < -T).any():
-        raise AdapterError(f"position out of range for a sequence of {T} tokens")
+        raise ModelError(f"position out of range for a sequence of {T} tokens")
     mask[:, pos % T] = True
     return mask[..., None]
 
@@ -238,7 +235,7 @@ def block_attention(adapter: LMAdapter, blocked: Mapping[int, torch.Tensor]):
             module = adapter.attention_module(adapter.check_layer(layer))
             mask = torch.as_tensor(mask, device=adapter.device).bool()
             if mask.dim() not in (2, 3):
-                raise AdapterError(f"edge mask for layer {layer} must be [T, S] or [B, T, S], got {tuple(mask.shape)}")
+                raise ModelError(f"edge mask for layer {layer} must be [T, S] or [B, T, S], got {tuple(mask.shape)}")
             setattr(module, EDGE_ATTR, mask)
             modules.append(module)
         yield
@@ -261,7 +258,7 @@ def attention_with_blocked_edges(
     ``[B, T, S]``). Rows with no edge left get zero output instead of a uniform average."""
     T, S = scores.shape[-2], scores.shape[-1]
     if blocked.shape[-2:] != (T, S):
-        raise AdapterError(f"edge mask is {tuple(blocked.shape[-2:])} but attention is {T} x {S}")
+        raise ModelError(f"edge mask is {tuple(blocked.shape[-2:])} but attention is {T} x {S}")
     blk = blocked[:, None] if blocked.dim() == 3 else blocked[None, None]
     keep = allowed & ~blk
     scores = scores.float().masked_fill(~keep, float("-inf"))

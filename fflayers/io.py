@@ -1,4 +1,4 @@
-"""Output files: atomic writes (temp file + rename), table formats, run metadata."""
+"""Output files: atomic writes (temp file + rename), table formats by suffix, run metadata."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pickle
 import platform
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from fflayers.backends.base import AdapterError
+from fflayers.core import InputError
 
 
 def check_writable(path: str | Path) -> Path:
@@ -26,20 +26,21 @@ def check_writable(path: str | Path) -> Path:
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
-        raise AdapterError(f"output folder {parent} does not exist; create it or choose another output path")
+        raise InputError(f"output folder {parent} does not exist; create it or choose another output path")
     if path.is_dir():
-        raise AdapterError(f"output path {path} is a folder; give a file name")
+        raise InputError(f"output path {path} is a folder; give a file name")
     check_folder_writable(parent)
     return path
 
 
 def check_folder_writable(folder: str | Path) -> None:
-    """One-line :class:`AdapterError` unless a file can be created in the existing ``folder``."""
+    """One-line :class:`~fflayers.core.InputError` unless a file can be created in the existing ``folder``."""
     try:
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".fflayers-write-test.", suffix=".tmp")
     except OSError as err:
         reason = err.strerror or type(err).__name__
-        raise AdapterError(f"cannot write in folder {folder} ({reason}); choose another output path") from None
+        raise InputError(f"cannot write in folder {folder} ({reason}); "
+                           "choose another output path") from None
     os.close(fd)
     os.unlink(probe)
 
@@ -88,21 +89,86 @@ def write_pickle(path: str | Path, obj: Any) -> None:
         pickle.dump(obj, f)
 
 
-def write_table(path: str | Path, df) -> None:
-    """Write a pandas DataFrame by extension: .parquet, .tsv, .csv, .jsonl; anything else (.pkl) pickles it."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
+#: The one rule for table files: suffix (lower case) -> format. Every table writer and reader of fflayers
+#: and of its commands goes through :func:`write_table` / :func:`read_table`, so they all accept these and
+#: only these.
+TABLE_FORMATS: dict[str, str] = {".parquet": "parquet", ".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl",
+                                 ".pkl": "pickle", ".pickle": "pickle"}
+TABLE_SUFFIXES: tuple[str, ...] = tuple(TABLE_FORMATS)
+
+
+def table_suffix(path: str | Path, flag: str | None = None) -> str:
+    """The lower-case suffix of ``path`` when it names a table format (:data:`TABLE_FORMATS`); otherwise a
+    one-line :class:`~fflayers.core.InputError` that lists the accepted ones (``flag``: the option to
+    name)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in TABLE_FORMATS:
+        name = f"{flag} {path}" if flag else str(path)
+        raise InputError(f"{name}: unknown table format {suffix or '(no suffix)'!r}; give a table file "
+                         f"ending in {', '.join(TABLE_SUFFIXES)}")
+    return suffix
+
+
+def write_table(path: str | Path, table: Any, chunked: bool = False) -> int:
+    """Write a pandas DataFrame in the format of the suffix of ``path`` (:data:`TABLE_FORMATS`); returns its
+    row count. ``chunked``: ``table`` is an iterable of DataFrames with the same columns (parquet: streamed
+    chunk by chunk; other formats: concatenated first). An unknown suffix is an
+    :class:`~fflayers.core.InputError` before anything is written."""
+    fmt = TABLE_FORMATS[table_suffix(path)]
+    if chunked:
+        if fmt == "parquet":
+            return _write_parquet_chunks(path, table)
+        import pandas as pd
+
+        table = pd.concat(list(table), ignore_index=True)
+    if fmt == "parquet":
         with atomic_write(path, "wb") as f:
-            df.to_parquet(f, index=False)
-    elif suffix in (".tsv", ".csv"):
+            table.to_parquet(f, index=False)
+    elif fmt in ("tsv", "csv"):
         with atomic_write(path) as f:
-            df.to_csv(f, sep="\t" if suffix == ".tsv" else ",", index=False)
-    elif suffix == ".jsonl":
+            table.to_csv(f, sep="\t" if fmt == "tsv" else ",", index=False)
+    elif fmt == "jsonl":
         with atomic_write(path) as f:
-            df.to_json(f, orient="records", lines=True)
+            table.to_json(f, orient="records", lines=True)
     else:
-        write_pickle(path, df)
+        write_pickle(path, table)
+    return len(table)
+
+
+def _write_parquet_chunks(path: str | Path, frames: Iterable[Any]) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = 0
+    with atomic_write(path, "wb") as f:
+        writer = None
+        for frame in frames:
+            batch = pa.Table.from_pandas(frame, preserve_index=False)
+            if writer is None:
+                writer = pq.ParquetWriter(f, batch.schema)
+            writer.write_table(batch)
+            rows += len(frame)
+        if writer is not None:
+            writer.close()
+    return rows
+
+
+def read_table(path: str | Path, trust: bool = False, as_suffix: str | None = None, **options: Any) -> Any:
+    """A pandas DataFrame read in the format of the suffix of ``path`` (or of ``as_suffix``, for a file whose
+    format is fixed whatever its name). Pickles are read through :func:`fflayers.safe_pickle.load_pickle`
+    (DataFrames and arrays only, unless ``trust``); ``options`` go to pandas' text readers (.tsv, .csv)."""
+    import pandas as pd
+
+    from fflayers.safe_pickle import load_pickle
+
+    fmt = TABLE_FORMATS[table_suffix(path) if as_suffix is None else as_suffix]
+    if fmt == "parquet":
+        return pd.read_parquet(path)
+    if fmt in ("tsv", "csv"):
+        return pd.read_csv(path, **({"sep": "\t"} if fmt == "tsv" else {}), **options)
+    if fmt == "jsonl":
+        return pd.read_json(path, lines=True)
+    return load_pickle(path, trust=trust)
 
 
 def file_sha256(path: str | Path, limit: int | None = None) -> str:

@@ -18,7 +18,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from fflayers.backends.base import AdapterError
+from fflayers.core import InputError
 
 __all__ = ["UnsafePickleError", "RestrictedUnpickler", "restricted_loads", "load_pickle", "torch_load_restricted"]
 
@@ -108,7 +108,7 @@ _PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 # :meth:`RestrictedUnpickler.find_class` too.
 
 
-class UnsafePickleError(AdapterError):
+class UnsafePickleError(InputError):
     """A pickle names a function outside the allow-list; nothing of it was called."""
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from fflayers.backends.base import AdapterError
+from fflayers.core import FflayersError
 from fflayers.distributed import dist_info, gather_objects, shard_range
 
 
@@ -13,11 +13,11 @@ def test_shards_cover_in_order(n, world):
 
 
 def test_bad_shard_and_env(monkeypatch):
-    with pytest.raises(AdapterError, match="out of range"):
+    with pytest.raises(FflayersError, match="out of range"):
         shard_range(5, 2, 2)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "3")
-    with pytest.raises(AdapterError, match="out of range"):
+    with pytest.raises(FflayersError, match="out of range"):
         dist_info()
 
 
@@ -37,7 +37,7 @@ def test_shard_spec(spec, want):
 def test_bad_shard_spec(spec):
     from fflayers.distributed import parse_shard_spec
 
-    with pytest.raises(AdapterError, match="shard spec"):
+    with pytest.raises(FflayersError, match="shard spec"):
         parse_shard_spec(spec)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fflayers.backends.base import AdapterError
 from fflayers.backends.hf import HFAdapter
+from fflayers.core import ModelError
 from fflayers.hooks import add, attention_with_blocked_edges, capture, hooked, intervene, replace, scale
 from tests.fixtures.hf_models import tiny_model
 
@@ -45,9 +45,9 @@ def test_edit_helpers_on_a_plain_tensor():
 
 def test_position_errors_are_one_line():
     x = torch.zeros(1, 3, 2)
-    with pytest.raises(AdapterError, match="position out of range"):
+    with pytest.raises(ModelError, match="position out of range"):
         scale("mlp_coef", 0, 0.0, positions=[5]).fn(x)
-    with pytest.raises(AdapterError, match="position mask has shape"):
+    with pytest.raises(ModelError, match="position mask has shape"):
         scale("mlp_coef", 0, 0.0, positions=torch.ones(2, 3, dtype=torch.bool)).fn(x)
 
 

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fflayers.backends.base import AdapterError
+from fflayers.core import FflayersError, InputError
 from fflayers.io import atomic_write
 
 SAMPLE_NAME = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -69,10 +69,10 @@ def sample_dump_path() -> Path:
     """Path of the Wikipedia sample inside the installed gensim package (not imported to find it)."""
     spec = importlib.util.find_spec("gensim")
     if spec is None or spec.origin is None:
-        raise AdapterError("gensim is not installed; install the demo extra: pip install 'fflayers[demo]'")
+        raise InputError("gensim is not installed; install the demo extra: pip install 'fflayers[demo]'")
     path = Path(spec.origin).parent / "test" / "test_data" / SAMPLE_NAME
     if not path.exists():
-        raise AdapterError(f"the gensim wheel has no {SAMPLE_NAME}; reinstall gensim>=4.3 from PyPI")
+        raise InputError(f"the gensim wheel has no {SAMPLE_NAME}; reinstall gensim>=4.3 from PyPI")
     return path
 
 
@@ -182,16 +182,16 @@ def build_corpus(
     only (headings and blank lines excluded), the lines :func:`fflayers.data.read_wikitext_lines` returns.
     """
     if max_articles is not None and max_articles < 3:
-        raise AdapterError(
+        raise InputError(
             f"max_articles={max_articles} is too small; pass at least 3 (one article per split)"
         )
     dump = Path(source) if source is not None else sample_dump_path()
     if not dump.exists():
-        raise AdapterError(f"Wikipedia dump {str(dump)!r} does not exist; check --source")
+        raise InputError(f"Wikipedia dump {str(dump)!r} does not exist; check --source")
     try:
         import gensim.corpora.wikicorpus  # noqa: F401
     except ImportError as e:
-        raise AdapterError(
+        raise InputError(
             f"cannot import gensim ({e}); install the demo extra: pip install 'fflayers[demo]'"
         ) from None
 
@@ -202,7 +202,7 @@ def build_corpus(
             break
     n = len(articles)
     if n < 3:
-        raise AdapterError(
+        raise InputError(
             f"{str(dump)!r} gave only {n} usable articles; a split needs at least 3, use a larger dump"
         )
     n_held = max(1, min(5, n // 10))
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     args = parser.parse_args(argv)
     try:
         result = build_corpus(args.out_dir, max_articles=args.max_articles, source=args.source)
-    except AdapterError as e:
+    except FflayersError as e:
         raise SystemExit(f"error: {e}") from None
     print(summary(result))
     return result

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fflayers.backends.hf import minilm_path
+from fflayers.assets import minilm_path
 
 
 def _show(title: str, table: pd.DataFrame, columns: list[str], rows: int = 10) -> None:

@@ -11,8 +11,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from fflayers.assets import smollm2_gguf_path
 from fflayers.backends.base import LMAdapter
-from fflayers.backends.hf import HFAdapter, smollm2_gguf_path
+from fflayers.backends.hf import HFAdapter
 from fflayers.memories import read_textual_dir
 from fflayers.memories.agreement import agreement_by_layer
 from fflayers.memories.ffn_info import ffn_info_by_layer
@@ -97,7 +98,7 @@ def summarize(name: str, adapter: LMAdapter, textual: Path, base: Path, layer_in
         layer, dim = int(row.layer), int(row.W2_dim)
         with torch.inference_mode():
             top = adapter.project(adapter.ffn_values(layer)[dim][None])[0].topk(5)
-        tokens = [t.strip() or repr(t) for t in adapter.id_to_token(top.indices.tolist())]
+        tokens = [t.strip() or repr(t) for t in adapter.vocab.id_to_token(top.indices.tolist())]
         print(f"  key {dim} of layer {layer}: value -> {' | '.join(tokens)} (p={top.values[0].exp():.2f})")
         for value, prefix, target in examples.get((layer, dim), [])[:3]:
             print(f"      {value:6.2f}  ...{prefix[-70:]} *{target}*")

@@ -22,7 +22,7 @@ TEMPLATES = {
 def run_neurons(out_dir: Path, adapter=None) -> None:
     """Find and test the knowledge neurons of SmolLM2 (``adapter``, loaded when None); tables, JSON summary and
     figure land in ``out_dir``."""
-    from fflayers.backends.hf import load_smollm2
+    from fflayers.assets import load_smollm2
     from fflayers.io import write_json, write_table
     from fflayers.neurons.evaluate import (
         SearchConfig,

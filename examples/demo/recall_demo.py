@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from fflayers.backends.hf import load_smollm2
+from fflayers.assets import load_smollm2
 from fflayers.io import run_metadata, write_json, write_table
 from fflayers.plots import plot_knockout_curves, save_figure
 from fflayers.recall import (

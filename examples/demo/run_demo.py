@@ -53,11 +53,11 @@ def banner(text: str) -> None:
 def show_predictions(adapter: LMAdapter, prompts: list[str], k: int = 5) -> None:
     """Top-k next tokens of each prompt."""
     for prompt in prompts:
-        ids = torch.tensor([adapter.tokenize(prompt)])
+        ids = torch.tensor([adapter.vocab.tokenize(prompt)])
         with torch.inference_mode():
             lp = adapter.log_probs(ids)[0, -1]
         top = lp.topk(k)
-        tokens = adapter.id_to_token(top.indices.tolist())
+        tokens = adapter.vocab.id_to_token(top.indices.tolist())
         shown = ", ".join(f"{t.strip() or repr(t)} ({p:.2f})" for t, p in zip(tokens, top.values.exp().tolist(), strict=True))
         print(f"  {prompt!r} -> {shown}")
 
@@ -70,7 +70,7 @@ def show_values(adapter: LMAdapter, n_values: int = 4, k: int = 6) -> None:
         best = lp.max(-1).values.topk(n_values).indices
         for dim in best.tolist():
             top = lp[dim].topk(k)
-            tokens = [t.strip() or repr(t) for t in adapter.id_to_token(top.indices.tolist())]
+            tokens = [t.strip() or repr(t) for t in adapter.vocab.id_to_token(top.indices.tolist())]
             print(f"  value {dim} of layer {layer} (p_max={top.values[0].exp():.2f}): {' | '.join(tokens)}")
 
 
@@ -109,8 +109,9 @@ def main() -> None:
 
     model_dir = build_fairseq_lm(out, args.train_minutes)
 
-    from fflayers.backends.fairseq_lm import load_fairseq_lm
-    from fflayers.backends.hf import load_hf_lm, load_smollm2, save_dequantized
+    from fflayers.assets import load_smollm2, save_dequantized
+    from fflayers.backends.fairseq_loading import load_fairseq_lm
+    from fflayers.backends.hf import load_hf_lm
 
     banner("3. Models")
     fairseq_lm = load_fairseq_lm(model_dir, device=args.device)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fflayers.backends.hf import minilm_path
+from fflayers.assets import minilm_path
 
 
 def _adjacent_r2(out: Path) -> str:

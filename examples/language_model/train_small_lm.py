@@ -2,7 +2,7 @@
 
 Input: a folder holding ``wiki.train.tokens``, ``wiki.valid.tokens`` and ``wiki.test.tokens`` (space-tokenized,
 one paragraph per line, as in WikiText-103 or ``examples/demo/build_corpus.py``). Output: ``OUT_DIR`` with
-``model.pt`` + ``dict.txt`` (loadable by ``fflayers.backends.fairseq_lm.load_fairseq_lm`` and
+``model.pt`` + ``dict.txt`` (loadable by ``fflayers.backends.fairseq_loading.load_fairseq_lm`` and
 ``fairseq-eval-lm``) and ``OUT_DIR/data-bin`` (the binarised corpus).
 
 The default model is a miniature of the WikiText-103 LM: adaptive input + adaptive softmax with tied weights,

@@ -3,7 +3,7 @@
 Conventions, for every backend:
 
 * Tensors handed to users and to hook callbacks are batch-first: ``[batch, positions, features]``.
-* A layer ``l`` is one transformer block. Its hook points are listed in :data:`HOOK_POINTS`.
+* A layer ``l`` is one transformer block. Its hook points are listed in :data:`fflayers.core.HOOK_POINTS`.
 * FFN key ``i`` of layer ``l`` is the vector whose dot product with the (normalised) residual gives the
   pre-activation of neuron ``i``; value ``i`` is the vector that neuron writes to the residual stream
   (``mlp_out = sum_i m_i * V[l, i] + bias``).
@@ -15,45 +15,14 @@ Conventions, for every backend:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-#: Named places in a block where activations can be read or edited.
-#: ``resid_pre``: stream entering the block; ``attn_in``: the attention sublayer's input (after its norm in
-#: pre-norm blocks); ``attn_out``: attention sublayer output (before the residual add); ``mlp_in``: the FFN's
-#: input (after its norm: what the keys read); ``mlp_key``: FFN pre-activations (fc1 / gate output);
-#: ``mlp_coef``: FFN coefficients m (input of fc2 / down); ``mlp_out``: FFN output (before the residual add);
-#: ``resid_post``: stream leaving the block.
-HOOK_POINTS: tuple[str, ...] = ("resid_pre", "attn_in", "attn_out", "mlp_in", "mlp_key", "mlp_coef", "mlp_out",
-                                "resid_post")
-
-#: How a block wires its sublayers (:attr:`LMAdapter.block_layout`):
-#: ``"pre_norm"``: x + attn(ln1(x)) = m, then m + mlp(ln2(m)) (GPT-2, GPT-Neo, Llama, fairseq normalize_before);
-#: ``"post_norm"``: m = ln1(x + attn(x)), then ln2(m + mlp(m)) (BERT, fairseq's default transformer_lm);
-#: ``"parallel"``: x + attn(ln1(x)) + mlp(ln2(x)) (GPT-J with one shared norm, GPT-NeoX/Pythia).
-BLOCK_LAYOUTS: tuple[str, ...] = ("pre_norm", "post_norm", "parallel")
-
-
-class AdapterError(ValueError):
-    """A model or input the adapter cannot use; the message says what is wrong and how to fix it."""
-
-
-@dataclass(frozen=True)
-class HookSite:
-    """Where a hook point lives in the module tree.
-
-    ``module`` is hooked on its ``"input"`` (first positional argument, or keyword ``arg_name``) or its
-    ``"output"`` (the tensor, or element 0 of a tuple). ``time_first`` marks modules whose tensors are
-    ``[positions, batch, features]`` (fairseq); the hook machinery transposes them to batch-first.
-    """
-
-    module: nn.Module
-    side: str  # "input" or "output"
-    time_first: bool = False
-    arg_name: str = "hidden_states"
+from fflayers.backends.vocabulary import Vocabulary
+from fflayers.core import HookSite, ModelError, StopForward
 
 
 @dataclass(frozen=True)
@@ -86,7 +55,7 @@ class AttentionWeights:
     def __post_init__(self) -> None:
         H, G = self.n_heads, self.n_kv_heads
         if H <= 0 or G <= 0 or H % G:
-            raise AdapterError(f"{H} query heads cannot share {G} key/value heads; n_heads must be a multiple of n_kv_heads")
+            raise ModelError(f"{H} query heads cannot share {G} key/value heads; n_heads must be a multiple of n_kv_heads")
         d, dh = self.W_Q.shape[1], self.W_Q.shape[2]
         expected = {
             "W_Q": (H, d, dh), "W_K": (G, d, dh), "W_V": (G, d, dh), "W_O": (H, dh, d),
@@ -95,7 +64,7 @@ class AttentionWeights:
         for name, shape in expected.items():
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != shape:
-                raise AdapterError(f"attention weight {name} has shape {tuple(t.shape)}, expected {shape}")
+                raise ModelError(f"attention weight {name} has shape {tuple(t.shape)}, expected {shape}")
 
     @property
     def d_model(self) -> int:
@@ -108,7 +77,7 @@ class AttentionWeights:
     def kv_head(self, h: int) -> int:
         """The key/value head that query head ``h`` reads (grouped-query attention; ``h`` itself otherwise)."""
         if not 0 <= h < self.n_heads:
-            raise AdapterError(f"head {h} is out of range: the layer has {self.n_heads} heads (0..{self.n_heads - 1})")
+            raise ModelError(f"head {h} is out of range: the layer has {self.n_heads} heads (0..{self.n_heads - 1})")
         return h // (self.n_heads // self.n_kv_heads)
 
     @classmethod
@@ -133,7 +102,7 @@ class AttentionWeights:
         q, k, v, o = (w.detach() for w in (q, k, v, o))
         d = q.shape[1]
         if q.shape[0] % n_heads:
-            raise AdapterError(f"query projection of {q.shape[0]} features does not split into {n_heads} heads")
+            raise ModelError(f"query projection of {q.shape[0]} features does not split into {n_heads} heads")
         dh = q.shape[0] // n_heads
 
         def heads(w: torch.Tensor, n: int) -> torch.Tensor:  # [n * dh, d] -> [n, d, dh]
@@ -193,35 +162,21 @@ class LMAdapter(ABC):
 
     # ----- text --------------------------------------------------------------------------------------------
     @property
-    @abstractmethod
-    def pad_id(self) -> int: ...
+    def vocab(self) -> Vocabulary:
+        """The model's vocabulary: tokenization (with character offsets), id <-> token, the special ids."""
+        vocab = self.__dict__.get("_vocab")
+        if vocab is None:
+            vocab = self._vocab = self._make_vocab()
+        return vocab
 
-    @property
-    def bos_id(self) -> int | None:
-        """Token prepended to every sequence (fairseq: ``</s>``), or None."""
-        return None
-
-    @abstractmethod
-    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
-        """Token ids of ``text`` as the model was trained to see it (BOS first when ``add_bos``)."""
-
-    def tokenize_with_offsets(self, text: str, add_bos: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
-        """Token ids of ``text`` (exactly :meth:`tokenize`'s) and each token's character span ``(start, end)``
-        in ``text``; special tokens (BOS, fairseq's leading ``</s>``) get ``(0, 0)``."""
-        raise AdapterError(f"{type(self).__name__} cannot map tokens to character offsets; "
-                           "implement tokenize_with_offsets for this backend")
+    @vocab.setter
+    def vocab(self, vocab: Vocabulary) -> None:
+        """Give the adapter another vocabulary (e.g. a tokenizer for a model loaded without one)."""
+        self._vocab = vocab
 
     @abstractmethod
-    def id_to_token(self, ids: Sequence[int]) -> list[str]:
-        """Surface string of each token id (one entry per id)."""
-
-    @abstractmethod
-    def detokenize(self, ids: Sequence[int]) -> str:
-        """Readable text of a sequence of ids."""
-
-    def token_to_id(self, token: str) -> int | None:
-        """Id of a single vocabulary entry, or None when it is not in the vocabulary."""
-        return None
+    def _make_vocab(self) -> Vocabulary:
+        """The backend's :class:`~fflayers.backends.vocabulary.Vocabulary` (built once, on first use)."""
 
     # ----- forward -----------------------------------------------------------------------------------------
     @abstractmethod
@@ -234,8 +189,6 @@ class LMAdapter(ABC):
         ``attention_mask`` is True for real tokens. Returns None when a hook stopped the pass early
         (see :func:`fflayers.hooks.capture` with ``stop_early``).
         """
-        from fflayers.hooks import StopForward
-
         input_ids = input_ids.to(self.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
@@ -256,20 +209,20 @@ class LMAdapter(ABC):
         """Final residual stream ``[batch, T, d]`` of ``input_ids`` ``[batch, T]`` read after the cached prefix:
         hooks see only these ``T`` positions (their position 0 is position ``P`` of the whole sequence). A
         cache serves one call."""
-        raise AdapterError(f"{type(self).__name__} cannot cache a prefix; run whole sequences")
+        raise ModelError(f"{type(self).__name__} cannot cache a prefix; run whole sequences")
 
     def log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token log-probabilities ``[B, T, V]`` (masked LMs: log-probs of the token at each position)."""
         h = self.run(input_ids, attention_mask)
         if h is None:
-            raise AdapterError("the forward pass was stopped early by a hook; log_probs needs the full pass")
+            raise ModelError("the forward pass was stopped early by a hook; log_probs needs the full pass")
         return self.project(h)
 
     def check_length(self, n_tokens: int) -> None:
-        """Raise :class:`AdapterError` when a sequence is longer than the model allows."""
+        """Raise :class:`ModelError` when a sequence is longer than the model allows."""
         limit = self.max_positions
         if limit is not None and n_tokens > limit:
-            raise AdapterError(
+            raise ModelError(
                 f"sequence of {n_tokens} tokens is longer than the model's {limit} positions; "
                 "split the text into shorter sentences or use truncate=True when batching"
             )
@@ -294,7 +247,7 @@ class LMAdapter(ABC):
         flat = h.reshape(-1, h.shape[-1]).to(self.device, self.dtype)
         outs = [self._project_rows(flat[i : i + chunk_size], final_norm=final_norm)
                 for i in range(0, flat.shape[0], chunk_size)]
-        out = torch.cat(outs) if outs else flat.new_zeros(0, self.vocab_size)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs) if outs else flat.new_zeros(0, self.vocab_size)
         return out.reshape(*shape, out.shape[-1])
 
     # ----- weights -----------------------------------------------------------------------------------------
@@ -310,25 +263,17 @@ class LMAdapter(ABC):
     def write_ffn_values(self, layer: int, index: Sequence[int], rows: torch.Tensor) -> None:
         """Overwrite values ``index`` of ``layer`` in place with ``rows`` ``[len(index), d]``: the model's own
         weights change (save :meth:`ffn_values` rows first to undo). Works through :meth:`ffn_values`, which
-        must return a view of a model parameter (:class:`AdapterError` otherwise)."""
+        must return a view of a model parameter (:class:`ModelError` otherwise)."""
         view = self.ffn_values(layer)
         idx = torch.as_tensor(list(index), dtype=torch.long).reshape(-1)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= view.shape[0]):
-            raise AdapterError(f"value index out of range: layer {layer} has {view.shape[0]} values (0..{view.shape[0] - 1})")
+            raise ModelError(f"value index out of range: layer {layer} has {view.shape[0]} values (0..{view.shape[0] - 1})")
         rows = torch.as_tensor(rows).reshape(idx.numel(), view.shape[1])
         ptr = view.untyped_storage().data_ptr()
         if not any(p.untyped_storage().data_ptr() == ptr for p in self.model.parameters()):
-            raise AdapterError(f"{type(self).__name__}.ffn_values returns a copy, not a view of the model's weights; "
+            raise ModelError(f"{type(self).__name__}.ffn_values returns a copy, not a view of the model's weights; "
                                "override write_ffn_values for this backend")
         view[idx.to(view.device)] = rows.to(view.device, view.dtype)
-
-    def ffn_keys_all(self) -> torch.Tensor:
-        """All keys ``[L, d_ff, d]``."""
-        return torch.stack([self.ffn_keys(layer) for layer in range(self.n_layers)])
-
-    def ffn_values_all(self) -> torch.Tensor:
-        """All values ``[L, d_ff, d]``."""
-        return torch.stack([self.ffn_values(layer) for layer in range(self.n_layers)])
 
     @abstractmethod
     def input_embeddings(self) -> torch.Tensor:
@@ -338,7 +283,7 @@ class LMAdapter(ABC):
     def output_embeddings(self) -> torch.Tensor:
         """Output embeddings ``[V, d]``, one row per token in vocabulary order: ``h @ E.T`` gives the output
         logits (up to the head's bias) of a final hidden state ``h`` taken after the model's final norm (BERT:
-        after the MLM head's transform). :class:`AdapterError` for models without an output head."""
+        after the MLM head's transform). :class:`ModelError` for models without an output head."""
 
     @property
     @abstractmethod
@@ -357,7 +302,7 @@ class LMAdapter(ABC):
 
     @property
     def block_layout(self) -> str:
-        """How the block wires its sublayers: one of :data:`BLOCK_LAYOUTS`."""
+        """How the block wires its sublayers: one of :data:`fflayers.core.BLOCK_LAYOUTS`."""
         return "pre_norm"
 
     @abstractmethod
@@ -369,10 +314,25 @@ class LMAdapter(ABC):
         return None
 
     def check_layer(self, layer: int) -> int:
-        """Normalise a (possibly negative) layer index, or raise :class:`AdapterError`."""
+        """Normalise a (possibly negative) layer index, or raise :class:`ModelError`."""
         if not -self.n_layers <= layer < self.n_layers:
-            raise AdapterError(f"layer {layer} is out of range: the model has {self.n_layers} layers (0..{self.n_layers - 1})")
+            raise ModelError(f"layer {layer} is out of range: the model has {self.n_layers} layers (0..{self.n_layers - 1})")
         return layer % self.n_layers
+
+    def check_layers(self, layers: Iterable[int] | None = None, *, sort: bool = False) -> list[int]:
+        """The one layer-list checker: normalised (negative counts from the top), de-duplicated indices in the
+        order given (ascending with ``sort``); every layer for None; :class:`ModelError` when an index is out
+        of range or the list is empty."""
+        if layers is None:
+            return list(range(self.n_layers))
+        out: list[int] = []
+        for layer in layers:
+            layer = self.check_layer(int(layer))
+            if layer not in out:
+                out.append(layer)
+        if not out:
+            raise ModelError("no layers selected; pass at least one layer index (or None for all)")
+        return sorted(out) if sort else out
 
     def __repr__(self) -> str:
         return (

@@ -12,7 +12,7 @@
 fairseq's dataclass choice enums (``ChoiceEnum``) are not listed: they cannot be pickled (every one is a class
 named ``Choices``), so no checkpoint holds them; fairseq stores ``cfg`` with ``enum_to_str=True``.
 
-Anything else is refused with an :class:`~fflayers.backends.base.AdapterError` naming the offending global;
+Anything else is refused with an :class:`~fflayers.backends.base.ModelError` naming the offending global;
 full unpickling (which can run arbitrary code) happens only with ``trust_checkpoint=True``.
 """
 
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from fflayers.backends.base import AdapterError
+from fflayers.core import ModelError
 
 __all__ = [
     "safe_globals",
@@ -110,14 +110,14 @@ def _looks_like_checkpoint(path: Path) -> bool:
 def load_checkpoint(path: str | Path, trust_checkpoint: bool = False) -> dict:
     """Load a checkpoint to CPU; weights-only with :func:`safe_globals` unless ``trust_checkpoint``.
 
-    Raises :class:`AdapterError` (one line) for a missing, corrupt or truncated file, and for a file that
+    Raises :class:`ModelError` (one line) for a missing, corrupt or truncated file, and for a file that
     carries an object outside the allow-list (naming it).
     """
     path = Path(path)
     if not path.is_file():
-        raise AdapterError(f"checkpoint {path} does not exist; pass the path of a fairseq .pt file")
+        raise ModelError(f"checkpoint {path} does not exist; pass the path of a fairseq .pt file")
     if path.stat().st_size == 0 or not _looks_like_checkpoint(path):
-        raise AdapterError(f"checkpoint {path} is not a torch checkpoint (corrupt or truncated); re-download or re-save it")
+        raise ModelError(f"checkpoint {path} is not a torch checkpoint (corrupt or truncated); re-download or re-save it")
     try:
         if trust_checkpoint:
             state = torch.load(path, map_location="cpu", weights_only=False)
@@ -131,22 +131,22 @@ def load_checkpoint(path: str | Path, trust_checkpoint: bool = False) -> dict:
             msg = msg.split("WeightsUnpickler error:", 1)[1].strip()
         offending = _offending_global(msg)
         if not trust_checkpoint and refused and offending is not None:
-            raise AdapterError(
+            raise ModelError(
                 f"checkpoint {path} was refused: it needs {offending}, which is not on fflayers' allow-list for "
                 "safe loading, and nothing in it was executed; if you trust the file, pass --trust-checkpoint "
                 "(trust_checkpoint=True), which unpickles it in full and runs its code"
             ) from None
-        raise AdapterError(f"checkpoint {path} could not be read (corrupt or truncated?): {msg[:160]}") from None
+        raise ModelError(f"checkpoint {path} could not be read (corrupt or truncated?): {msg[:160]}") from None
     except (ImportError, AttributeError) as e:  # full unpickling met a class this environment does not have
-        raise AdapterError(
+        raise ModelError(
             f"checkpoint {path} refers to Python objects missing here ({str(e)[:120]}); it was saved by another "
             "fairseq version: load it there and re-save the 'args'/'cfg' and 'model' entries"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError, IndexError, KeyError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
-        raise AdapterError(f"checkpoint {path} could not be read (corrupt or truncated?): {msg[:200]}") from None
+        raise ModelError(f"checkpoint {path} could not be read (corrupt or truncated?): {msg[:200]}") from None
     if not isinstance(state, dict) or "model" not in state:
-        raise AdapterError(f"checkpoint {path} holds no fairseq model state ('model' key missing); pass a fairseq checkpoint")
+        raise ModelError(f"checkpoint {path} holds no fairseq model state ('model' key missing); pass a fairseq checkpoint")
     return state
 
 
@@ -170,7 +170,7 @@ def split_fused_attention(model_state: dict[str, torch.Tensor]) -> dict[str, tor
             if key == suffix or key.endswith("." + suffix):
                 prefix = key[: -len(suffix)]
                 if value.shape[0] % 3:
-                    raise AdapterError(f"fused attention tensor {key} has {value.shape[0]} rows, not a multiple of 3")
+                    raise ModelError(f"fused attention tensor {key} has {value.shape[0]} rows, not a multiple of 3")
                 for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0), strict=True):
                     out[f"{prefix}{name}.{kind}"] = part
                 break
@@ -195,14 +195,14 @@ def upgrade_checkpoint(state: dict) -> dict:
         except ImportError:
             import fairseq
 
-            raise AdapterError(
+            raise ModelError(
                 f"fairseq {getattr(fairseq, '__version__', '?')} has no checkpoint_utils._upgrade_state_dict, "
                 "which fflayers uses to convert checkpoints; install the tested fairseq-fixed==0.12.3.1 "
                 "(make install)"
             ) from None
 
     if state.get("args") is None and state.get("cfg") is None:
-        raise AdapterError("checkpoint has neither 'args' nor 'cfg'; it is not a fairseq training checkpoint")
+        raise ModelError("checkpoint has neither 'args' nor 'cfg'; it is not a fairseq training checkpoint")
     if state.get("cfg") is not None and not OmegaConf.is_config(state["cfg"]):
         state["cfg"] = OmegaConf.create(state["cfg"], flags={"allow_objects": True})
     state.setdefault("extra_state", {})
@@ -214,7 +214,7 @@ def upgrade_checkpoint(state: dict) -> dict:
             warnings.simplefilter("ignore")
             state = _upgrade_state_dict(state)
     except Exception as e:  # fairseq raises many kinds of errors for configs it cannot convert
-        raise AdapterError(f"cannot convert the checkpoint's configuration: {type(e).__name__}: {str(e)[:150]}") from None
+        raise ModelError(f"cannot convert the checkpoint's configuration: {type(e).__name__}: {str(e)[:150]}") from None
     state["model"] = split_fused_attention(state["model"])
     return state
 
@@ -223,5 +223,5 @@ def checkpoint_config(state: dict):
     """The fairseq ``DictConfig`` of an (upgraded) checkpoint."""
     cfg = state.get("cfg")
     if cfg is None:
-        raise AdapterError("checkpoint has no configuration; call upgrade_checkpoint() first")
+        raise ModelError("checkpoint has no configuration; call upgrade_checkpoint() first")
     return cfg

@@ -1,4 +1,5 @@
-"""fairseq transformer language models (``transformer_lm*``) behind :class:`~fflayers.backends.base.LMAdapter`.
+"""fairseq transformer language models (``transformer_lm*``) behind
+:class:`~fflayers.backends.base.LMAdapter`; loading a model dir: :mod:`fflayers.backends.fairseq_loading`.
 
 Covers plain ``transformer_lm`` (full softmax), the adaptive-input / adaptive-softmax WikiText-103 models
 (``transformer_lm_wiki103``), pre-LN (``decoder_normalize_before``) and post-LN blocks, with or without a
@@ -12,35 +13,21 @@ scores a line.
 from __future__ import annotations
 
 import logging
-import re
 import warnings
-from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fflayers.backends.base import AdapterError, AttentionWeights, HookSite, LMAdapter
-from fflayers.backends.checkpoints import load_checkpoint, upgrade_checkpoint
+from fflayers.backends.base import AttentionWeights, LMAdapter
+from fflayers.backends.fairseq_attention import blocked_attention_hook
+from fflayers.backends.fairseq_vocab import FairseqVocabulary
+from fflayers.core import HookSite, ModelError
 
 # fairseq's speech tasks log an install hint for tensorboardX when fairseq is imported; irrelevant to LMs
 logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)
 
-__all__ = ["FairseqLMAdapter", "load_fairseq_lm", "find_checkpoint"]
-
-_NUMBER_SEP = re.compile(r"^(\d+)([,.]\d+)+$")
-
-
-def _wikitext_numbers(token: str) -> list[str]:
-    """``1,200`` -> ``1 @,@ 200`` and ``3.5`` -> ``3 @.@ 5`` (WikiText's number splitting)."""
-    if not _NUMBER_SEP.match(token):
-        return [token]
-    out: list[str] = []
-    for piece in re.split(r"([,.])", token):
-        out.append(f"@{piece}@" if piece in {",", "."} else piece)
-    return out
-
+__all__ = ["FairseqLMAdapter"]
 
 class FairseqLMAdapter(LMAdapter):
     """A fairseq ``TransformerLanguageModel`` opened up.
@@ -53,8 +40,9 @@ class FairseqLMAdapter(LMAdapter):
       ``mlp_out``: ``fc2`` output (bias included);
     * ``resid_post``: layer output.
 
-    Pre-LN blocks (``normalize_before``, e.g. the WikiText-103 model): with ``resid_mid = resid_pre + attn_out``,
-    ``mlp_key = fc1(LN(resid_mid))`` and ``resid_post = resid_mid + mlp_out``. Post-LN blocks (plain
+    Pre-LN blocks (``normalize_before``, e.g. the WikiText-103 model): with
+    ``resid_mid = resid_pre + attn_out``, ``mlp_key = fc1(LN(resid_mid))`` and
+    ``resid_post = resid_mid + mlp_out``. Post-LN blocks (plain
     ``transformer_lm`` default): ``resid_mid = LN1(resid_pre + attn_out)``, ``mlp_key = fc1(resid_mid)``
     and ``resid_post = LN2(resid_mid + mlp_out)``: the stream leaving the block is normalised.
 
@@ -64,11 +52,11 @@ class FairseqLMAdapter(LMAdapter):
 
     family = "fairseq"
 
-    def __init__(self, model: nn.Module, dictionary, device: torch.device | str | None = None, raw_text: bool = False) -> None:
+    def __init__(self, model: nn.Module, dictionary, device: torch.device | str | None = None,
+                 raw_text: bool = False) -> None:
         super().__init__(model, device)
         self.dictionary = dictionary
         self.raw_text = raw_text
-        self._moses = None
         self._edge_hooks: list = []
         decoder = model.decoder
         self.decoder = decoder
@@ -76,9 +64,10 @@ class FairseqLMAdapter(LMAdapter):
         for i, layer in enumerate(self.layers):
             for name in ("fc1", "fc2", "self_attn", "final_layer_norm", "self_attn_layer_norm"):
                 if not hasattr(layer, name):
-                    raise AdapterError(f"decoder layer {i} ({type(layer).__name__}) has no {name}; it is not a fairseq transformer layer")
+                    raise ModelError(f"decoder layer {i} ({type(layer).__name__}) has no {name}; "
+                                       "it is not a fairseq transformer layer")
         if len(dictionary) != self._output_size():
-            raise AdapterError(
+            raise ModelError(
                 f"dict.txt has {len(dictionary)} symbols but the model predicts {self._output_size()}; "
                 "use the dict.txt that came with the checkpoint"
             )
@@ -122,68 +111,12 @@ class FairseqLMAdapter(LMAdapter):
         return int(dec.output_projection.weight.shape[0])
 
     # ----- text --------------------------------------------------------------------------------------------
-    @property
-    def pad_id(self) -> int:
-        return int(self.dictionary.pad())
-
-    @property
-    def bos_id(self) -> int | None:
-        return int(self.dictionary.eos())
-
-    def words(self, text: str) -> list[str]:
-        """The model's word tokens of ``text`` (whitespace split, or Moses when ``raw_text``)."""
-        if not self.raw_text:
-            return text.split()
-        if self._moses is None:
-            from sacremoses import MosesTokenizer
-
-            self._moses = MosesTokenizer(lang="en")
-        toks = self._moses.tokenize(text, aggressive_dash_splits=True, escape=False)
-        return [piece for tok in toks for piece in _wikitext_numbers(tok)]
-
-    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
-        ids = [self.dictionary.index(w) for w in self.words(text)]
-        return [self.bos_id, *ids] if add_bos else ids
-
-    def tokenize_with_offsets(self, text: str, add_bos: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
-        """:meth:`tokenize` plus each word's character span, found left to right in ``text``; the leading
-        ``</s>`` gets ``(0, 0)``. Moses' ``@-@`` / ``@,@`` / ``@.@`` splits get the span of their character."""
-        words = self.words(text)
-        spans: list[tuple[int, int]] = []
-        cursor = 0
-        for word in words:
-            for piece in (word, word.strip("@") if len(word) > 2 else word):
-                start = text.find(piece, cursor)
-                if start >= 0:
-                    spans.append((start, start + len(piece)))
-                    cursor = start + len(piece)
-                    break
-            else:  # an escaped or normalised word: an empty span where it would be
-                spans.append((cursor, cursor))
-        ids = [self.dictionary.index(w) for w in words]
-        if add_bos:
-            return [self.bos_id, *ids], [(0, 0), *spans]
-        return ids, spans
-
-    def id_to_token(self, ids: Sequence[int]) -> list[str]:
-        return [self.dictionary[int(i)] for i in ids]
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        """Space-joined tokens without the leading ``</s>`` and padding; WikiText's ``@-@`` / ``@,@`` / ``@.@``
-        joins are undone."""
-        ids = [int(i) for i in ids if int(i) != self.pad_id]
-        if ids and ids[0] == self.bos_id:
-            ids = ids[1:]
-        text = " ".join(self.id_to_token(ids))
-        return re.sub(r" @([-,.])@ ", r"\1", text)
-
-    def token_to_id(self, token: str) -> int | None:
-        idx = self.dictionary.indices.get(token)
-        return None if idx is None else int(idx)
+    def _make_vocab(self) -> FairseqVocabulary:
+        return FairseqVocabulary(self.dictionary, self.raw_text)
 
     # ----- forward -----------------------------------------------------------------------------------------
     def _run_model(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        tokens = input_ids.long().masked_fill(~attention_mask, self.pad_id)
+        tokens = input_ids.long().masked_fill(~attention_mask, self.vocab.pad_id)
         with warnings.catch_warnings():
             # fairseq passes a float causal mask with a bool padding mask to torch's attention
             warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
@@ -234,8 +167,8 @@ class FairseqLMAdapter(LMAdapter):
     def attention_weights(self, layer: int) -> AttentionWeights:
         """Per-head weights of ``self_attn`` (``q_proj`` / ``k_proj`` / ``v_proj`` / ``out_proj``), views.
 
-        These are the raw projections: fairseq multiplies q by ``scaling = d_head ** -0.5`` inside its forward,
-        which is not folded in. Learned extra key/value biases (``add_bias_kv``) are not included.
+        These are the raw projections: fairseq multiplies q by ``scaling = d_head ** -0.5`` inside its
+        forward, which is not folded in. Learned extra key/value biases (``add_bias_kv``) are not included.
         """
         attn = self.layers[self.check_layer(layer)].self_attn
         q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj
@@ -246,12 +179,12 @@ class FairseqLMAdapter(LMAdapter):
 
     @torch.no_grad()
     def output_embeddings(self) -> torch.Tensor:
-        """``[V, d]`` in dictionary order: ``h @ E.T`` are the output logits of a final hidden state ``h`` (after
-        the final LayerNorm, if any; ``project_out_dim`` is folded in).
+        """``[V, d]`` in dictionary order: ``h @ E.T`` are the output logits of a final hidden state ``h``
+        (after the final LayerNorm, if any; ``project_out_dim`` is folded in).
 
-        Full softmax: ``output_projection.weight`` (the input embedding when shared). Adaptive softmax: the head's
-        word rows for the first ``cutoff[0]`` tokens, then for each tail band its output linear times its
-        projection (``W_out @ W_proj``): the band's logits within its cluster are ``h @ E[band].T``; its
+        Full softmax: ``output_projection.weight`` (the input embedding when shared). Adaptive softmax: the
+        head's word rows for the first ``cutoff[0]`` tokens, then for each tail band its output linear times
+        its projection (``W_out @ W_proj``): the band's logits within its cluster are ``h @ E[band].T``; its
         tokens' log-probs add the head's cluster score, which has no row here.
         """
         dec = self.decoder
@@ -262,7 +195,7 @@ class FairseqLMAdapter(LMAdapter):
             for i, tail in enumerate(asm.tail):
                 band = _linear_map(tail)
                 if band.shape[0] != asm.cutoff[i + 1] - asm.cutoff[i]:
-                    raise AdapterError(f"adaptive softmax tail {i} predicts {band.shape[0]} tokens, "
+                    raise ModelError(f"adaptive softmax tail {i} predicts {band.shape[0]} tokens, "
                                        f"expected {asm.cutoff[i + 1] - asm.cutoff[i]}")
                 parts.append(band)
             table = torch.cat(parts, dim=0)
@@ -295,7 +228,7 @@ class FairseqLMAdapter(LMAdapter):
             "resid_post": (block, "output"),
         }
         if point not in sites:
-            raise AdapterError(f"unknown hook point {point!r}; choose from {', '.join(sites)}")
+            raise ModelError(f"unknown hook point {point!r}; choose from {', '.join(sites)}")
         module, side = sites[point]
         return HookSite(module, side, time_first=True, arg_name="query" if module is block.self_attn else
                         "x" if module is block else "input")
@@ -316,12 +249,15 @@ class FairseqLMAdapter(LMAdapter):
         for layer in self.layers:
             attn = layer.self_attn
             if attn.bias_k is not None or attn.add_zero_attn or not attn.self_attention:
-                raise AdapterError("edge blocking supports plain causal self-attention only (no bias_kv / zero_attn)")
-            self._edge_hooks.append(attn.register_forward_hook(_blocked_attention_hook, with_kwargs=True, prepend=True))
+                raise ModelError("edge blocking supports plain causal self-attention only "
+                                   "(no bias_kv / zero_attn)")
+            hook = attn.register_forward_hook(blocked_attention_hook, with_kwargs=True, prepend=True)
+            self._edge_hooks.append(hook)
 
 
 def _adaptive_log_probs(asm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Full-vocabulary log-probs ``[N, V]`` of fairseq's ``AdaptiveSoftmax`` (eval mode), computed out of place.
+    """Full-vocabulary log-probs ``[N, V]`` of fairseq's ``AdaptiveSoftmax`` (eval mode), computed out of
+    place.
 
     Same values as ``AdaptiveSoftmax.get_log_prob`` (head: log-softmax over the head words and one entry per
     tail cluster; tail word = its cluster's head log-prob + log-softmax within the cluster), but without
@@ -329,6 +265,15 @@ def _adaptive_log_probs(asm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     head = F.log_softmax(asm.head(x).float(), dim=-1)
     n_head = asm.cutoff[0]
+    if not (torch.is_grad_enabled() and x.requires_grad):  # one output buffer, no concatenated copy
+        out = torch.empty(x.shape[0], int(asm.vocab_size), dtype=torch.float32, device=x.device)
+        out[:, :n_head] = head[:, :n_head]
+        start = n_head
+        for i, tail in enumerate(asm.tail):
+            part = out[:, start : start + int(asm.cutoff[i + 1]) - int(asm.cutoff[i])]
+            torch.add(F.log_softmax(tail(x).float(), dim=-1), head[:, n_head + i, None], out=part)
+            start += part.shape[1]
+        return out.to(x.dtype)
     parts = [head[:, :n_head]]
     for i, tail in enumerate(asm.tail):
         parts.append(F.log_softmax(tail(x).float(), dim=-1) + head[:, n_head + i, None])
@@ -336,8 +281,8 @@ def _adaptive_log_probs(asm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _linear_map(module: nn.Module) -> torch.Tensor:
-    """The ``[out, in]`` matrix of a bias-free linear module: ``nn.Linear``, fairseq's ``TiedLinear`` (which may
-    apply its weight transposed) or an ``nn.Sequential`` of those and dropouts (identity in eval mode)."""
+    """The ``[out, in]`` matrix of a bias-free linear module: ``nn.Linear``, fairseq's ``TiedLinear`` (which
+    may apply its weight transposed) or an ``nn.Sequential`` of those and dropouts (identity in eval mode)."""
     from fairseq.modules.adaptive_softmax import TiedLinear
     from fairseq.modules.fairseq_dropout import FairseqDropout
 
@@ -349,15 +294,15 @@ def _linear_map(module: nn.Module) -> torch.Tensor:
             w = _linear_map(part)
             matrix = w if matrix is None else w @ matrix
         if matrix is None:
-            raise AdapterError("an adaptive softmax module holds no linear map")
+            raise ModelError("an adaptive softmax module holds no linear map")
         return matrix
     if isinstance(module, TiedLinear):
         return module.weight.t() if module.transpose else module.weight
     if isinstance(module, nn.Linear):
         if module.bias is not None:
-            raise AdapterError("an adaptive softmax / output projection with a bias is not supported")
+            raise ModelError("an adaptive softmax / output projection with a bias is not supported")
         return module.weight
-    raise AdapterError(f"cannot read the output embedding from a {type(module).__name__} module")
+    raise ModelError(f"cannot read the output embedding from a {type(module).__name__} module")
 
 
 def _adaptive_head_words(head: nn.Module, n_words: int) -> torch.Tensor:
@@ -367,137 +312,5 @@ def _adaptive_head_words(head: nn.Module, n_words: int) -> torch.Tensor:
 
     words = _linear_map(head.word_proj) if isinstance(head, TiedHeadModule) else _linear_map(head)[:n_words]
     if words.shape[0] != n_words:
-        raise AdapterError(f"adaptive softmax head scores {words.shape[0]} words, expected {n_words}")
+        raise ModelError(f"adaptive softmax head scores {words.shape[0]} words, expected {n_words}")
     return words
-
-
-def _arg(args: tuple, kwargs: dict, index: int, name: str):
-    if name in kwargs:
-        return kwargs[name]
-    return args[index] if len(args) > index else None
-
-
-def _blocked_attention_hook(module, args, kwargs, output):
-    """Recompute fairseq ``MultiheadAttention`` self-attention with the blocked edges removed."""
-    from fflayers.hooks import attention_with_blocked_edges, blocked_edges
-
-    blocked = blocked_edges(module)
-    if blocked is None:
-        return None
-    if _arg(args, kwargs, 4, "incremental_state") is not None:
-        raise AdapterError("edge blocking does not support incremental decoding; run the full sequence")
-    query = _arg(args, kwargs, 0, "query")  # [T, B, C]
-    key_padding_mask = _arg(args, kwargs, 3, "key_padding_mask")  # [B, S], True = pad
-    attn_mask = _arg(args, kwargs, 7, "attn_mask")  # [T, S] additive (0 / -inf) or bool (True = masked)
-    T, B, C = query.shape
-    H, Dh = module.num_heads, module.head_dim
-
-    def heads(x: torch.Tensor) -> torch.Tensor:  # [T, B, C] -> [B, H, T, Dh]
-        return x.reshape(x.shape[0], B, H, Dh).permute(1, 2, 0, 3)
-
-    q = heads(module.q_proj(query) * module.scaling)
-    k = heads(module.k_proj(query))
-    v = heads(module.v_proj(query))
-    scores = q @ k.transpose(-1, -2)  # [B, H, T, S]
-    allowed = torch.ones(T, T, dtype=torch.bool, device=query.device)[None, None]
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            allowed = allowed & ~attn_mask[None, None]
-        else:
-            finite = torch.isfinite(attn_mask)
-            allowed = allowed & finite[None, None]
-            scores = scores + torch.where(finite, attn_mask, torch.zeros_like(attn_mask)).to(scores.dtype)
-    if key_padding_mask is not None:
-        allowed = allowed & ~key_padding_mask.bool()[:, None, None, :]
-    ctx = attention_with_blocked_edges(scores, allowed, blocked.to(query.device), v)  # [B, H, T, Dh]
-    out = module.out_proj(ctx.permute(2, 0, 1, 3).reshape(T, B, C))
-    return (out, None) if isinstance(output, tuple) else out
-
-
-# ----- loading -----------------------------------------------------------------------------------------------
-
-
-def find_checkpoint(model_dir: str | Path, checkpoint: str | None = None) -> Path:
-    """The checkpoint file of a model dir: ``checkpoint`` if given (name in the dir or a path), else
-    ``model.pt``, else ``checkpoint_best.pt``, else ``checkpoint_last.pt``, else the only ``checkpoint*.pt``."""
-    model_dir = Path(model_dir)
-    if checkpoint is not None:
-        path = Path(checkpoint)
-        path = path if path.is_absolute() or path.exists() else model_dir / checkpoint
-        if not path.is_file():
-            raise AdapterError(f"checkpoint {path} does not exist; pass a file name inside {model_dir} or a path")
-        return path
-    for name in ("model.pt", "checkpoint_best.pt", "checkpoint_last.pt"):
-        if (model_dir / name).is_file():
-            return model_dir / name
-    found = sorted(model_dir.glob("checkpoint*.pt"))
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise AdapterError(f"no checkpoint in {model_dir}: expected model.pt or checkpoint_*.pt")
-    names = ", ".join(p.name for p in found[:5])
-    raise AdapterError(f"several checkpoints in {model_dir} ({names}); pass checkpoint= to choose one")
-
-
-def _build_model(state: dict, dict_path: Path):
-    """Build fairseq's task + model from an upgraded checkpoint state and load the weights strictly."""
-    from fairseq.data import Dictionary
-    from fairseq.models import ARCH_MODEL_NAME_REGISTRY, build_model
-    from fairseq.tasks.language_modeling import LanguageModelingTask
-    from omegaconf import open_dict
-
-    cfg = state["cfg"]
-    model_cfg = cfg.get("model") if "model" in cfg else None
-    arch = None if model_cfg is None else (getattr(model_cfg, "_name", None) or getattr(model_cfg, "arch", None))
-    if arch is None or ARCH_MODEL_NAME_REGISTRY.get(arch, arch) != "transformer_lm":
-        raise AdapterError(f"checkpoint model is {arch!r}, not a fairseq transformer LM (transformer_lm*); use a language-model checkpoint")
-    with open_dict(cfg):
-        cfg.task.data = str(dict_path.parent)
-        for flag in ("checkpoint_activations", "offload_activations"):
-            if getattr(cfg.model, flag, False):
-                setattr(cfg.model, flag, False)
-    dictionary = Dictionary.load(str(dict_path))
-    output_size = getattr(cfg.task, "output_dictionary_size", -1)
-    if output_size is not None and output_size >= 0:
-        raise AdapterError("checkpoints trained with --output-dictionary-size are not supported; retrain without it")
-    task = LanguageModelingTask(cfg.task, dictionary, dictionary)
-    try:
-        model = build_model(cfg.model, task)
-    except Exception as e:  # fairseq raises assorted errors for configs it cannot build
-        raise AdapterError(f"fairseq could not build the model from the checkpoint's config: {type(e).__name__}: {str(e)[:150]}") from None
-    try:
-        model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
-    except RuntimeError as e:
-        first = " ".join(str(e).split())[:200]
-        raise AdapterError(
-            f"checkpoint weights do not fit the model built from its config (wrong dict.txt?): {first}"
-        ) from None
-    return model, dictionary
-
-
-def load_fairseq_lm(
-    model_dir: str | Path,
-    checkpoint: str | None = None,
-    device: torch.device | str | None = None,
-    trust_checkpoint: bool = False,
-    raw_text: bool = False,
-) -> FairseqLMAdapter:
-    """Load a fairseq transformer LM from a model dir (``dict.txt`` + ``model.pt`` or ``checkpoint_*.pt``).
-
-    ``trust_checkpoint=True`` allows full unpickling (only for files you trust); by default checkpoints are
-    read weights-only with an allow-list (:mod:`fflayers.backends.checkpoints`). ``raw_text=True`` makes
-    :meth:`FairseqLMAdapter.tokenize` Moses-tokenize its input.
-    """
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise AdapterError(f"model dir {model_dir} does not exist; pass a folder holding dict.txt and model.pt")
-    dict_path = model_dir / "dict.txt"
-    if not dict_path.is_file():
-        raise AdapterError(f"{model_dir} has no dict.txt; put the dictionary the model was trained with next to its checkpoint")
-    path = find_checkpoint(model_dir, checkpoint)
-    state = load_checkpoint(path, trust_checkpoint=trust_checkpoint)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        state = upgrade_checkpoint(state)
-        model, dictionary = _build_model(state, dict_path)
-    return FairseqLMAdapter(model, dictionary, device=device, raw_text=raw_text)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fflayers.backends.base import AdapterError
+from fflayers.core import InputError
 
 
 @dataclass
@@ -50,18 +50,18 @@ class Batch:
 def _as_ids(seq: Sequence[int], i: int) -> list[int]:
     if isinstance(seq, (torch.Tensor, np.ndarray)):
         if seq.ndim != 1 or not _is_integer_dtype(seq.dtype):
-            raise AdapterError(
+            raise InputError(
                 f"sequence {i} is a {seq.ndim}-d {seq.dtype} array; pass 1-d integer token ids per sequence"
             )
         return [int(t) for t in seq.tolist()]
     if isinstance(seq, (str, bytes)):
-        raise AdapterError(f"sequence {i} is a string; tokenize the text first and pass lists of token ids")
+        raise InputError(f"sequence {i} is a string; tokenize the text first and pass lists of token ids")
     ids = list(seq)
     if all(type(t) is int for t in ids):  # fast path
         return ids
     for tok in ids:
         if isinstance(tok, bool) or not isinstance(tok, (int, np.integer)):
-            raise AdapterError(
+            raise InputError(
                 f"sequence {i} holds a {type(tok).__name__} ({tok!r}); pass lists of integer token ids"
             )
     return [int(t) for t in ids]
@@ -81,9 +81,9 @@ def plan_batches(
 ) -> list[list[int]]:
     """Group sequence indices into batches of at most ``batch_tokens`` padded tokens (see module doc)."""
     if batch_tokens < 1:
-        raise AdapterError(f"batch_tokens={batch_tokens} must be >= 1; pass e.g. batch_tokens=4096")
+        raise InputError(f"batch_tokens={batch_tokens} must be >= 1; pass e.g. batch_tokens=4096")
     if max_batch_size is not None and max_batch_size < 1:
-        raise AdapterError(f"max_batch_size={max_batch_size} must be >= 1 (or None for no limit)")
+        raise InputError(f"max_batch_size={max_batch_size} must be >= 1 (or None for no limit)")
     order = list(range(len(lengths)))
     if sort_by_length:
         order.sort(key=lambda i: lengths[i], reverse=True)  # stable: ties keep input order
@@ -133,18 +133,18 @@ def iter_batches(
     Input checks run at call time, before the first batch is requested.
     """
     if isinstance(sequences, (str, bytes)) or len(sequences) == 0:
-        raise AdapterError("no sequences to batch; pass a non-empty list of token-id sequences")
+        raise InputError("no sequences to batch; pass a non-empty list of token-id sequences")
     if isinstance(pad_id, bool) or not isinstance(pad_id, int):
-        raise AdapterError(f"pad_id must be an int, got {pad_id!r}; pass the tokenizer's pad id")
+        raise InputError(f"pad_id must be an int, got {pad_id!r}; pass the tokenizer's pad id")
     if max_length is not None and max_length < 1:
-        raise AdapterError(f"max_length={max_length} must be >= 1 (or None for no limit)")
+        raise InputError(f"max_length={max_length} must be >= 1 (or None for no limit)")
     ids = [_as_ids(s, i) for i, s in enumerate(sequences)]
     for i, s in enumerate(ids):
         if not s:
-            raise AdapterError(f"sequence {i} is empty; drop empty sentences before batching")
+            raise InputError(f"sequence {i} is empty; drop empty sentences before batching")
         if max_length is not None and len(s) > max_length:
             if not truncate:
-                raise AdapterError(
+                raise InputError(
                     f"sequence {i} has {len(s)} tokens, more than max_length={max_length}; "
                     "pass truncate=True or split the text into shorter sentences"
                 )
@@ -170,7 +170,7 @@ def make_batches(
     """Right-padded, length-bucketed batches covering every sequence exactly once.
 
     ``batch_tokens`` bounds ``B * T_max`` per batch; ``max_batch_size`` bounds ``B``. Sequences longer than
-    ``max_length`` raise :class:`AdapterError` unless ``truncate=True``, which keeps their first
+    ``max_length`` raise :class:`~fflayers.core.InputError` unless ``truncate=True``, which keeps their first
     ``max_length`` tokens. ``Batch.index`` maps each row back to its position in ``sequences``.
     """
     return list(

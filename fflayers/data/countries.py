@@ -6,7 +6,7 @@ import gzip
 from dataclasses import dataclass
 from pathlib import Path
 
-from fflayers.backends.base import AdapterError
+from fflayers.core import InputError
 
 #: Where Debian's ``miscfiles`` package installs the list (``apt-get install miscfiles``).
 COUNTRIES_FILE = Path("/usr/share/misc/countries.gz")
@@ -31,13 +31,13 @@ def read_countries(path: str | Path = COUNTRIES_FILE) -> list[Country]:
     path = Path(path)
     if not path.is_file():
         hint = " (install Debian's miscfiles: apt-get install miscfiles)" if path == COUNTRIES_FILE else ""
-        raise AdapterError(f"countries list {path} not found{hint}")
+        raise InputError(f"countries list {path} not found{hint}")
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise AdapterError(f"cannot read countries list {path}: {e}") from None
+        raise InputError(f"cannot read countries list {path}: {e}") from None
     out = []
     for n, line in enumerate(lines, 1):
         line = line.strip()
@@ -45,10 +45,10 @@ def read_countries(path: str | Path = COUNTRIES_FILE) -> list[Country]:
             continue
         fields = line.split(":")
         if len(fields) != 5:
-            raise AdapterError(f"{path}:{n}: expected 'code:a2:a3:country:capital', got {line!r}")
+            raise InputError(f"{path}:{n}: expected 'code:a2:a3:country:capital', got {line!r}")
         code, a2, a3, name, capital = (x.strip() for x in fields)
         if name and capital:
             out.append(Country(code, a2, a3, name, capital))
     if not out:
-        raise AdapterError(f"countries list {path} has no country with a capital")
+        raise InputError(f"countries list {path} has no country with a capital")
     return out

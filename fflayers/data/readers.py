@@ -1,7 +1,7 @@
 """Corpus readers: WikiText token files, plain text, JSON lines.
 
 Every reader streams the file, returns a list of stripped, non-empty texts, and raises
-:class:`~fflayers.backends.base.AdapterError` with a one-line message (problem and fix) when the file is
+:class:`~fflayers.core.InputError` with a one-line message (problem and fix) when the file is
 missing, holds no usable line, is not UTF-8, or (JSON lines) has a malformed record.
 """
 
@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from fflayers.backends.base import AdapterError
+from fflayers.core import InputError
 
 #: WikiText heading lines: `` = Title = ``, `` = = Section = = `` (stripped).
 _HEADING = re.compile(r"^(?:= )+.*?(?: =)+$|^=+$")
@@ -25,7 +25,7 @@ def _check_max_lines(max_lines: int | None) -> int | None:
     if max_lines is None or max_lines < 0:
         return None
     if max_lines == 0:
-        raise AdapterError("max_lines=0 reads nothing; pass a positive number, or None / -1 for all lines")
+        raise InputError("max_lines=0 reads nothing; pass a positive number, or None / -1 for all lines")
     return max_lines
 
 
@@ -33,16 +33,16 @@ def _decoded_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
     """Yield ``(line_number, text)`` of a UTF-8 file, with a clear error on undecodable bytes."""
     p = Path(path)
     if not p.exists():
-        raise AdapterError(f"corpus file {str(p)!r} does not exist; check the path (--data_file)")
+        raise InputError(f"corpus file {str(p)!r} does not exist; check the path (--data_file)")
     if not p.is_file():
-        raise AdapterError(f"corpus path {str(p)!r} is not a file; pass the path of a text file")
+        raise InputError(f"corpus path {str(p)!r} is not a file; pass the path of a text file")
     offset = 0
     with open(p, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise AdapterError(
+                raise InputError(
                     f"{str(p)!r} is not UTF-8: undecodable byte 0x{raw[e.start]:02x} at byte offset "
                     f"{offset + e.start} (line {lineno}); re-encode it, e.g. "
                     f"`iconv -f LATIN1 -t UTF-8 in.txt > out.txt`"
@@ -53,8 +53,8 @@ def _decoded_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
             yield lineno, text
 
 
-def _empty_error(path: str | os.PathLike, what: str) -> AdapterError:
-    return AdapterError(f"corpus file {str(path)!r} holds no usable line ({what}); pass a non-empty corpus")
+def _empty_error(path: str | os.PathLike, what: str) -> InputError:
+    return InputError(f"corpus file {str(path)!r} holds no usable line ({what}); pass a non-empty corpus")
 
 
 def is_wikitext_heading(line: str) -> bool:
@@ -102,17 +102,17 @@ def read_jsonl_texts(path: str | os.PathLike, field: str = "text", max_lines: in
         try:
             record = json.loads(text)
         except json.JSONDecodeError as e:
-            raise AdapterError(
+            raise InputError(
                 f"{str(path)!r} line {lineno} is not valid JSON ({e.msg}); write one JSON object per line"
             ) from None
         if not isinstance(record, dict) or field not in record:
-            raise AdapterError(
+            raise InputError(
                 f"{str(path)!r} line {lineno} has no {field!r} field; add it, or pass the right field name "
                 f"(field=...)"
             )
         value = record[field]
         if not isinstance(value, str):
-            raise AdapterError(
+            raise InputError(
                 f"{str(path)!r} line {lineno}: field {field!r} is {type(value).__name__}, not a string; "
                 "store the text as a JSON string"
             )
@@ -141,7 +141,7 @@ def read_corpus(
 ) -> list[str]:
     """Read a corpus in format ``fmt`` (``auto`` picks by extension, see :func:`detect_format`)."""
     if fmt not in FORMATS:
-        raise AdapterError(f"unknown corpus format {fmt!r}; use one of {', '.join(FORMATS)}")
+        raise InputError(f"unknown corpus format {fmt!r}; use one of {', '.join(FORMATS)}")
     if fmt == "auto":
         fmt = detect_format(path)
     if fmt == "wikitext":

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
 
-from fflayers.backends.base import AdapterError
+from fflayers.core import InputError
 
 _ESCAPE = re.compile(r"^@(.)@$")  # WikiText escapes: @-@ @,@ @.@
 _NO_SPACE_BEFORE = frozenset(
@@ -51,7 +51,7 @@ def _segmenter(language: str):
     try:
         return pysbd.Segmenter(language=language, clean=False)
     except ValueError as e:  # pysbd raises ValueError for unsupported language codes
-        raise AdapterError(
+        raise InputError(
             f"pysbd has no sentence rules for language {language!r} ({e}); use e.g. 'en'"
         ) from None
 
@@ -118,7 +118,7 @@ def iter_sentences(lines: Iterable[str], pretokenized: bool, language: str = "en
 def split_sentences(lines: Iterable[str], pretokenized: bool, language: str = "en") -> list[str]:
     """All sentences of ``lines``, in order. See :func:`split_pretokenized_line` for pre-tokenized input."""
     if isinstance(lines, str):
-        raise AdapterError("split_sentences expects a list of lines, got one string; wrap it in a list")
+        raise InputError("split_sentences expects a list of lines, got one string; wrap it in a list")
     return list(iter_sentences(lines, pretokenized, language))
 
 
@@ -135,9 +135,9 @@ def shuffled_sentences(
     Lines are split lazily, so a small ``max_sentences`` over a large corpus only splits the lines it needs.
     """
     if isinstance(lines, str):
-        raise AdapterError("shuffled_sentences expects a list of lines, got one string; wrap it in a list")
+        raise InputError("shuffled_sentences expects a list of lines, got one string; wrap it in a list")
     if max_sentences == 0 or max_sentences < -1:
-        raise AdapterError(f"max_sentences={max_sentences} is invalid; pass a positive number, or -1 for all")
+        raise InputError(f"max_sentences={max_sentences} is invalid; pass a positive number, or -1 for all")
     order = list(lines)
     random.Random(seed).shuffle(order)
     out: list[str] = []

@@ -56,7 +56,7 @@ def text_for_model(adapter, sentences: list[str], pretokenized: bool, raw_wikite
     """The sentences as ``adapter`` should read them: WikiText token text is detokenized for subword models
     (trained on ordinary text) unless ``raw_wikitext``; word-level models (the fairseq LMs, which have a
     ``words`` method) read it as it is, and so does text that was never WikiText-tokenized."""
-    word_level = callable(getattr(adapter, "words", None))
+    word_level = callable(getattr(adapter.vocab, "words", None))
     if not pretokenized or word_level or raw_wikitext:
         return sentences
     return [detokenize_wikitext(s) for s in sentences]

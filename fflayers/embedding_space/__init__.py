@@ -15,7 +15,6 @@ from fflayers.embedding_space.vocabulary import (
     corpus_token_mask,
     embedding_matrix,
     token_mask,
-    vocabulary_tokens,
 )
 
 __all__ = [
@@ -32,5 +31,4 @@ __all__ = [
     "neuron_tokens",
     "token_mask",
     "top_pairs",
-    "vocabulary_tokens",
 ]

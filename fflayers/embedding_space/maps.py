@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fflayers.backends.base import AdapterError
+from fflayers.core import InputError
 from fflayers.embedding_space.vocabulary import Embedding
 
 __all__ = ["token_map", "write_token_map_html"]
@@ -23,7 +23,7 @@ def token_map(E: Embedding, tokens: list[str], vector: torch.Tensor, k: int = 10
 
     V = E.matrix.shape[0]
     if not 5 <= k <= V:
-        raise AdapterError(f"k = {k} must be between 5 and the vocabulary size {V} for a map")
+        raise InputError(f"k = {k} must be between 5 and the vocabulary size {V} for a map")
     with torch.no_grad():
         scores = vector.float().reshape(-1) @ E.matrix.float().T
         top = scores.topk(k)

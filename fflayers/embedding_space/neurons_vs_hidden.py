@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.backends.base import LMAdapter
+from fflayers.core import InputError
 from fflayers.embedding_space.vocabulary import Embedding
 from fflayers.hooks import capture
 
@@ -30,15 +31,13 @@ def neurons_vs_hidden(
     """One row per sentence and layer: ``sentence, position, layer, overlap_active, overlap_random``."""
     from tqdm.auto import tqdm
 
-    from fflayers.memories.value_projections import check_layers
-
-    layers = check_layers(adapter, layers)
+    layers = adapter.check_layers(layers)
     if not sentences:
-        raise AdapterError("no sentences; pass a non-empty corpus")
+        raise InputError("no sentences; pass a non-empty corpus")
     if not 1 <= n_neurons <= adapter.d_ff:
-        raise AdapterError(f"n_neurons = {n_neurons} must be between 1 and d_ff = {adapter.d_ff}")
+        raise InputError(f"n_neurons = {n_neurons} must be between 1 and d_ff = {adapter.d_ff}")
     if not 1 <= k <= E.matrix.shape[0]:
-        raise AdapterError(f"k = {k} must be between 1 and the vocabulary size {E.matrix.shape[0]}")
+        raise InputError(f"k = {k} must be between 1 and the vocabulary size {E.matrix.shape[0]}")
     rng = np.random.default_rng(seed)
     Em = E.matrix.detach().float().to(adapter.device)
     values = torch.stack([adapter.ffn_values(layer).detach().float() for layer in layers])  # [L, d_ff, d]

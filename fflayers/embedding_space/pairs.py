@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fflayers.backends.base import AdapterError
+from fflayers.core import InputError
 
 __all__ = ["PairFilter", "top_pairs", "pair_block_rows"]
 
@@ -85,11 +85,11 @@ def top_pairs(
     """
     Vr, Vc = R.shape[0], C.shape[0]
     if n < 1:
-        raise AdapterError(f"N = {n} must be >= 1")
+        raise InputError(f"N = {n} must be >= 1")
     if n > Vr * Vc:
-        raise AdapterError(f"N = {n} is larger than the {Vr} x {Vc} = {Vr * Vc} entries; pass a smaller N")
+        raise InputError(f"N = {n} is larger than the {Vr} x {Vc} = {Vr * Vc} entries; pass a smaller N")
     if R.shape[1] != W.shape[0] or C.shape[1] != W.shape[1]:
-        raise AdapterError(f"shapes do not match: R {tuple(R.shape)}, W {tuple(W.shape)}, C {tuple(C.shape)}")
+        raise InputError(f"shapes do not match: R {tuple(R.shape)}, W {tuple(W.shape)}, C {tuple(C.shape)}")
     filt = filt or PairFilter()
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     device = W.device

@@ -17,9 +17,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.backends.base import LMAdapter
+from fflayers.core import InputError
 from fflayers.embedding_space.pairs import PairFilter, top_pairs
-from fflayers.embedding_space.vocabulary import Embedding, vocabulary_tokens
+from fflayers.embedding_space.vocabulary import Embedding
 
 __all__ = ["TOKEN_COLUMNS", "PAIR_COLUMNS", "neuron_vectors", "neuron_tokens", "iter_neuron_tokens",
            "head_matrix", "head_factors", "head_pairs"]
@@ -34,7 +35,7 @@ KINDS = ("qk", "ov")
 def neuron_vectors(adapter: LMAdapter, layer: int, side: str) -> torch.Tensor:
     """``[d_ff, d]``: the layer's FF keys (``side="key"``) or values (``"value"``)."""
     if side not in SIDES:
-        raise AdapterError(f"unknown side {side!r}; use 'key' or 'value'")
+        raise InputError(f"unknown side {side!r}; use 'key' or 'value'")
     layer = adapter.check_layer(layer)
     return (adapter.ffn_keys(layer) if side == "key" else adapter.ffn_values(layer)).detach()
 
@@ -45,15 +46,15 @@ def _check_neurons(adapter: LMAdapter, neurons: Iterable[int] | None) -> list[in
     out = [int(i) for i in neurons]
     bad = [i for i in out if not 0 <= i < adapter.d_ff]
     if bad:
-        raise AdapterError(f"neuron {bad[0]} is out of range: layers have {adapter.d_ff} neurons (0..{adapter.d_ff - 1})")
+        raise InputError(f"neuron {bad[0]} is out of range: layers have {adapter.d_ff} neurons (0..{adapter.d_ff - 1})")
     if not out:
-        raise AdapterError("no neurons selected; pass at least one neuron index (or none for all)")
+        raise InputError("no neurons selected; pass at least one neuron index (or none for all)")
     return out
 
 
 def _check_k(k: int, vocab: int) -> int:
     if not 1 <= k <= vocab:
-        raise AdapterError(f"k = {k} must be between 1 and the vocabulary size {vocab}")
+        raise InputError(f"k = {k} must be between 1 and the vocabulary size {vocab}")
     return k
 
 
@@ -65,7 +66,7 @@ def iter_neuron_tokens(
     (:data:`TOKEN_COLUMNS`), best first; ``largest=False`` lists the most negative scores."""
     k = _check_k(k, E.matrix.shape[0])
     idx = _check_neurons(adapter, neurons)
-    tokens = np.asarray(vocabulary_tokens(adapter), dtype=object)
+    tokens = np.asarray(adapter.vocab.tokens, dtype=object)
     Et = E.matrix.float().T
     for layer in layers:
         for side in sides:
@@ -100,11 +101,11 @@ def head_factors(adapter: LMAdapter, layer: int, head: int, kind: str) -> tuple[
     (ov), ``[d, d_head]`` and ``[d_head, d]``, where ``g`` is the key/value head query head ``h`` uses
     (grouped-query attention)."""
     if kind not in KINDS:
-        raise AdapterError(f"unknown head matrix {kind!r}; use 'qk' or 'ov'")
+        raise InputError(f"unknown head matrix {kind!r}; use 'qk' or 'ov'")
     layer = adapter.check_layer(layer)
     aw = adapter.attention_weights(layer)
     if not 0 <= head < aw.n_heads:
-        raise AdapterError(f"head {head} is out of range: layer {layer} has {aw.n_heads} heads (0..{aw.n_heads - 1})")
+        raise InputError(f"head {head} is out of range: layer {layer} has {aw.n_heads} heads (0..{aw.n_heads - 1})")
     g = aw.kv_head(head)
     if kind == "qk":
         U, Vt = aw.W_Q[head].detach().float(), aw.W_K[g].detach().float().T
@@ -112,7 +113,7 @@ def head_factors(adapter: LMAdapter, layer: int, head: int, kind: str) -> tuple[
         U, Vt = aw.W_V[g].detach().float(), aw.W_O[head].detach().float()
     d = adapter.d_model
     if U.shape[0] != d or Vt.shape[1] != d or U.shape[1] != Vt.shape[0]:
-        raise AdapterError(f"layer {layer} head {head}: {kind} factors have shapes {tuple(U.shape)} and "
+        raise InputError(f"layer {layer} head {head}: {kind} factors have shapes {tuple(U.shape)} and "
                            f"{tuple(Vt.shape)}, not ({d}, d_head) and (d_head, {d}); the model's attention "
                            "weights do not have the expected shapes")
     return U, Vt, g
@@ -139,7 +140,7 @@ def head_pairs(
         rows_side, cols_side = Em @ U, Em @ Vt.T  # [V, d_head] each
     eye = torch.eye(U.shape[1], dtype=rows_side.dtype, device=U.device)
     scores, rows, cols = top_pairs(rows_side, eye, cols_side, n, largest=largest, filt=filt, block_rows=block_rows)
-    tokens = vocabulary_tokens(adapter)
+    tokens = adapter.vocab.tokens
     r, c = rows.cpu().tolist(), cols.cpu().tolist()
     m = len(r)
     return pd.DataFrame({

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.backends.base import LMAdapter
+from fflayers.core import FflayersError, InputError
 
-__all__ = ["Embedding", "embedding_matrix", "vocabulary_tokens", "token_mask", "case_space_groups",
+__all__ = ["Embedding", "embedding_matrix", "token_mask", "case_space_groups",
            "corpus_token_mask"]
 
 SIDES = ("output", "input")
@@ -30,22 +31,13 @@ def embedding_matrix(adapter: LMAdapter, which: str = "output") -> Embedding:
     softmax: head rows and tail projections composed to ``d``), falling back to the input embedding for an
     encoder without an output head; ``"input"`` is the input embedding."""
     if which not in SIDES:
-        raise AdapterError(f"unknown embedding {which!r}; use 'output' or 'input'")
+        raise InputError(f"unknown embedding {which!r}; use 'output' or 'input'")
     if which == "output":
         try:
             return Embedding(adapter.output_embeddings().detach(), adapter.output_embeddings_kind)
-        except AdapterError:
+        except FflayersError:
             pass  # no output head (a BERT encoder): the input embedding is the only vocabulary matrix
     return Embedding(adapter.input_embeddings().detach(), "input embedding")
-
-
-def vocabulary_tokens(adapter: LMAdapter) -> list[str]:
-    """The string of every token id (as :meth:`LMAdapter.id_to_token` writes it), cached on the adapter."""
-    cached = getattr(adapter, "_fflayers_vocabulary_tokens", None)
-    if cached is None:
-        cached = adapter.id_to_token(list(range(adapter.vocab_size)))
-        adapter._fflayers_vocabulary_tokens = cached
-    return cached
 
 
 def token_mask(tokens: list[str], ascii_only: bool = False, alnum_only: bool = False) -> torch.Tensor | None:
@@ -76,16 +68,14 @@ def corpus_token_mask(adapter: LMAdapter, lines: Iterable[str]) -> torch.Tensor:
     """Bool ``[V]`` of the token ids seen when ``adapter`` tokenizes ``lines`` (special tokens left out)."""
     seen = torch.zeros(adapter.vocab_size, dtype=torch.bool)
     for line in lines:
-        ids = adapter.tokenize(line, add_bos=False)
+        ids = adapter.vocab.tokenize(line, add_bos=False)
         if ids:
             seen[torch.as_tensor(ids, dtype=torch.long).clamp(0, adapter.vocab_size - 1)] = True
-    from fflayers.memories.agreement import unk_id
-
-    unk = unk_id(adapter)
+    unk = adapter.vocab.unk_id
     if unk is not None:
         seen[unk] = False
     if not bool(seen.any()):
-        raise AdapterError("no token of the token list is in the model's vocabulary; pass a corpus in the "
+        raise InputError("no token of the token list is in the model's vocabulary; pass a corpus in the "
                            "model's language and tokenization")
     return seen
 

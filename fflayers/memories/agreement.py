@@ -43,19 +43,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.allocator import steady_heap
+from fflayers.backends.base import LMAdapter
+from fflayers.backends.vocabulary import Vocabulary
+from fflayers.core import InputError
 from fflayers.memories.value_projections import (
-    _progress,
-    check_layers,
     default_chunk_rows,
     full_precision,
     random_values,
 )
+from fflayers.progress import progress_bar
 
 __all__ = [
     "AGREEMENT_COLUMNS",
     "count_greater",
-    "unk_id",
     "target_id",
     "targets_from_examples",
     "key_value_agreement",
@@ -73,18 +74,21 @@ Key = tuple[int, int]
 def count_greater(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """``out[r, k] = #{j : scores[r, j] > thresholds[r, k]}`` (exact, strict), as int64 ``[R, K]``.
 
-    Sorts the ``K`` thresholds of each row and buckets every score among them (``searchsorted``), then counts
-    with one ``bincount``: ``O(R V log K)`` time and ``O(R V)`` memory, never ``[R, K, V]``. NaN scores never count.
+    Sorts the ``K`` thresholds of each row and buckets every score among them (``searchsorted``, int32 buckets,
+    updated in place), then counts with one ``bincount``: ``O(R V log K)`` time and ``O(R V)`` memory, never
+    ``[R, K, V]``. NaN scores never count.
     """
     R, V = scores.shape
     K = thresholds.shape[1]
     if K == 0:
         return torch.zeros(R, 0, dtype=torch.long, device=scores.device)
-    sorted_t, order = thresholds.to(scores.dtype).sort(dim=1)
+    thresholds = thresholds.to(scores.dtype)
+    sorted_t, order = thresholds.sort(dim=1)
     # bucket b(x) = number of thresholds strictly below x; x > sorted_t[k]  <=>  b(x) >= k + 1
-    bucket = torch.searchsorted(sorted_t.contiguous(), scores.contiguous(), right=False)
-    bucket = bucket.masked_fill(torch.isnan(scores), 0)
-    offsets = bucket + torch.arange(R, device=scores.device)[:, None] * (K + 1)
+    small = R * (K + 1) < 2**31
+    bucket = torch.searchsorted(sorted_t.contiguous(), scores.contiguous(), right=False, out_int32=small)
+    bucket.masked_fill_(torch.isnan(scores), 0)
+    offsets = bucket.add_(torch.arange(R, device=scores.device, dtype=bucket.dtype)[:, None] * (K + 1))
     hist = torch.bincount(offsets.reshape(-1), minlength=R * (K + 1)).reshape(R, K + 1)
     at_least = hist.flip(1).cumsum(1).flip(1)  # at_least[:, j] = #{b(x) >= j}
     out = torch.empty(R, K, dtype=torch.long, device=scores.device)
@@ -92,38 +96,19 @@ def count_greater(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tenso
     return out
 
 
-def unk_id(adapter: LMAdapter) -> int | None:
-    """The model's unknown-token id (fairseq dictionary, HF tokenizer), or None."""
-    value = getattr(adapter, "unk_id", None)
-    if isinstance(value, int):
-        return value
-    dictionary = getattr(adapter, "dictionary", None)
-    if dictionary is not None and hasattr(dictionary, "unk"):
-        return int(dictionary.unk())
-    tok = getattr(adapter, "tokenizer", None)
-    value = getattr(tok, "unk_token_id", None)
-    return value if isinstance(value, int) else None
-
-
-def _eos_id(adapter: LMAdapter) -> int | None:
-    tok = getattr(adapter, "tokenizer", None)
-    value = getattr(tok, "eos_token_id", None)
-    return value if isinstance(value, int) else None
-
-
-def target_id(adapter: LMAdapter, token: str, after_prefix: bool = True) -> int | None:
+def target_id(vocab: Vocabulary, token: str, after_prefix: bool = True) -> int | None:
     """Token id of a trigger target string, or None when it is not one vocabulary entry.
 
     Textual files strip the target's leading space, so after a non-empty prefix the spaced form is tried first
     (``" Paris"``: GPT-2 BPE), then the bare form (word-level dictionaries, SentencePiece). The end-of-sentence
-    target ``</s>`` falls back to the tokenizer's EOS id.
+    target ``</s>`` falls back to the vocabulary's EOS id.
     """
     candidates = [" " + token, token] if after_prefix and token and not token[0].isspace() else [token]
     for cand in candidates:
-        tid = adapter.token_to_id(cand)
+        tid = vocab.token_to_id(cand)
         if tid is not None:
             return int(tid)
-    return _eos_id(adapter) if token == "</s>" else None
+    return vocab.eos_id if token == "</s>" else None
 
 
 def targets_from_examples(
@@ -140,7 +125,7 @@ def targets_from_examples(
     Each key's targets are ordered by activation, largest first (stable: the file order for equal values).
     Returns ``(targets, n_unknown)``.
     """
-    unk = unk_id(adapter)
+    unk = adapter.vocab.unk_id
     cache: dict[tuple[str, bool], int | None] = {}
     n_unknown = 0
     out: dict[Key, list[int]] = {}
@@ -150,7 +135,7 @@ def targets_from_examples(
         stored = None if target_ids is None else target_ids.get(key)
         if stored is not None:
             if len(stored) != len(rows):
-                raise AdapterError(
+                raise InputError(
                     f"the stored target ids of key {key} ({len(stored)}) do not match its {len(rows)} trigger "
                     "lines; rerun trigger_examples_jsonl_to_textual.py into an empty folder"
                 )
@@ -161,7 +146,7 @@ def targets_from_examples(
             _value, prefix, token = rows[j]
             ck = (token, bool(prefix))
             if ck not in cache:
-                cache[ck] = target_id(adapter, token, after_prefix=bool(prefix))
+                cache[ck] = target_id(adapter.vocab, token, after_prefix=bool(prefix))
             tid = cache[ck]
             if tid is None:
                 n_unknown += 1
@@ -175,14 +160,14 @@ def _check_targets(adapter: LMAdapter, targets: Mapping[Key, Sequence[int]]) -> 
     d_ff, vocab = adapter.d_ff, adapter.vocab_size
     for (layer, dim), ids in targets.items():
         if not 0 <= layer < adapter.n_layers:
-            raise AdapterError(f"trigger examples for layer {layer}, but the model has {adapter.n_layers} layers "
+            raise InputError(f"trigger examples for layer {layer}, but the model has {adapter.n_layers} layers "
                                f"(0..{adapter.n_layers - 1}); use trigger examples mined from this model")
         if not 0 <= dim < d_ff:
-            raise AdapterError(f"trigger examples for dim {dim} of layer {layer}, but layers have {d_ff} dims; "
+            raise InputError(f"trigger examples for dim {dim} of layer {layer}, but layers have {d_ff} dims; "
                                "use trigger examples mined from this model")
         for t in ids:
             if not -1 <= int(t) < vocab:
-                raise AdapterError(f"target id {t} of key ({layer}, {dim}) is outside the vocabulary of {vocab}")
+                raise InputError(f"target id {t} of key ({layer}, {dim}) is outside the vocabulary of {vocab}")
 
 
 def agreement_units(adapter: LMAdapter, layers: Iterable[int] | None = None,
@@ -191,9 +176,9 @@ def agreement_units(adapter: LMAdapter, layers: Iterable[int] | None = None,
     order; a torchrun job splits this list over its ranks (each chunk is computed the same way wherever it runs)."""
     chunk = chunk_values or default_chunk_rows(adapter, 1 << 24)
     if chunk < 1:
-        raise AdapterError(f"chunk size {chunk} must be >= 1")
+        raise InputError(f"chunk size {chunk} must be >= 1")
     n = adapter.d_ff
-    return [(layer, s, min(n, s + chunk)) for layer in check_layers(adapter, layers) for s in range(0, n, chunk)]
+    return [(layer, s, min(n, s + chunk)) for layer in adapter.check_layers(layers) for s in range(0, n, chunk)]
 
 
 def key_value_agreement(
@@ -214,10 +199,11 @@ def key_value_agreement(
     ``units``: only these chunks of :func:`agreement_units` (their rows, in the order given).
     """
     _check_targets(adapter, targets)
+    steady_heap()  # per-chunk buffers of a few MB would otherwise fragment the heap (GBs over 16 layers)
     if units is None:
         units = agreement_units(adapter, layers, chunk_values)
     frames = []
-    bar = _progress(sum(e - s for _, s, e in units), "key-value agreement", progress)
+    bar = progress_bar(sum(e - s for _, s, e in units), "key-value agreement", progress)
     current = None
     with torch.no_grad():
         for layer, s, e in units:
@@ -256,7 +242,7 @@ def _agreement_rows(adapter, layer, values, s, e, per_dim, width, tgt) -> pd.Dat
         "W2_dim": np.arange(s, e, dtype=np.int64),
         "max_prob": max_prob,
         "embedding_index": top1,
-        "embedding_token": adapter.id_to_token(top1.tolist()),
+        "embedding_token": adapter.vocab.id_to_token(top1.tolist()),
         "embedding_token_target_count": counts.astype(np.int64),
         "target_rankings": [ranks[i, : len(per_dim[s + i])].tolist() for i in range(e - s)],
     })

@@ -22,7 +22,8 @@ from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 
-from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.backends.vocabulary import Vocabulary
+from fflayers.core import InputError
 
 EOS = "</s>"
 #: exact target token ids of subword models, beside the ``{dim}_{layer}.txt`` files
@@ -37,7 +38,7 @@ class WordLevel:
     def prefix_and_target(self, text: str, position: int) -> tuple[str, str]:
         words = text.split()
         if not 0 <= position <= len(words):
-            raise AdapterError(
+            raise InputError(
                 f"token_indice {position} is out of range for a {len(words)}-word sentence; "
                 "was the file made with a word-level (fairseq) model?"
             )
@@ -49,24 +50,25 @@ class WordLevel:
         return None
 
 
-class AdapterTokens:
-    """Subword models: ``text`` is re-tokenized with ``adapter.tokenize(text)`` (BOS added as for mining)."""
+class SubwordTokens:
+    """Subword models: ``text`` is re-tokenized with ``vocab.tokenize(text)`` (BOS added as for mining);
+    ``vocab`` is the model's :class:`~fflayers.backends.vocabulary.Vocabulary` (``adapter.vocab``)."""
 
-    def __init__(self, adapter: LMAdapter) -> None:
-        self.adapter = adapter
-        self._ids = lru_cache(maxsize=4096)(lambda text: tuple(adapter.tokenize(text)))
+    def __init__(self, vocab: Vocabulary) -> None:
+        self.vocab = vocab
+        self._ids = lru_cache(maxsize=4096)(lambda text: tuple(vocab.tokenize(text)))
 
     def prefix_and_target(self, text: str, position: int) -> tuple[str, str]:
         ids = self._ids(text)
         if not 0 <= position < len(ids):
-            raise AdapterError(
+            raise InputError(
                 f"token_indice {position} is out of range for a {len(ids)}-token input; "
                 "was the file made with this model and tokenizer?"
             )
-        bos = self.adapter.bos_id
+        bos = self.vocab.bos_id
         start = 1 if bos is not None and ids and ids[0] == bos else 0
-        prefix = self.adapter.detokenize(list(ids[start : position + 1])).strip() if position >= start else ""
-        target = self.adapter.id_to_token([ids[position + 1]])[0].strip() if position + 1 < len(ids) else EOS
+        prefix = self.vocab.detokenize(list(ids[start : position + 1])).strip() if position >= start else ""
+        target = self.vocab.id_to_token([ids[position + 1]])[0].strip() if position + 1 < len(ids) else EOS
         return prefix, target
 
     def target_id(self, text: str, position: int) -> int:
@@ -75,7 +77,7 @@ class AdapterTokens:
         ids = self._ids(text)
         if position + 1 < len(ids):
             return int(ids[position + 1])
-        eos = getattr(getattr(self.adapter, "tokenizer", None), "eos_token_id", None)
+        eos = getattr(self.vocab, "eos_id", None)
         return int(eos) if isinstance(eos, int) else -1
 
 
@@ -91,14 +93,14 @@ def parse_line(line: str) -> tuple[float, str, str]:
     line = line.rstrip("\n")
     value, sep, rest = line.partition("\t")
     if not sep or len(rest) < 2 or not rest.endswith("*"):
-        raise AdapterError(f"malformed trigger-example line {line!r}; expected 'value<TAB>prefix *target*'")
+        raise InputError(f"malformed trigger-example line {line!r}; expected 'value<TAB>prefix *target*'")
     cut = rest.rfind(" *", 0, len(rest) - 1)
     if cut >= 0:
         prefix, target = rest[:cut], rest[cut + 2 : -1]
     elif rest.startswith("*"):
         prefix, target = "", rest[1:-1]
     else:
-        raise AdapterError(f"malformed trigger-example line {line!r}; expected 'value<TAB>prefix *target*'")
+        raise InputError(f"malformed trigger-example line {line!r}; expected 'value<TAB>prefix *target*'")
     return float(value), prefix, target
 
 
@@ -112,23 +114,23 @@ def _json_lines(path: Path, what: str) -> Iterator[tuple[int, object]]:
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
-                raise AdapterError(f"{path} line {lineno} is not JSON ({e.msg}); {what}") from None
+                raise InputError(f"{path} line {lineno} is not JSON ({e.msg}); {what}") from None
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
     """Rows of a trigger-examples JSONL file (original schema)."""
     p = Path(path)
     if not p.is_file():
-        raise AdapterError(f"input file {p} does not exist; pass the .jsonl written by generate_outputs.py")
+        raise InputError(f"input file {p} does not exist; pass the .jsonl written by generate_outputs.py")
     for lineno, row in _json_lines(p, "pass a trigger-examples .jsonl file"):
         if not isinstance(row, dict) or "dim" not in row or "top_values" not in row:
-            raise AdapterError(f"{p} line {lineno} lacks 'dim'/'top_values'; pass a trigger-examples .jsonl file")
+            raise InputError(f"{p} line {lineno} lacks 'dim'/'top_values'; pass a trigger-examples .jsonl file")
         yield row
 
 
 def textual_files(rows: Iterable[dict], tokens) -> Iterator[tuple[str, list[str], list[int] | None]]:
     """``(file name, lines, target ids)`` per key, streaming over ``rows``; ``tokens`` is a :class:`WordLevel`
-    (target ids None) or :class:`AdapterTokens`.
+    (target ids None) or :class:`SubwordTokens`.
 
     The layer of a key is its records' ``layer_index``; a key without records takes the layer seen at the
     same place of ``top_values`` in other rows (or that place's index), and its (empty) file comes last.
@@ -158,11 +160,11 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse a non-empty folder unless ``overwrite``; create it when missing."""
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
-        raise AdapterError(f"output path {out} is a file; give a folder")
+        raise InputError(f"output path {out} is a file; give a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise AdapterError(f"output folder {out} is not empty; pass --overwrite or choose another folder")
+        raise InputError(f"output folder {out} is not empty; pass --overwrite or choose another folder")
     if not out.exists() and not out.parent.is_dir():
-        raise AdapterError(f"folder {out.parent} does not exist; create it or choose another output folder")
+        raise InputError(f"folder {out.parent} does not exist; create it or choose another output folder")
     from fflayers.io import check_folder_writable
 
     check_folder_writable(out if out.exists() else out.parent)
@@ -192,7 +194,7 @@ def write_textual(input_file: str | os.PathLike, output_dir: str | os.PathLike, 
 
     out = check_output_dir(output_dir, overwrite)
     if next(read_jsonl(input_file), None) is None:
-        raise AdapterError(f"input file {input_file} holds no trigger examples; pass a non-empty .jsonl")
+        raise InputError(f"input file {input_file} holds no trigger examples; pass a non-empty .jsonl")
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
         for old in out.iterdir():
@@ -220,7 +222,7 @@ def read_textual_dir(directory: str | os.PathLike) -> dict[tuple[int, int], list
     """``{(layer, dim): [(value, prefix, target), ...]}`` from a folder written by :func:`write_textual`."""
     d = Path(directory)
     if not d.is_dir():
-        raise AdapterError(f"folder {d} does not exist; pass the output folder of trigger_examples_jsonl_to_textual.py")
+        raise InputError(f"folder {d} does not exist; pass the output folder of trigger_examples_jsonl_to_textual.py")
     out: dict[tuple[int, int], list[tuple[float, str, str]]] = {}
     for path in sorted(d.iterdir()):
         m = _FILE.match(path.name)
@@ -230,7 +232,7 @@ def read_textual_dir(directory: str | os.PathLike) -> dict[tuple[int, int], list
         with open(path, encoding="utf-8") as f:
             out[layer, dim] = [parse_line(line) for line in f if line.strip()]
     if not out:
-        raise AdapterError(f"folder {d} holds no {{dim}}_{{layer}}.txt files; run trigger_examples_jsonl_to_textual.py first")
+        raise InputError(f"folder {d} holds no {{dim}}_{{layer}}.txt files; run trigger_examples_jsonl_to_textual.py first")
     return out
 
 
@@ -249,6 +251,6 @@ def read_target_ids(directory: str | os.PathLike) -> dict[tuple[int, int], list[
         except (KeyError, TypeError, ValueError):
             m = None
         if not m:
-            raise AdapterError(f"{path} line {lineno} is malformed; {malformed}")
+            raise InputError(f"{path} line {lineno} is malformed; {malformed}")
         out[int(m.group(2)), int(m.group(1))] = ids
     return out

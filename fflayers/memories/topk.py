@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from fflayers.backends.base import AdapterError
+from fflayers.core import InputError
 
 _LOW = 1 << 32
 _MAX_ID = _LOW - 2  # sentence ids must lie in 0 .. 2**32 - 2
@@ -57,9 +57,9 @@ class StreamingTopK:
 
     def __init__(self, n_keys: int, k: int, device: torch.device | str | None = "cpu") -> None:
         if k < 1:
-            raise AdapterError(f"k={k} must be >= 1; pass the number of top sentences to keep per key")
+            raise InputError(f"k={k} must be >= 1; pass the number of top sentences to keep per key")
         if n_keys < 1:
-            raise AdapterError(f"n_keys={n_keys} must be >= 1; select at least one layer and one dim")
+            raise InputError(f"n_keys={n_keys} must be >= 1; select at least one layer and one dim")
         self.n_keys, self.k = int(n_keys), int(k)
         device = torch.device(device) if device is not None else torch.device("cpu")
         self.keys = torch.full((n_keys, k), _EMPTY, dtype=torch.int64, device=device)
@@ -87,22 +87,22 @@ class StreamingTopK:
         """Merge one batch: per key and sentence, the max activation ``[n_keys, B]`` and its position
         ``[n_keys, B]``; ``sentence_ids`` ``[B]`` are global sentence indices (unique across updates)."""
         if batch_max.dim() != 2 or batch_max.shape[0] != self.n_keys:
-            raise AdapterError(f"batch_max has shape {tuple(batch_max.shape)}, expected [{self.n_keys}, batch]")
+            raise InputError(f"batch_max has shape {tuple(batch_max.shape)}, expected [{self.n_keys}, batch]")
         if batch_argmax.shape != batch_max.shape:
-            raise AdapterError(f"batch_argmax has shape {tuple(batch_argmax.shape)}, expected {tuple(batch_max.shape)}")
+            raise InputError(f"batch_argmax has shape {tuple(batch_argmax.shape)}, expected {tuple(batch_max.shape)}")
         dev = self.device
         sid = torch.as_tensor(sentence_ids).reshape(-1)
         if sid.numel() != batch_max.shape[1]:
-            raise AdapterError(f"{sid.numel()} sentence ids for a batch of {batch_max.shape[1]} sentences")
+            raise InputError(f"{sid.numel()} sentence ids for a batch of {batch_max.shape[1]} sentences")
         if sid.numel() and (int(sid.min()) < 0 or int(sid.max()) > _MAX_ID):
-            raise AdapterError(f"sentence ids must lie in 0..{_MAX_ID}")
+            raise InputError(f"sentence ids must lie in 0..{_MAX_ID}")
         keys = encode(batch_max.to(dev), sid.to(dev, torch.int64))
         self._merge(keys, batch_argmax.to(dev, torch.int64))
 
     def merge(self, other: StreamingTopK) -> StreamingTopK:
         """Fold another top-k over disjoint sentences (a shard, another rank) into this one; returns self."""
         if other.n_keys != self.n_keys or other.k != self.k:
-            raise AdapterError(
+            raise InputError(
                 f"cannot merge a top-{other.k} of {other.n_keys} keys into a top-{self.k} of {self.n_keys} keys; "
                 "mine both with the same layers, dims and k"
             )
@@ -122,7 +122,7 @@ class StreamingTopK:
     def load_state_dict(self, state: dict) -> None:
         """Restore a state saved by :meth:`state_dict` (onto this object's device)."""
         if int(state["n_keys"]) != self.n_keys or int(state["k"]) != self.k:
-            raise AdapterError(
+            raise InputError(
                 f"saved top-k has {state['n_keys']} keys and k={state['k']}, expected {self.n_keys} and {self.k}"
             )
         dev = self.device

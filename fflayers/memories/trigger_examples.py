@@ -11,26 +11,31 @@ order does not depend on multiprocessing.
 The pass is batched (length-bucketed batches of at most ``batch_tokens`` padded tokens) and stops after the
 last requested layer's keys; each hooked layer is reduced to ``[batch, dims]`` maxima inside its hook, so
 memory stays bounded by one layer's activations. With ``checkpoint_dir`` the state is saved after every shard
-of ``shard_size`` sentences and a rerun with the same inputs and settings continues from there.
+of ``shard_size`` sentences and a rerun with the same inputs and settings continues from there
+(:mod:`fflayers.memories.trigger_checkpoints`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.backends.base import LMAdapter
+from fflayers.core import InputError
 from fflayers.data.batching import pad_right
 from fflayers.hooks import StopForward, hooked
 from fflayers.memories.topk import StreamingTopK, all_gather_merge
-
-CHECKPOINT_NAME = "trigger_examples_state.pt"
+from fflayers.memories.trigger_checkpoints import (
+    CHECKPOINT_NAME,
+    config_digest,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 @dataclass
@@ -55,13 +60,15 @@ class TriggerExamples:
         try:
             return self.layers.index(layer) * len(self.dims) + self.dims.index(dim)
         except ValueError:
-            raise AdapterError(f"key ({layer}, {dim}) was not mined; mined layers {self.layers}, dims {len(self.dims)}") from None
+            raise InputError(f"key ({layer}, {dim}) was not mined; mined layers {self.layers}, "
+                               f"dims {len(self.dims)}") from None
 
     def examples(self, layer: int, dim: int) -> list[tuple[float, int, int]]:
         """``(value, sentence_id, position)`` of one key, best first (filled slots only)."""
         row = self.key_index(layer, dim)
         ids = self.sentence_ids[row].tolist()
-        return [(v, s, p) for v, s, p in zip(self.values[row].tolist(), ids, self.positions[row].tolist(), strict=True)
+        return [(v, s, p)
+                for v, s, p in zip(self.values[row].tolist(), ids, self.positions[row].tolist(), strict=True)
                 if s >= 0]
 
     def to_frame(self):
@@ -86,12 +93,15 @@ class TriggerExamples:
     def to_jsonl_rows(self, texts: Sequence[str]) -> Iterator[dict]:
         """Rows of the original JSONL schema, one per dim::
 
-            {"dim": i, "top_values": [per layer: [{"rank", "layer_index", "token_indice", "fc1_value", "text"}]]}
+            {"dim": i,
+             "top_values": [per layer: [{"rank", "layer_index", "token_indice", "fc1_value", "text"}]]}
 
-        ``texts[sentence_id]`` is the sentence's text (space-joined tokens without BOS for word-level models).
+        ``texts[sentence_id]`` is the sentence's text (space-joined tokens without BOS for word-level
+        models).
         """
         if len(texts) < self.n_sentences:
-            raise AdapterError(f"{len(texts)} texts for {self.n_sentences} mined sentences; pass one text per sentence")
+            raise InputError(f"{len(texts)} texts for {self.n_sentences} mined sentences; pass one text "
+                               "per sentence")
         n_dims = len(self.dims)
         values = self.values.tolist()
         ids = self.sentence_ids.tolist()
@@ -107,70 +117,29 @@ class TriggerExamples:
             yield {"dim": dim, "top_values": per_layer}
 
 
-# ----- configuration and checkpoints ---------------------------------------------------------------------
+# ----- key selection -------------------------------------------------------------------------------------
 
 
-def _check_selection(adapter: LMAdapter, layers: Sequence[int] | None, dims: Sequence[int] | None) -> tuple[list[int], list[int]]:
+def _check_selection(adapter: LMAdapter, layers: Sequence[int] | None,
+                     dims: Sequence[int] | None) -> tuple[list[int], list[int]]:
     if layers is None:
         layers = list(range(adapter.n_layers))
     else:
         layers = list(dict.fromkeys(adapter.check_layer(int(layer)) for layer in layers))
         if not layers:
-            raise AdapterError("no layers selected; pass layers=None for all layers")
+            raise InputError("no layers selected; pass layers=None for all layers")
     d_ff = adapter.d_ff
     if dims is None:
         dims = list(range(d_ff))
     else:
         dims = list(dict.fromkeys(int(d) for d in dims))
         if not dims:
-            raise AdapterError("no dims selected; pass dims=None for all dims")
+            raise InputError("no dims selected; pass dims=None for all dims")
         bad = [d for d in dims if not 0 <= d < d_ff]
         if bad:
-            raise AdapterError(f"dim {bad[0]} is out of range: the model has {d_ff} FFN dims per layer (0..{d_ff - 1})")
+            raise InputError(f"dim {bad[0]} is out of range: the model has {d_ff} FFN dims per layer "
+                               f"(0..{d_ff - 1})")
     return layers, dims
-
-
-def _sentences_digest(sentences: Sequence[Sequence[int]]) -> str:
-    from fflayers.memories.scan import sentences_digest
-
-    return sentences_digest(sentences)
-
-
-def _model_digest(adapter: LMAdapter, layer: int) -> str:
-    h = hashlib.sha256()
-    h.update(repr((type(adapter).__name__, adapter.n_layers, adapter.d_model, adapter.d_ff, adapter.vocab_size)).encode())
-    keys = adapter.ffn_keys(layer).detach().to("cpu", torch.float32).contiguous()
-    h.update(keys.numpy().tobytes())
-    return h.hexdigest()
-
-
-def _config_hash(adapter, sentences, k, layers, dims, batch_tokens, shard_size, world) -> str:
-    parts = [_model_digest(adapter, layers[0]), _sentences_digest(sentences),
-             repr((k, layers, dims, batch_tokens, shard_size, world))]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()
-
-
-def _save_checkpoint(path: Path, config_hash: str, done_shards: int, done_sentences: int, topk: StreamingTopK) -> None:
-    from fflayers.io import atomic_write
-
-    with atomic_write(path, "wb") as f:
-        torch.save({"config_hash": config_hash, "done_shards": done_shards, "done_sentences": done_sentences,
-                    "topk": topk.state_dict()}, f)
-
-
-def _load_checkpoint(path: Path, config_hash: str) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise AdapterError(f"checkpoint {path} is unreadable ({type(err).__name__}); delete it to start over") from None
-    if state.get("config_hash") != config_hash:
-        raise AdapterError(
-            f"checkpoint {path} was made with other inputs or settings (sentences, model, k, layers, dims, "
-            "batch_tokens or shard_size differ); rerun with the same ones, or delete it to start over"
-        )
-    return state
 
 
 # ----- mining ----------------------------------------------------------------------------------------------
@@ -228,7 +197,8 @@ class _BatchReducer:
             i = torch.minimum(i, torch.where(tail == v_, self.arange[:, m:], T).amin(dim=1))
         return v, i
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per key ``[n_keys, B]`` max activation and argmax position of one right-padded batch."""
         dev = self.adapter.device
         self.min_len = max(1, int(attention_mask.sum(1).min()))  # on the host copy: no device sync
@@ -237,7 +207,8 @@ class _BatchReducer:
         L = len(self.layers)
         self.pad = ~attention_mask[:, :, None]
         T = input_ids.shape[1]
-        self.arange = torch.arange(T, device=dev, dtype=torch.int16 if T < 16_000 else torch.int32)[None, :, None]
+        self.arange = torch.arange(T, device=dev,
+                                   dtype=torch.int16 if T < 16_000 else torch.int32)[None, :, None]
         # [layer, dim, sentence]: row li * n_dims + di is key (layers[li], dims[di])
         self.out_v = torch.empty(L, self.n_dims, B, dtype=torch.float32, device=dev)
         self.out_i = torch.empty(L, self.n_dims, B, dtype=torch.int64, device=dev)
@@ -257,8 +228,10 @@ def autocast(adapter: LMAdapter, dtype: torch.dtype | None):
 
 
 def collate(sentences: Sequence[Sequence[int]], index: Sequence[int], pad_id: int, max_length: int | None):
-    """Right-padded ``(input_ids, attention_mask)`` of ``sentences[i] for i in index`` (truncated to ``max_length``)."""
-    return pad_right([list(sentences[i])[:max_length] if max_length else list(sentences[i]) for i in index], pad_id)
+    """Right-padded ``(input_ids, attention_mask)`` of ``sentences[i] for i in index`` (truncated to
+    ``max_length``)."""
+    return pad_right([list(sentences[i])[:max_length] if max_length else list(sentences[i]) for i in index],
+                     pad_id)
 
 
 class TriggerScan:
@@ -273,7 +246,7 @@ class TriggerScan:
 
         for i, s in enumerate(sentences):
             if len(s) == 0:
-                raise AdapterError(f"sentence {i} is empty; drop empty sentences before mining")
+                raise InputError(f"sentence {i} is empty; drop empty sentences before mining")
         self.adapter, self.sentences, self.k = adapter, sentences, k
         self.layers, self.dims, self.dtype = layers, dims, dtype
         self.max_len = adapter.max_positions
@@ -282,40 +255,49 @@ class TriggerScan:
         self.n_units = len(self.batches)
 
     def unit_sentences(self, unit: int) -> int:
+        """Number of sentences in unit (batch) ``unit``."""
         return len(self.batches[unit])
 
     def new_topk(self) -> StreamingTopK:
+        """An empty top-k buffer for all selected keys, on the adapter's device."""
         return StreamingTopK(len(self.layers) * len(self.dims), self.k, device=self.adapter.device)
 
     def mine(self, units: Iterable[int], topk: StreamingTopK, progress=None) -> StreamingTopK:
         """Fold the batches ``units`` into ``topk``."""
         reducer = _BatchReducer(self.adapter, self.layers, self.dims)
-        with hooked(self.adapter, reducer.hooks()), torch.inference_mode(), autocast(self.adapter, self.dtype):
+        with (hooked(self.adapter, reducer.hooks()), torch.inference_mode(),
+              autocast(self.adapter, self.dtype)):
             for u in units:
                 index = self.batches[u]
-                input_ids, mask = collate(self.sentences, index, self.adapter.pad_id, self.max_len)
+                input_ids, mask = collate(self.sentences, index, self.adapter.vocab.pad_id, self.max_len)
                 v, i = reducer(input_ids, mask)
                 topk.update(v, i, torch.as_tensor(index, dtype=torch.int64))
                 if progress is not None:
                     progress(len(index))
         return topk
 
-    def run_units(self, units: range, progress=None) -> StreamingTopK:
+    def run_units(self, units: range, progress: Callable[[int], object] | None = None) -> StreamingTopK:
+        """The top-k of the batches ``units``; ``progress(n)`` is called after each batch of ``n``
+        sentences."""
         return self.mine(units, self.new_topk(), progress)
 
     def merge(self, parts: list[StreamingTopK]) -> StreamingTopK:
+        """Partial top-k merged into the first one."""
         out = parts[0]
         for part in parts[1:]:
             out.merge(part)
         return out
 
     def to_state(self, part: StreamingTopK) -> dict:
+        """A partial result as saved state (its ``state_dict``)."""
         return part.state_dict()
 
     def from_state(self, state: dict) -> StreamingTopK:
+        """A partial result from saved state, on the adapter's device."""
         return StreamingTopK.from_state_dict(state, device=self.adapter.device)
 
     def result(self, topk: StreamingTopK) -> TriggerExamples:
+        """The final :class:`TriggerExamples` (buffers on the CPU)."""
         return TriggerExamples(topk.values.cpu(), topk.sentence_ids.cpu(), topk.positions.cpu(), self.layers,
                                self.dims, self.k, len(self.sentences))
 
@@ -348,20 +330,21 @@ def trigger_examples(
     from tqdm.auto import tqdm
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise AdapterError(f"k={k!r} must be a positive integer (the number of trigger examples per key)")
+        raise InputError(f"k={k!r} must be a positive integer (the number of trigger examples per key)")
     if shard_size < 1:
-        raise AdapterError(f"shard_size={shard_size} must be >= 1")
+        raise InputError(f"shard_size={shard_size} must be >= 1")
     if len(sentences) == 0:
-        raise AdapterError("no sentences to mine; pass a non-empty list of token-id sequences")
+        raise InputError("no sentences to mine; pass a non-empty list of token-id sequences")
     if batch_tokens < 1:
-        raise AdapterError(f"batch_tokens={batch_tokens} must be >= 1; pass e.g. batch_tokens=4096")
+        raise InputError(f"batch_tokens={batch_tokens} must be >= 1; pass e.g. batch_tokens=4096")
     layers, dims = _check_selection(adapter, layers, dims)
     rank, world = 0, 1
     if distributed:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            raise AdapterError("distributed=True needs an initialised torch.distributed process group (run under torchrun)")
+            raise InputError("distributed=True needs an initialised torch.distributed process group (run "
+                               "under torchrun)")
         rank, world = dist.get_rank(), dist.get_world_size()
 
     from fflayers.memories.scan import group_units
@@ -378,8 +361,9 @@ def trigger_examples(
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         name = CHECKPOINT_NAME if world == 1 else CHECKPOINT_NAME.replace(".pt", f".rank{rank}-of-{world}.pt")
         ckpt_path = ckpt_dir / name
-        chash = _config_hash(adapter, sentences, k, layers, dims, batch_tokens, (shard_size, str(dtype)), world)
-        state = _load_checkpoint(ckpt_path, chash)
+        chash = config_digest(adapter, sentences, k, layers, dims, batch_tokens, (shard_size, str(dtype)),
+                              world)
+        state = load_checkpoint(ckpt_path, chash)
         if state is not None:
             topk.load_state_dict(state["topk"])
             done_shards = int(state["done_shards"])
@@ -389,15 +373,17 @@ def trigger_examples(
 
     done_sentences = sum(size(s) for s in my_shards[:done_shards])
     total = sum(size(s) for s in my_shards)
-    bar = tqdm(total=total, initial=done_sentences, disable=not progress, unit="sent", desc="trigger examples")
+    bar = tqdm(total=total, initial=done_sentences, disable=not progress, unit="sent",
+               desc="trigger examples")
     try:
         for j in range(done_shards, len(my_shards)):
             task.mine(shards[my_shards[j]], topk, bar.update)
             done_sentences += size(my_shards[j])
             if ckpt_path is not None:
-                _save_checkpoint(ckpt_path, chash, j + 1, done_sentences, topk)
+                save_checkpoint(ckpt_path, chash, j + 1, done_sentences, topk)
     finally:
         bar.close()
     if world > 1:
         topk = all_gather_merge(topk)
-    return TriggerExamples(topk.values.cpu(), topk.sentence_ids.cpu(), topk.positions.cpu(), layers, dims, k, n)
+    return TriggerExamples(topk.values.cpu(), topk.sentence_ids.cpu(), topk.positions.cpu(), layers, dims, k,
+                           n)

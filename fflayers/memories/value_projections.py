@@ -2,7 +2,8 @@
 
 ``P(h) = adapter.project(h)``: the final norm where the model has one, then the real output layer in eval
 mode (fairseq's adaptive softmax included). Values are projected in chunks of rows so that at most
-``chunk_values x vocab`` log-probabilities are alive at once; nothing of size ``[all values, vocab]`` is built.
+``chunk_values x vocab`` log-probabilities are alive at once; nothing of size ``[all values, vocab]`` is
+built.
 
 :func:`random_baseline` projects random vectors with the same norms as the values (one per value, isotropic
 directions), the chance level for value-based statistics.
@@ -16,13 +17,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.allocator import steady_heap
+from fflayers.backends.base import LMAdapter
+from fflayers.core import InputError
+from fflayers.progress import progress_bar
 
 __all__ = [
     "value_predictions",
     "random_baseline",
     "random_values",
-    "check_layers",
     "full_precision",
     "default_chunk_rows",
     "iter_projected",
@@ -37,20 +40,6 @@ def full_precision(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def check_layers(adapter: LMAdapter, layers: Iterable[int] | None) -> list[int]:
-    """Normalised, de-duplicated layer indices in the order given (default: all layers)."""
-    if layers is None:
-        return list(range(adapter.n_layers))
-    out: list[int] = []
-    for layer in layers:
-        layer = adapter.check_layer(int(layer))
-        if layer not in out:
-            out.append(layer)
-    if not out:
-        raise AdapterError("no layers selected; pass at least one layer index (or None for all)")
-    return out
-
-
 def default_chunk_rows(adapter: LMAdapter, max_elements: int = MAX_CHUNK_ELEMENTS) -> int:
     """Rows per projection chunk so that ``rows * vocab_size <= max_elements`` (at least 1)."""
     return max(1, int(max_elements) // max(1, adapter.vocab_size))
@@ -61,7 +50,8 @@ def iter_projected(
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield ``(rows, log_probs[len(rows), V])`` for consecutive chunks of ``vectors [N, d]``."""
     if chunk_rows < 1:
-        raise AdapterError(f"chunk size {chunk_rows} must be >= 1")
+        raise InputError(f"chunk size {chunk_rows} must be >= 1")
+    steady_heap()
     for start in range(0, vectors.shape[0], chunk_rows):
         rows = slice(start, min(start + chunk_rows, vectors.shape[0]))
         chunk = vectors[rows]
@@ -90,10 +80,10 @@ def _predictions(
     progress: bool,
 ) -> pd.DataFrame:
     if top_k < 1:
-        raise AdapterError(f"top_k={top_k} must be >= 1")
+        raise InputError(f"top_k={top_k} must be >= 1")
     top_k = min(top_k, adapter.vocab_size)
     frames = []
-    bar = _progress(len(layers), "value projections", progress)
+    bar = progress_bar(len(layers), "value projections", progress)
     with torch.no_grad():
         for layer in layers:
             vectors = layer_vectors(layer)
@@ -104,7 +94,7 @@ def _predictions(
                 probs_parts.append(top_lp.exp().cpu())
             top_ids = torch.cat(ids_parts).numpy()
             top_probs = torch.cat(probs_parts).numpy()
-            tokens = adapter.id_to_token(top_ids[:, 0].tolist())
+            tokens = adapter.vocab.id_to_token(top_ids[:, 0].tolist())
             frames.append(pd.DataFrame({
                 "layer": np.full(len(top_ids), layer, dtype=np.int64),
                 "dim": np.arange(len(top_ids), dtype=np.int64),
@@ -131,8 +121,8 @@ def value_predictions(
     Returns one row per value: ``layer``, ``dim``, ``max_prob`` (probability of the top-1 token), ``top1_id``,
     ``top1_token``, ``topk_ids`` and ``topk_probs`` (numpy arrays of length ``top_k``, best first).
     """
-    return _predictions(adapter, lambda layer: adapter.ffn_values(layer).detach(), check_layers(adapter, layers),
-                        top_k, chunk_values, progress)
+    return _predictions(adapter, lambda layer: adapter.ffn_values(layer).detach(),
+                        adapter.check_layers(layers), top_k, chunk_values, progress)
 
 
 def random_baseline(
@@ -144,21 +134,5 @@ def random_baseline(
     progress: bool = False,
 ) -> pd.DataFrame:
     """Like :func:`value_predictions` for random vectors with the values' norms (:func:`random_values`)."""
-    return _predictions(adapter, lambda layer: random_values(adapter, layer, seed), check_layers(adapter, layers),
-                        top_k, chunk_values, progress)
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc)
+    return _predictions(adapter, lambda layer: random_values(adapter, layer, seed),
+                        adapter.check_layers(layers), top_k, chunk_values, progress)

@@ -21,7 +21,8 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
-from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.backends.base import LMAdapter
+from fflayers.core import InputError
 from fflayers.hooks import capture, hooked
 from fflayers.neurons.targets import TargetInput
 
@@ -31,7 +32,7 @@ CONVENTIONS = ("paper", "kn-package")
 
 def check_convention(convention: str) -> str:
     if convention not in CONVENTIONS:
-        raise AdapterError(f"unknown convention {convention!r}; choose from {', '.join(CONVENTIONS)}")
+        raise InputError(f"unknown convention {convention!r}; choose from {', '.join(CONVENTIONS)}")
     return convention
 
 
@@ -53,13 +54,13 @@ def alpha_grid(steps: int, convention: str) -> torch.Tensor:
 
 def check_steps(steps: int) -> int:
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise AdapterError(f"steps must be a positive integer, got {steps!r}")
+        raise InputError(f"steps must be a positive integer, got {steps!r}")
     return steps
 
 
 def check_batch_size(batch_size: int) -> int:
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise AdapterError(f"batch_size must be a positive integer (rows per forward pass), got {batch_size!r}")
+        raise InputError(f"batch_size must be a positive integer (rows per forward pass), got {batch_size!r}")
     return batch_size
 
 
@@ -81,7 +82,7 @@ def _baseline(baseline: float | torch.Tensor, n_layers: int, d_ff: int, device) 
     try:
         return b.expand(n_layers, d_ff)
     except RuntimeError:
-        raise AdapterError(f"baseline of shape {tuple(b.shape)} does not broadcast to [layers, d_ff] = "
+        raise InputError(f"baseline of shape {tuple(b.shape)} does not broadcast to [layers, d_ff] = "
                            f"[{n_layers}, {d_ff}]; give a number, a [d_ff] or a [layers, d_ff] tensor") from None
 
 
@@ -153,7 +154,7 @@ def _accumulate(adapter, target, point, layers, chunk, base, delta, alphas, pos_
     with torch.enable_grad(), hooked(adapter, hooks):
         h = adapter.run(ids) if cache is None else adapter.run_cached(cache, ids)
         if h is None:
-            raise AdapterError("the forward pass was stopped early by a hook; integrated gradients needs the full pass")
+            raise InputError("the forward pass was stopped early by a hook; integrated gradients needs the full pass")
         rix = torch.arange(R, device=h.device)
         lp = adapter.project(h[rix, pos_of[trow] - shift])
         prob = lp.float()[rix, tok_of[trow]].exp().sum()

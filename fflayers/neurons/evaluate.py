@@ -24,8 +24,9 @@ from dataclasses import asdict, dataclass
 
 import pandas as pd
 
-from fflayers.backends.base import AdapterError, LMAdapter
-from fflayers.neurons.facts import Fact
+from fflayers.backends.base import LMAdapter
+from fflayers.core import FflayersError, InputError
+from fflayers.neurons.facts import ParaphraseFact
 from fflayers.neurons.modify import enhance_knowledge, suppress_knowledge
 
 INTERVENTIONS = {"suppress": suppress_knowledge, "enhance": enhance_knowledge}
@@ -55,11 +56,11 @@ class SearchConfig:
         return out
 
 
-def _rng(seed: int, fact: Fact, purpose: str) -> random.Random:
+def _rng(seed: int, fact: ParaphraseFact, purpose: str) -> random.Random:
     return random.Random(f"{seed}:{purpose}:{fact.uuid}")
 
 
-def pick_unrelated(facts: Sequence[Fact], fact: Fact, seed: int = 0) -> Fact | None:
+def pick_unrelated(facts: Sequence[ParaphraseFact], fact: ParaphraseFact, seed: int = 0) -> ParaphraseFact | None:
     """A fact of another relation (else one with another answer), chosen by ``seed`` and ``fact.uuid``."""
     others = [f for f in facts if f.relation != fact.relation]
     if not others:
@@ -77,7 +78,7 @@ def random_neurons(neurons: Iterable[Sequence[int]], d_ff: int, rng: random.Rand
         taken = per_layer[layer]
         pool = [i for i in range(d_ff) if i not in taken]
         if len(pool) < len(taken):
-            raise AdapterError(f"layer {layer} has too few neurons ({d_ff}) for a random set of {len(taken)}")
+            raise InputError(f"layer {layer} has too few neurons ({d_ff}) for a random set of {len(taken)}")
         out += [[layer, i] for i in sorted(rng.sample(pool, len(taken)))]
     return out
 
@@ -87,16 +88,16 @@ def change_pct(before: float, after: float) -> float:
     return 100.0 * (after - before) / before if before > 0 else math.nan
 
 
-def measure(adapter: LMAdapter, fact: Fact, neurons: list[list[int]], prompts: str, kind: str,
-            owner: Fact) -> list[dict]:
+def measure(adapter: LMAdapter, fact: ParaphraseFact, neurons: list[list[int]], prompts: str, kind: str,
+            owner: ParaphraseFact) -> list[dict]:
     """Rows of suppress and enhance on every prompt of ``fact`` with ``neurons`` (found for ``owner``)."""
     rows = []
     for name, fn in INTERVENTIONS.items():
         for prompt in fact.prompts:
             try:
                 results, _ = fn(adapter, prompt, fact.answer, neurons)
-            except AdapterError as err:
-                raise AdapterError(f"fact {fact.uuid}: {err}") from None
+            except FflayersError as err:
+                raise InputError(f"fact {fact.uuid}: {err}") from None
             before, after = results["before"]["gt_prob"], results["after"]["gt_prob"]
             rows.append({"uuid": owner.uuid, "relation": owner.relation, "intervention": name, "prompts": prompts,
                          "neurons": kind, "n_neurons": len(neurons), "prompt": prompt, "answer": fact.answer,
@@ -104,7 +105,7 @@ def measure(adapter: LMAdapter, fact: Fact, neurons: list[list[int]], prompts: s
     return rows
 
 
-def find_neurons(adapter: LMAdapter, fact: Fact, config: SearchConfig) -> list[list[int]]:
+def find_neurons(adapter: LMAdapter, fact: ParaphraseFact, config: SearchConfig) -> list[list[int]]:
     """Refined neurons of a fact over all its prompts."""
     from fflayers.neurons.knowledge_neurons import KnowledgeNeurons
 
@@ -116,11 +117,11 @@ def find_neurons(adapter: LMAdapter, fact: Fact, config: SearchConfig) -> list[l
             return kn.get_refined_neurons(list(fact.prompts), fact.answer, p=config.p, batch_size=config.batch_size,
                                           steps=config.steps, quiet=True, **{f"coarse_{k}": v for k, v in cuts.items()})
         return _refined_in_layers(adapter, kn, fact, config, cuts)
-    except AdapterError as err:
-        raise AdapterError(f"fact {fact.uuid}: {err}") from None
+    except FflayersError as err:
+        raise InputError(f"fact {fact.uuid}: {err}") from None
 
 
-def _refined_in_layers(adapter: LMAdapter, kn, fact: Fact, config: SearchConfig, cuts: dict) -> list[list[int]]:
+def _refined_in_layers(adapter: LMAdapter, kn, fact: ParaphraseFact, config: SearchConfig, cuts: dict) -> list[list[int]]:
     """Refined neurons with attribution (and the coarse cuts) restricted to ``config.layers``."""
     from fflayers.neurons.attribution import alpha_grid, integrated_gradients
     from fflayers.neurons.selection import coarse_neurons, refine_neurons
@@ -128,7 +129,7 @@ def _refined_in_layers(adapter: LMAdapter, kn, fact: Fact, config: SearchConfig,
 
     layers = sorted({adapter.check_layer(x) for x in config.layers})
     if not layers:
-        raise AdapterError("layers is empty; give at least one layer to search, or None for all")
+        raise InputError("layers is empty; give at least one layer to search, or None for all")
     alphas = alpha_grid(config.steps, config.convention)
     found = []
     for prompt in fact.prompts:
@@ -139,7 +140,7 @@ def _refined_in_layers(adapter: LMAdapter, kn, fact: Fact, config: SearchConfig,
     return refine_neurons(found, config.p)
 
 
-def evaluate_fact(adapter: LMAdapter, fact: Fact, facts: Sequence[Fact], config: SearchConfig,
+def evaluate_fact(adapter: LMAdapter, fact: ParaphraseFact, facts: Sequence[ParaphraseFact], config: SearchConfig,
                   neurons: list[list[int]] | None = None) -> dict:
     """One fact's record (JSON-ready): its refined neurons (found unless given), the random baseline set, the
     unrelated fact, and the measured rows (see :data:`ROW_COLUMNS`)."""
@@ -155,7 +156,7 @@ def evaluate_fact(adapter: LMAdapter, fact: Fact, facts: Sequence[Fact], config:
             "random_neurons": baseline, "unrelated_uuid": None if unrelated is None else unrelated.uuid, "rows": rows}
 
 
-def evaluate_facts(adapter: LMAdapter, facts: Sequence[Fact], config: SearchConfig | None = None,
+def evaluate_facts(adapter: LMAdapter, facts: Sequence[ParaphraseFact], config: SearchConfig | None = None,
                    indices: Iterable[int] | None = None, progress: bool = True,
                    on_record: Callable[[int, dict], None] | None = None) -> list[dict]:
     """Records of ``facts[i]`` for each ``i`` in ``indices`` (default: all); unrelated facts are drawn from all of

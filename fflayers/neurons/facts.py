@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fflayers.backends.base import AdapterError
+from fflayers.core import InputError
 
 FIELDS = ("uuid", "relation", "prompts", "answer")
 
@@ -37,8 +37,8 @@ COUNTRY_TEMPLATES: dict[str, tuple[str, ...]] = {
 
 
 @dataclass(frozen=True)
-class Fact:
-    """One fact: an id, its relation, prompts that all express it, and the answer."""
+class ParaphraseFact:
+    """One paraphrase-set fact: an id, its relation, prompts that all express it, and the answer."""
 
     uuid: str
     relation: str
@@ -51,54 +51,54 @@ class Fact:
         return row
 
 
-def fact_from_row(row: Mapping, where: str = "fact") -> Fact:
-    """A :class:`Fact` from a parsed jsonl row; one-line :class:`AdapterError` naming what is wrong."""
+def fact_from_row(row: Mapping, where: str = "fact") -> ParaphraseFact:
+    """A :class:`ParaphraseFact` from a parsed jsonl row; one-line :class:`~fflayers.core.InputError` naming what is wrong."""
     if not isinstance(row, Mapping):
-        raise AdapterError(f"{where}: expected a JSON object with fields {', '.join(FIELDS)}")
+        raise InputError(f"{where}: expected a JSON object with fields {', '.join(FIELDS)}")
     missing = [f for f in FIELDS if f not in row]
     if missing:
-        raise AdapterError(f"{where}: missing field(s) {', '.join(missing)}; each fact needs {', '.join(FIELDS)}")
+        raise InputError(f"{where}: missing field(s) {', '.join(missing)}; each fact needs {', '.join(FIELDS)}")
     prompts = row["prompts"]
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
-        raise AdapterError(f"{where}: 'prompts' must be a non-empty list of strings")
+        raise InputError(f"{where}: 'prompts' must be a non-empty list of strings")
     if not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise AdapterError(f"{where}: every prompt must be a non-empty string")
+        raise InputError(f"{where}: every prompt must be a non-empty string")
     for name in ("uuid", "relation", "answer"):
         value = row[name]
         if not isinstance(value, str | int) or not str(value).strip():
-            raise AdapterError(f"{where}: '{name}' must be a non-empty string")
-    return Fact(str(row["uuid"]), str(row["relation"]), tuple(prompts), str(row["answer"]))
+            raise InputError(f"{where}: '{name}' must be a non-empty string")
+    return ParaphraseFact(str(row["uuid"]), str(row["relation"]), tuple(prompts), str(row["answer"]))
 
 
-def read_facts(path: str | Path) -> list[Fact]:
+def read_facts(path: str | Path) -> list[ParaphraseFact]:
     """Facts of a jsonl file, in file order (blank lines skipped); uuids must be unique."""
     path = Path(path)
     if not path.is_file():
-        raise AdapterError(f"fact file {path} does not exist; pass a jsonl file of facts (uuid, relation, prompts, answer)")
-    facts: list[Fact] = []
+        raise InputError(f"fact file {path} does not exist; pass a jsonl file of facts (uuid, relation, prompts, answer)")
+    facts: list[ParaphraseFact] = []
     seen: set[str] = set()
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
-        raise AdapterError(f"cannot read fact file {path} ({err})") from None
+        raise InputError(f"cannot read fact file {path} ({err})") from None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise AdapterError(f"{path}:{n}: not valid JSON ({err.msg}); one JSON object per line") from None
+            raise InputError(f"{path}:{n}: not valid JSON ({err.msg}); one JSON object per line") from None
         fact = fact_from_row(row, f"{path}:{n}")
         if fact.uuid in seen:
-            raise AdapterError(f"{path}:{n}: uuid {fact.uuid!r} appears twice; uuids must be unique")
+            raise InputError(f"{path}:{n}: uuid {fact.uuid!r} appears twice; uuids must be unique")
         seen.add(fact.uuid)
         facts.append(fact)
     if not facts:
-        raise AdapterError(f"fact file {path} holds no facts; one JSON object per line with {', '.join(FIELDS)}")
+        raise InputError(f"fact file {path} holds no facts; one JSON object per line with {', '.join(FIELDS)}")
     return facts
 
 
-def write_facts(path: str | Path, facts: Iterable[Fact]) -> None:
+def write_facts(path: str | Path, facts: Iterable[ParaphraseFact]) -> None:
     """Write facts as jsonl (atomically)."""
     from fflayers.io import write_jsonl
 
@@ -115,7 +115,7 @@ def countries_paraphrases(
     countries_file: str | Path | None = None,
     limit: int | None = None,
     mask_token: str | None = None,
-) -> list[Fact]:
+) -> list[ParaphraseFact]:
     """Facts of the countries list: per country ``capital`` (country -> capital) and ``country_of_capital``
     (capital -> country), each with every template of its relation as a prompt.
 
@@ -128,10 +128,10 @@ def countries_paraphrases(
     templates = COUNTRY_TEMPLATES if templates is None else templates
     unknown = sorted(set(templates) - set(COUNTRY_TEMPLATES))
     if unknown:
-        raise AdapterError(f"unknown relation(s) {', '.join(unknown)}; choose from {', '.join(COUNTRY_TEMPLATES)}")
+        raise InputError(f"unknown relation(s) {', '.join(unknown)}; choose from {', '.join(COUNTRY_TEMPLATES)}")
     for relation, temps in templates.items():
         if not temps or any(t.count("{}") != 1 for t in temps):
-            raise AdapterError(f"templates of {relation!r} must be a non-empty list, each with exactly one '{{}}'")
+            raise InputError(f"templates of {relation!r} must be a non-empty list, each with exactly one '{{}}'")
     countries = [c for c in read_countries(countries_file or COUNTRIES_FILE) if _simple(c.name) and _simple(c.capital)]
     if limit is not None:
         countries = countries[: max(0, limit)]
@@ -141,5 +141,5 @@ def countries_paraphrases(
         for c in countries:
             subject, answer = (c.name, c.capital) if relation == "capital" else (c.capital, c.name)
             prompts = tuple(t.format(subject) + suffix for t in temps)
-            facts.append(Fact(f"{relation}-{c.alpha3}", relation, prompts, answer))
+            facts.append(ParaphraseFact(f"{relation}-{c.alpha3}", relation, prompts, answer))
     return facts

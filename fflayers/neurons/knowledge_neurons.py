@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.backends.base import LMAdapter
+from fflayers.core import InputError
 from fflayers.neurons.attribution import (
     alpha_grid,
     attributed_point,
@@ -92,9 +93,9 @@ class KnowledgeNeurons:
         different fact). The coarse threshold is exactly one of the three ``coarse_*`` (set the default
         ``coarse_adaptive_threshold=None`` to use another). ``layers``: see :meth:`get_scores`."""
         if isinstance(prompts, str) or not prompts:
-            raise AdapterError("prompts must be a non-empty list of prompts expressing the same fact")
+            raise InputError("prompts must be a non-empty list of prompts expressing the same fact")
         if isinstance(negative_examples, str):
-            raise AdapterError("negative_examples must be a list of prompts (or (prompt, ground_truth) pairs)")
+            raise InputError("negative_examples must be a list of prompts (or (prompt, ground_truth) pairs)")
         cuts = {"threshold": coarse_threshold, "adaptive_threshold": coarse_adaptive_threshold,
                 "percentile": coarse_percentile}
         check_threshold(**cuts, prefix="coarse_")

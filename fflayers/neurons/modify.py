@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.backends.base import LMAdapter
+from fflayers.core import InputError
 from fflayers.hooks import intervene, scale
 
 Neurons = Iterable[Sequence[int]]
@@ -101,18 +102,18 @@ class Modification(tuple):
 
 def neurons_by_layer(adapter: LMAdapter, neurons: Neurons) -> dict[int, list[int]]:
     """``{layer: [neuron, ...]}`` of ``[layer, neuron]`` pairs (duplicates dropped, order kept), checked against
-    the model's size; one-line :class:`AdapterError` for a pair out of range."""
+    the model's size; one-line :class:`~fflayers.core.InputError` for a pair out of range."""
     out: dict[int, list[int]] = {}
     for pair in neurons:
         try:
             layer, neuron = (int(x) for x in pair)
         except (TypeError, ValueError):
-            raise AdapterError(f"neuron {pair!r} is not a [layer, neuron] pair of integers") from None
+            raise InputError(f"neuron {pair!r} is not a [layer, neuron] pair of integers") from None
         if not 0 <= layer < adapter.n_layers:
-            raise AdapterError(f"neuron [{layer}, {neuron}] is out of range: the model has {adapter.n_layers} layers "
+            raise InputError(f"neuron [{layer}, {neuron}] is out of range: the model has {adapter.n_layers} layers "
                                f"(0..{adapter.n_layers - 1})")
         if not 0 <= neuron < adapter.d_ff:
-            raise AdapterError(f"neuron [{layer}, {neuron}] is out of range: layers have {adapter.d_ff} neurons "
+            raise InputError(f"neuron [{layer}, {neuron}] is out of range: layers have {adapter.d_ff} neurons "
                                f"(0..{adapter.d_ff - 1})")
         row = out.setdefault(layer, [])
         if neuron not in row:
@@ -214,14 +215,12 @@ def erase_knowledge(adapter: LMAdapter, prompt: TextOrIds, neurons: Neurons, era
     embedding). With ``target`` its probability is measured (``gt_prob``); without, ``gt_prob`` is None and
     the prediction is read where the prompt's answer would go (causal: after the prompt; masked: the masks)."""
     if erase_value not in ("zero", "unk"):
-        raise AdapterError(f"erase_value {erase_value!r} is not supported; use 'zero' or 'unk'")
+        raise InputError(f"erase_value {erase_value!r} is not supported; use 'zero' or 'unk'")
     groups = neurons_by_layer(adapter, neurons)
     if erase_value == "unk":
-        from fflayers.memories.agreement import unk_id
-
-        unk_token = unk_id(adapter)
+        unk_token = adapter.vocab.unk_id
         if unk_token is None:
-            raise AdapterError("the vocabulary has no unknown token to erase with; use erase_value='zero'")
+            raise InputError("the vocabulary has no unknown token to erase with; use erase_value='zero'")
         unk = _output_embedding(adapter, unk_token)
 
         def fill(_layer: int, rows: torch.Tensor) -> torch.Tensor:
@@ -253,7 +252,7 @@ def edit_knowledge(adapter: LMAdapter, prompt: TextOrIds, target: TextOrIds, neu
         return rows + delta.to(rows.device, rows.dtype)
 
     apply, revert = _weight_change(adapter, groups, shift)
-    extra = {"target": target, "old": adapter.detokenize([old_id])}
+    extra = {"target": target, "old": adapter.vocab.detokenize([old_id])}
     return _run(adapter, encoded, apply, revert, undo_modification, extra=extra)
 
 
@@ -267,14 +266,15 @@ def _prompt_target(adapter: LMAdapter, prompt: TextOrIds):
     """A target made of the model's own greedy prediction(s) for ``prompt`` (used when no answer is given)."""
     from fflayers.neurons.targets import TargetInput
 
-    ids = adapter.tokenize(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+    ids = adapter.vocab.tokenize(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
     ids = torch.tensor([ids], dtype=torch.long, device=adapter.device)
     if adapter.is_masked_lm:
-        from fflayers.shortcuts.positions import resolve_mask_id
-
-        positions = (ids[0] == resolve_mask_id(adapter)).nonzero().flatten().tolist()
+        mask_id = adapter.vocab.mask_id
+        if mask_id is None:
+            raise InputError("this masked LM has no mask token id; load its tokenizer")
+        positions = (ids[0] == mask_id).nonzero().flatten().tolist()
         if not positions:
-            raise AdapterError(f"masked-LM prompt {prompt!r} holds no mask token; put one where the answer goes")
+            raise InputError(f"masked-LM prompt {prompt!r} holds no mask token; put one where the answer goes")
         with torch.no_grad():
             greedy = adapter.log_probs(ids)[0, positions].argmax(-1).tolist()
         return TargetInput(ids=ids, positions=positions, target_ids=greedy)

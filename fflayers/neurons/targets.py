@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.backends.base import LMAdapter
+from fflayers.core import InputError
 
 TextOrIds = str | Sequence[int]
 
@@ -43,10 +44,10 @@ def _check_ids(adapter: LMAdapter, ids: Sequence[int], what: str) -> list[int]:
     try:
         out = [int(i) for i in ids]
     except (TypeError, ValueError):
-        raise AdapterError(f"{what} must be text or a list of token ids, got {ids!r}") from None
+        raise InputError(f"{what} must be text or a list of token ids, got {ids!r}") from None
     bad = [i for i in out if not 0 <= i < adapter.vocab_size]
     if bad:
-        raise AdapterError(f"{what} has token ids {bad} outside the vocabulary (0..{adapter.vocab_size - 1})")
+        raise InputError(f"{what} has token ids {bad} outside the vocabulary (0..{adapter.vocab_size - 1})")
     return out
 
 
@@ -55,41 +56,32 @@ def _squash(text: str) -> str:
 
 
 def check_spelling(adapter: LMAdapter, ground_truth: str, ids: Sequence[int]) -> None:
-    """Raise :class:`AdapterError` unless ``ids`` spell ``ground_truth`` back (whitespace ignored; case ignored
+    """Raise :class:`~fflayers.core.InputError` unless ``ids`` spell ``ground_truth`` back (whitespace ignored; case ignored
     only where the tokenizer lowercases): an unknown word must never become a silent ``[UNK]``."""
     if not ids:
-        raise AdapterError(f"ground truth {ground_truth!r} has no tokens; give a non-empty answer")
-    back = adapter.detokenize(list(ids))
+        raise InputError(f"ground truth {ground_truth!r} has no tokens; give a non-empty answer")
+    back = adapter.vocab.detokenize(list(ids))
     want, got = _squash(ground_truth), _squash(back)
     if got == want or (got == want.lower() and got != want and got.islower()):
         return
-    raise AdapterError(
+    raise InputError(
         f"the tokenizer cannot represent ground truth {ground_truth!r}: it becomes {back!r} "
-        f"(tokens {adapter.id_to_token(list(ids))}); use an answer the model's vocabulary spells as given"
+        f"(tokens {adapter.vocab.id_to_token(list(ids))}); use an answer the model's vocabulary spells as given"
     )
-
-
-def _mask_token(adapter: LMAdapter) -> tuple[str, int | None]:
-    tok = getattr(adapter, "tokenizer", None)
-    text = getattr(tok, "mask_token", None) or "[MASK]"
-    mask_id = getattr(tok, "mask_token_id", None)
-    if mask_id is None:
-        mask_id = adapter.token_to_id(text)
-    return text, mask_id
 
 
 def _causal(adapter: LMAdapter, prompt: TextOrIds, ground_truth: TextOrIds, sep: str) -> tuple[list[int], list[int]]:
     if _is_text(prompt) != _is_text(ground_truth):
-        raise AdapterError("give prompt and ground truth both as text or both as token ids")
+        raise InputError("give prompt and ground truth both as text or both as token ids")
     if not _is_text(prompt):
         return _check_ids(adapter, prompt, "prompt"), _check_ids(adapter, ground_truth, "ground truth")
     if not ground_truth.strip():
-        raise AdapterError("ground truth is empty; give the answer that should follow the prompt")
+        raise InputError("ground truth is empty; give the answer that should follow the prompt")
     head = prompt.rstrip()
-    prompt_ids = adapter.tokenize(head)
-    full = adapter.tokenize(head + sep + ground_truth.strip())
+    prompt_ids = adapter.vocab.tokenize(head)
+    full = adapter.vocab.tokenize(head + sep + ground_truth.strip())
     if full[: len(prompt_ids)] != prompt_ids:
-        raise AdapterError(
+        raise InputError(
             f"the prompt {head!r} is tokenized differently once the ground truth {ground_truth!r} follows it; "
             "end the prompt at a word boundary"
         )
@@ -99,10 +91,10 @@ def _causal(adapter: LMAdapter, prompt: TextOrIds, ground_truth: TextOrIds, sep:
 
 
 def _masked(adapter: LMAdapter, prompt: TextOrIds, ground_truth: TextOrIds, mask_id: int | None):
-    mask_text, tok_mask_id = _mask_token(adapter)
-    mask_id = tok_mask_id if mask_id is None else int(mask_id)
+    mask_text = adapter.vocab.mask_token
+    mask_id = adapter.vocab.mask_id if mask_id is None else int(mask_id)
     if _is_text(ground_truth):
-        target = adapter.tokenize(ground_truth.strip(), add_bos=False)
+        target = adapter.vocab.tokenize(ground_truth.strip(), add_bos=False)
         check_spelling(adapter, ground_truth, target)
     else:
         target = _check_ids(adapter, ground_truth, "ground truth")
@@ -112,10 +104,10 @@ def _masked(adapter: LMAdapter, prompt: TextOrIds, ground_truth: TextOrIds, mask
         if found == 1 and n > 1:
             prompt = prompt.replace(mask_text, " ".join([mask_text] * n))
             found = n
-        ids = adapter.tokenize(prompt)
+        ids = adapter.vocab.tokenize(prompt)
     else:
         if mask_id is None:
-            raise AdapterError("this masked LM has no tokenizer to name its mask token; pass mask_id=")
+            raise InputError("this masked LM has no tokenizer to name its mask token; pass mask_id=")
         ids = _check_ids(adapter, prompt, "prompt")
         found = ids.count(mask_id)
         if found == 1 and n > 1:
@@ -123,15 +115,15 @@ def _masked(adapter: LMAdapter, prompt: TextOrIds, ground_truth: TextOrIds, mask
             ids = ids[:at] + [mask_id] * n + ids[at + 1 :]
             found = n
     if found == 0:
-        raise AdapterError(f"prompt {prompt!r} has no {mask_text}; put {mask_text} where the ground truth goes")
+        raise InputError(f"prompt {prompt!r} has no {mask_text}; put {mask_text} where the ground truth goes")
     if found != n:
-        raise AdapterError(
+        raise InputError(
             f"prompt has {found} {mask_text} tokens but ground truth {ground_truth!r} has {n} wordpiece(s); "
             f"use one {mask_text} (widened automatically) or exactly one per wordpiece"
         )
     positions = [i for i, t in enumerate(ids) if t == mask_id]
     if len(positions) != n:
-        raise AdapterError(f"{mask_text} did not tokenize to the mask token id {mask_id}; write it exactly as {mask_text!r}")
+        raise InputError(f"{mask_text} did not tokenize to the mask token id {mask_id}; write it exactly as {mask_text!r}")
     return ids, positions, target
 
 
@@ -143,7 +135,7 @@ def encode_target(
     Causal text: the model reads ``prompt.rstrip() + sep + ground_truth.strip()`` (``sep=""`` glues them).
     ``mask_id``: the mask token of a masked LM given token ids without a tokenizer.
 
-    :class:`AdapterError` for a ground truth the tokenizer cannot spell as given, an empty prompt or answer,
+    :class:`~fflayers.core.InputError` for a ground truth the tokenizer cannot spell as given, an empty prompt or answer,
     a masked-LM prompt without the mask token or with a number of masks that does not match the answer.
     """
     adapter.model.eval()
@@ -152,9 +144,9 @@ def encode_target(
     else:
         prompt_ids, target = _causal(adapter, prompt, ground_truth, sep)
         if not prompt_ids:
-            raise AdapterError("prompt has no tokens; a causal LM needs at least one token before the ground truth")
+            raise InputError("prompt has no tokens; a causal LM needs at least one token before the ground truth")
         if not target:
-            raise AdapterError("ground truth has no tokens; give the answer that should follow the prompt")
+            raise InputError("ground truth has no tokens; give the answer that should follow the prompt")
         ids = prompt_ids + target[:-1]
         positions = [len(prompt_ids) - 1 + i for i in range(len(target))]
     adapter.check_length(len(ids))
@@ -185,7 +177,7 @@ def argmax_completion(adapter: LMAdapter, scores: torch.Tensor, target: TargetIn
     """The greedy token at each target position, as text, and the product of their probabilities."""
     lp = _log_probs(scores)[torch.as_tensor(target.positions, device=scores.device)]
     best, idx = lp.max(dim=-1)
-    return adapter.detokenize(idx.tolist()), float(best.sum().exp())
+    return adapter.vocab.detokenize(idx.tolist()), float(best.sum().exp())
 
 
 @torch.no_grad()

@@ -20,15 +20,13 @@ from fflayers.recall.extraction import (
 )
 from fflayers.recall.facts import (
     EncodedFact,
-    Fact,
+    KnownFact,
     countries_facts,
     encode_fact,
     encode_facts,
-    filter_facts,
     load_facts,
     save_facts,
     subject_span,
-    top1_predictions,
 )
 from fflayers.recall.knockout import (
     DEFAULT_SETS,
@@ -38,6 +36,7 @@ from fflayers.recall.knockout import (
     knockout_summary,
     layer_window,
 )
+from fflayers.recall.known import filter_facts, top1_predictions
 from fflayers.recall.projection import POSITION_NAMES, position_index, project_topk, vocabulary_projections
 from fflayers.recall.sublayer_knockout import KNOCKOUT_KINDS, sublayer_knockout, sublayer_knockout_summary
 
@@ -62,7 +61,7 @@ __all__ = [
     "DEFAULT_SETS",
     "KNOCKOUT_SETS",
     "EncodedFact",
-    "Fact",
+    "KnownFact",
     "FactBatch",
     "attention_knockout",
     "countries_facts",

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.backends.base import LMAdapter
+from fflayers.core import InputError
 from fflayers.data.batching import pad_right
-
-if TYPE_CHECKING:
-    from fflayers.recall.facts import EncodedFact
+from fflayers.recall.facts import EncodedFact
 
 
 @dataclass
@@ -33,8 +31,8 @@ class FactBatch:
 def make_fact_batch(adapter: LMAdapter, items: Sequence[EncodedFact]) -> FactBatch:
     """One :class:`FactBatch` of ``items``."""
     if not items:
-        raise AdapterError("cannot batch zero facts")
-    ids, mask = pad_right([e.ids for e in items], adapter.pad_id)
+        raise InputError("cannot batch zero facts")
+    ids, mask = pad_right([e.ids for e in items], adapter.vocab.pad_id)
     last = torch.tensor([e.last for e in items], dtype=torch.long)
     dev = adapter.device
     return FactBatch(list(items), ids.to(dev), mask.to(dev), last.to(dev))
@@ -43,6 +41,6 @@ def make_fact_batch(adapter: LMAdapter, items: Sequence[EncodedFact]) -> FactBat
 def fact_batches(adapter: LMAdapter, encoded: Sequence[EncodedFact], batch_size: int) -> Iterator[FactBatch]:
     """Consecutive batches of at most ``batch_size`` facts, in input order."""
     if batch_size < 1:
-        raise AdapterError(f"batch_size {batch_size} must be >= 1")
+        raise InputError(f"batch_size {batch_size} must be >= 1")
     for start in range(0, len(encoded), batch_size):
         yield make_fact_batch(adapter, encoded[start : start + batch_size])

@@ -29,7 +29,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.backends.base import LMAdapter
+from fflayers.core import InputError
 from fflayers.recall.facts import EncodedFact
 from fflayers.recall.projection import (
     batch_positions,
@@ -115,10 +116,8 @@ class AttributeScorer:
 
     def __post_init__(self) -> None:
         if self.top < 1 or self.keep < 1:
-            raise AdapterError(f"top={self.top} and keep={self.keep} must be >= 1")
-        from fflayers.embedding_space.vocabulary import vocabulary_tokens
-
-        bare = [bare_token(t) for t in vocabulary_tokens(self.adapter)]
+            raise InputError(f"top={self.top} and keep={self.keep} must be >= 1")
+        bare = [bare_token(t) for t in self.adapter.vocab.tokens]
         ids: dict[str, int] = {}
         self.groups = torch.tensor([ids.setdefault(t, len(ids)) for t in bare], dtype=torch.long)
         self.candidate = torch.tensor([_is_candidate_bare(t) for t in bare], dtype=torch.bool)
@@ -131,7 +130,7 @@ class AttributeScorer:
             ids: list[int] = []
             for i in found:
                 if i not in token_cache:
-                    token_cache[i] = self.adapter.tokenize(paragraphs[i], add_bos=False)
+                    token_cache[i] = self.adapter.vocab.tokenize(paragraphs[i], add_bos=False)
                 ids += token_cache[i]
             groups = self.groups[torch.tensor(sorted(set(ids)), dtype=torch.long)] if ids else torch.zeros(0).long()
             self.subject_groups[subject] = groups.unique()
@@ -150,7 +149,7 @@ class AttributeScorer:
         for kept, subject in zip(self.kept_tokens(vectors), subjects, strict=True):
             groups = self.subject_groups.get(subject)
             if groups is None:
-                raise AdapterError(f"no paragraphs were looked up for subject {subject!r}; call add_paragraphs")
+                raise InputError(f"no paragraphs were looked up for subject {subject!r}; call add_paragraphs")
             hits = int(torch.isin(self.groups[torch.tensor(kept, dtype=torch.long)], groups).sum()) if kept else 0
             out.append((len(kept), hits))
         return out
@@ -185,7 +184,7 @@ def attributes_rate(
 
     layers = list(range(adapter.n_layers)) if layers is None else [adapter.check_layer(x) for x in layers]
     if not positions:
-        raise AdapterError("choose at least one position")
+        raise InputError("choose at least one position")
     for item in encoded[:1]:
         for pos in positions:
             position_index(item, pos)

@@ -26,7 +26,8 @@ from contextlib import AbstractContextManager, nullcontext
 import pandas as pd
 import torch
 
-from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.backends.base import LMAdapter
+from fflayers.core import InputError
 from fflayers.recall.batching import FactBatch
 from fflayers.recall.facts import EncodedFact
 from fflayers.recall.projection import gather_rows, numbered_batches, rows_by_fact
@@ -55,7 +56,7 @@ def last_position_edge_masks(batch: FactBatch, which: str) -> torch.Tensor:
         elif which == "last":
             cols = [last]
         else:
-            raise AdapterError(f"unknown position set {which!r}; use subject, non_subject or last")
+            raise InputError(f"unknown position set {which!r}; use subject, non_subject or last")
         mask[b, last, cols] = True
     return mask.to(batch.ids.device)
 
@@ -100,7 +101,7 @@ def _variant_context(adapter: LMAdapter, batch: FactBatch, variant: str, patch_l
         edits = [Edit("resid_post", patch_layer, keep)]
         edits += [Edit("resid_post", layer, restore) for layer in range(patch_layer + 1, adapter.n_layers)]
         return intervene(adapter, edits)
-    raise AdapterError(f"unknown extraction variant {variant!r}; choose from {', '.join(EXTRACTION_VARIANTS)}")
+    raise InputError(f"unknown extraction variant {variant!r}; choose from {', '.join(EXTRACTION_VARIANTS)}")
 
 
 @torch.inference_mode()
@@ -121,7 +122,7 @@ def extraction_events(
 
     for v in variants:
         if v not in EXTRACTION_VARIANTS:
-            raise AdapterError(f"unknown extraction variant {v!r}; choose from {', '.join(EXTRACTION_VARIANTS)}")
+            raise InputError(f"unknown extraction variant {v!r}; choose from {', '.join(EXTRACTION_VARIANTS)}")
     patch_layer = adapter.check_layer(patch_layer)
     L = adapter.n_layers
     rows: list[tuple[int, dict]] = []  # (fact index, row): rows come out fact by fact

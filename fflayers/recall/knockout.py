@@ -26,7 +26,8 @@ from collections.abc import Callable, Sequence
 import pandas as pd
 import torch
 
-from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.backends.base import LMAdapter
+from fflayers.core import InputError
 from fflayers.hooks import block_attention
 from fflayers.recall.batching import FactBatch, make_fact_batch
 from fflayers.recall.facts import EncodedFact
@@ -60,13 +61,13 @@ def layer_window(layer: int, window: int, n_layers: int) -> tuple[int, int]:
 
 def _check(adapter: LMAdapter, layers: Sequence[int] | None, sets: Sequence[str], window: int) -> list[int]:
     if adapter.is_masked_lm:
-        raise AdapterError(f"attention knockout needs a causal LM; this {adapter.family} model is a masked LM")
+        raise InputError(f"attention knockout needs a causal LM; this {adapter.family} model is a masked LM")
     unknown = [s for s in sets if s not in KNOCKOUT_SETS]
     if unknown or not sets:
-        raise AdapterError(f"unknown knockout set {unknown[0] if unknown else None!r}; choose from "
+        raise InputError(f"unknown knockout set {unknown[0] if unknown else None!r}; choose from "
                            f"{', '.join(KNOCKOUT_SETS)}")
     if window < 1:
-        raise AdapterError(f"window {window} must be >= 1 layer")
+        raise InputError(f"window {window} must be >= 1 layer")
     layers = range(adapter.n_layers) if layers is None else layers
     return sorted({adapter.check_layer(layer) for layer in layers})
 
@@ -122,7 +123,7 @@ def attention_knockout(
     """
     layers = _check(adapter, layers, sets, window)
     if batch_size < 1:
-        raise AdapterError(f"batch_size {batch_size} must be >= 1")
+        raise InputError(f"batch_size {batch_size} must be >= 1")
     dev = adapter.device
     combos = [(layer, s) for layer in layers for s in sets]
     C = len(combos)

@@ -13,8 +13,9 @@ from collections.abc import Iterator, Sequence
 import pandas as pd
 import torch
 
-from fflayers.backends.base import AdapterError, LMAdapter
-from fflayers.recall.batching import FactBatch
+from fflayers.backends.base import LMAdapter
+from fflayers.core import InputError
+from fflayers.recall.batching import FactBatch, fact_batches
 from fflayers.recall.facts import EncodedFact
 
 __all__ = ["POSITION_NAMES", "PROJECTABLE_POINTS", "position_index", "batch_positions", "project_topk",
@@ -34,7 +35,7 @@ def position_index(item: EncodedFact, position: str | int) -> int:
         position = int(position)
     if isinstance(position, int):
         if not -n <= position < n:
-            raise AdapterError(f"position {position} is out of range for fact {item.fact.known_id!r} "
+            raise InputError(f"position {position} is out of range for fact {item.fact.known_id!r} "
                                f"({n} tokens); use a smaller index or a named position ({', '.join(POSITION_NAMES)})")
         return position % n
     table = {
@@ -45,7 +46,7 @@ def position_index(item: EncodedFact, position: str | int) -> int:
         "last": n - 1,
     }
     if position not in table:
-        raise AdapterError(f"unknown position {position!r}; use one of {', '.join(POSITION_NAMES)} or a token index")
+        raise InputError(f"unknown position {position!r}; use one of {', '.join(POSITION_NAMES)} or a token index")
     return table[position]
 
 
@@ -64,7 +65,7 @@ def project_topk(adapter: LMAdapter, vectors: torch.Tensor, k: int, final_norm: 
     """Top-``k`` log-probabilities and token ids ``[N, k]`` of vectors ``[N, d]`` read through the model's head
     (``final_norm``: with the final norm), ``chunk_size`` rows of full-vocabulary scores at a time."""
     if k < 1:
-        raise AdapterError(f"k={k} must be >= 1")
+        raise InputError(f"k={k} must be >= 1")
     k = min(k, adapter.vocab_size)
     values, ids = [], []
     for chunk in _chunks(vectors, chunk_size):
@@ -79,8 +80,6 @@ def project_topk(adapter: LMAdapter, vectors: torch.Tensor, k: int, final_norm: 
 
 def numbered_batches(adapter: LMAdapter, encoded: Sequence[EncodedFact], batch_size: int) -> Iterator[tuple[int, FactBatch]]:
     """:func:`fflayers.recall.batching.fact_batches` with the index of each batch's first fact."""
-    from fflayers.recall.batching import fact_batches
-
     offset = 0
     for batch in fact_batches(adapter, encoded, batch_size):
         yield offset, batch
@@ -100,7 +99,7 @@ def _chunks(x: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
 def _check_points(points: Sequence[str]) -> list[str]:
     bad = [p for p in points if p not in PROJECTABLE_POINTS]
     if bad or not points:
-        raise AdapterError(f"cannot project hook point {', '.join(bad) or '(none)'}; "
+        raise InputError(f"cannot project hook point {', '.join(bad) or '(none)'}; "
                            f"choose from {', '.join(PROJECTABLE_POINTS)}")
     return list(points)
 
@@ -128,7 +127,7 @@ def vocabulary_projections(
     points = _check_points(points)
     layers = list(range(adapter.n_layers)) if layers is None else [adapter.check_layer(x) for x in layers]
     if not layers or not positions:
-        raise AdapterError("choose at least one layer and one position")
+        raise InputError("choose at least one layer and one position")
     for item in encoded[:1]:
         for pos in positions:
             position_index(item, pos)  # fail early on a bad position
@@ -159,5 +158,5 @@ def vocabulary_projections(
 
 def _token_strings(adapter: LMAdapter, ids: list[int]) -> list[str]:
     unique = sorted(set(ids))
-    strings = dict(zip(unique, adapter.id_to_token(unique), strict=True)) if unique else {}
+    strings = dict(zip(unique, adapter.vocab.id_to_token(unique), strict=True)) if unique else {}
     return [strings[i] for i in ids]

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
-from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.backends.base import LMAdapter
+from fflayers.core import InputError
 from fflayers.recall.enrichment import AttributeScorer
 from fflayers.recall.facts import EncodedFact
 from fflayers.recall.projection import (
@@ -39,11 +40,11 @@ COLUMNS = ["known_id", "subject", "kind", "start", "end", "layer", "position", "
 def knockout_windows(n_layers: int, window: int = 10, starts: Sequence[int] | None = None) -> list[tuple[int, int]]:
     """``(start, end)`` layer windows, ``end = min(start + window, n_layers - 1)``, for each start (default all)."""
     if window < 0:
-        raise AdapterError(f"window {window} must be >= 0")
+        raise InputError(f"window {window} must be >= 0")
     starts = list(range(n_layers)) if starts is None else list(starts)
     for s in starts:
         if not 0 <= s < n_layers:
-            raise AdapterError(f"start layer {s} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+            raise InputError(f"start layer {s} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
     return [(s, min(s + window, n_layers - 1)) for s in starts]
 
 
@@ -70,7 +71,7 @@ def sublayer_knockout(
 
     for kind in kinds:
         if kind not in KNOCKOUT_KINDS:
-            raise AdapterError(f"unknown knockout kind {kind!r}; use {' or '.join(KNOCKOUT_KINDS)}")
+            raise InputError(f"unknown knockout kind {kind!r}; use {' or '.join(KNOCKOUT_KINDS)}")
     layers = [adapter.n_layers - 1] if layers is None else [adapter.check_layer(x) for x in layers]
     windows = knockout_windows(adapter.n_layers, window, starts)
     for item in encoded[:1]:

@@ -15,7 +15,8 @@ from collections.abc import Iterable
 import pandas as pd
 import torch
 
-from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.backends.base import LMAdapter
+from fflayers.core import InputError
 from fflayers.shortcuts.evaluate import (
     Maps,
     check_chunk,
@@ -36,9 +37,9 @@ def _check_lambdas(lambdas: Iterable[float]) -> list[float]:
     try:
         out = [float(x) for x in lambdas]
     except (TypeError, ValueError):
-        raise AdapterError(f"lambdas must be a sequence of numbers, got {lambdas!r}") from None
+        raise InputError(f"lambdas must be a sequence of numbers, got {lambdas!r}") from None
     if not out or any(math.isnan(x) for x in out):
-        raise AdapterError(f"lambdas must be one or more numbers (no NaN), got {out}")
+        raise InputError(f"lambdas must be one or more numbers (no NaN), got {out}")
     return out
 
 
@@ -85,7 +86,7 @@ def early_exit(
     lams = _check_lambdas(lambdas)
     chunk = check_chunk(chunk)
     if adapter.vocab_size < 2:
-        raise AdapterError("early exit compares the two most likely tokens; the vocabulary has fewer than two")
+        raise InputError("early exit compares the two most likely tokens; the vocabulary has fewer than two")
     mats = shortcut_maps(adapter, maps, range(1, L)) if "mat" in names else {}
     gaps, top1 = _shortcut_stats(adapter, states, names, mats, chunk)
     layer_idx = torch.arange(L)

@@ -17,7 +17,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import pandas as pd
 import torch
 
-from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.backends.base import LMAdapter
+from fflayers.core import InputError
 
 #: Shortcut kinds, in row order.
 MAPPINGS: tuple[str, ...] = ("id", "mat")
@@ -26,13 +27,13 @@ Maps = Mapping[tuple[int, int], torch.Tensor]
 
 
 def check_states(adapter: LMAdapter, states: torch.Tensor) -> int:
-    """Raise :class:`AdapterError` unless ``states`` is ``[n >= 1, L+1, d]`` for this model; return ``L``."""
+    """Raise :class:`~fflayers.core.InputError` unless ``states`` is ``[n >= 1, L+1, d]`` for this model; return ``L``."""
     L, d = adapter.n_layers, adapter.d_model
     if not isinstance(states, torch.Tensor) or states.dim() != 3 or tuple(states.shape[1:]) != (L + 1, d):
         got = tuple(states.shape) if isinstance(states, torch.Tensor) else type(states).__name__
-        raise AdapterError(f"states must be a tensor [n, {L + 1}, {d}] (the {L + 1} states of this model), got {got}")
+        raise InputError(f"states must be a tensor [n, {L + 1}, {d}] (the {L + 1} states of this model), got {got}")
     if states.shape[0] == 0:
-        raise AdapterError("states holds no examples; collect the states of at least one position")
+        raise InputError("states holds no examples; collect the states of at least one position")
     return L
 
 
@@ -46,31 +47,31 @@ def check_mappings(mapping: str | Iterable[str]) -> tuple[str, ...]:
         names = tuple(dict.fromkeys(mapping))
     bad = [m for m in names if m not in MAPPINGS]
     if bad or not names:
-        raise AdapterError(f"unknown mapping {bad[0] if bad else mapping!r}; choose 'id', 'mat' or 'both'")
+        raise InputError(f"unknown mapping {bad[0] if bad else mapping!r}; choose 'id', 'mat' or 'both'")
     return names
 
 
 def check_chunk(chunk: int) -> int:
-    """A positive number of examples per chunk, or :class:`AdapterError`."""
+    """A positive number of examples per chunk, or :class:`~fflayers.core.InputError`."""
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise AdapterError(f"chunk must be a positive number of examples, got {chunk!r}")
+        raise InputError(f"chunk must be a positive number of examples, got {chunk!r}")
     return chunk
 
 
 def shortcut_maps(adapter: LMAdapter, maps: Maps | None, sources: Iterable[int]) -> dict[int, torch.Tensor]:
     """``{i: A_{L,i}}`` (float32, on the adapter's device) for each source state ``i``; a missing or ill-shaped
-    map raises :class:`AdapterError` naming its ``(j, i)`` pair."""
+    map raises :class:`~fflayers.core.InputError` naming its ``(j, i)`` pair."""
     L, d = adapter.n_layers, adapter.d_model
     out = {}
     for i in sources:
         A = None if maps is None else maps.get((L, i))
         if A is None:
-            raise AdapterError(
+            raise InputError(
                 f"no linear map for (j, i) = ({L}, {i}); fit it first (fit_maps with the pair (i, j) = ({i}, {L})) "
                 "or use mapping 'id'"
             )
         if tuple(A.shape) != (d, d):
-            raise AdapterError(f"linear map ({L}, {i}) has shape {tuple(A.shape)}, expected ({d}, {d})")
+            raise InputError(f"linear map ({L}, {i}) has shape {tuple(A.shape)}, expected ({d}, {d})")
         out[i] = A.detach().to(adapter.device, torch.float32)
     return out
 
@@ -91,7 +92,7 @@ def _top1(adapter: LMAdapter, x: torch.Tensor, names: Sequence[str], A: torch.Te
 def _check_ks(ks: Sequence[int], vocab: int) -> list[int]:
     ks = list(ks)
     if not ks or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab for k in ks):
-        raise AdapterError(f"ks must be one or more integers between 1 and the vocabulary size {vocab}, got {ks}")
+        raise InputError(f"ks must be one or more integers between 1 and the vocabulary size {vocab}, got {ks}")
     return sorted(set(ks))
 
 
@@ -108,7 +109,7 @@ def evaluate_shortcuts(
     One row per ``(layer = i, mapping)``: ``precision@k`` (one column per k, ascending) is the share of
     examples whose shortcut top-1 token is among the model's final top-k tokens; ``surprisal`` is the mean
     over examples of ``-log2 p_final(shortcut top-1)``, in bits. ``"mat"`` needs ``maps[(L, i)]`` for every
-    ``i`` (:class:`AdapterError` otherwise); ``mappings="id"`` leaves the "mat" rows out and needs no maps.
+    ``i`` (:class:`~fflayers.core.InputError` otherwise); ``mappings="id"`` leaves the "mat" rows out and needs no maps.
     Examples are processed ``chunk`` at a time, with at most one ``[chunk, V]`` block of log-probabilities
     alive at once.
     """

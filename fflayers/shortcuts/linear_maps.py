@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.backends.base import LMAdapter
+from fflayers.core import InputError
 
 #: G_i with a larger condition number (largest / smallest eigenvalue) is refused when ridge == 0.
 MAX_CONDITION = 1e12
@@ -33,7 +34,7 @@ class GramAccumulator:
 
     def __init__(self, n_states: int, d: int, device: torch.device | str | None = None) -> None:
         if n_states < 2 or d < 1:
-            raise AdapterError(f"need at least 2 states and d >= 1 for linear maps, got n_states={n_states}, d={d}")
+            raise InputError(f"need at least 2 states and d >= 1 for linear maps, got n_states={n_states}, d={d}")
         self.n_states = int(n_states)
         self.d = int(d)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -45,11 +46,11 @@ class GramAccumulator:
         """Add the rows of ``states`` ``[b, n_states, d]``."""
         S, d = self.n_states, self.d
         if states.dim() != 3 or tuple(states.shape[1:]) != (S, d):
-            raise AdapterError(f"states of shape {tuple(states.shape)} do not fit an accumulator of [b, {S}, {d}]; "
+            raise InputError(f"states of shape {tuple(states.shape)} do not fit an accumulator of [b, {S}, {d}]; "
                                "pass [positions, states, d] batches of the model the accumulator was made for")
         x = states.detach().to(self.device, torch.float64)
         if not torch.isfinite(x).all():
-            raise AdapterError("states contain NaN or inf values; check the model's dtype (fp16 overflow?)")
+            raise InputError("states contain NaN or inf values; check the model's dtype (fp16 overflow?)")
         b = x.shape[0]
         for i in range(S):
             self.blocks[i].addmm_(x[:, i].T, x[:, i:].reshape(b, (S - i) * d))
@@ -73,13 +74,13 @@ def _check_pairs(acc: GramAccumulator, pairs: Iterable[tuple[int, int]] | None) 
     for pair in pairs:
         i, j = (int(v) for v in pair)
         if i >= j:
-            raise AdapterError(f"pair (i={i}, j={j}): maps go from an earlier state i to a later state j; "
+            raise InputError(f"pair (i={i}, j={j}): maps go from an earlier state i to a later state j; "
                                "pass pairs as (i, j) with i < j")
         if not 0 <= i < j < S:
-            raise AdapterError(f"pair (i={i}, j={j}) is out of range: states are 0..{S - 1}")
+            raise InputError(f"pair (i={i}, j={j}) is out of range: states are 0..{S - 1}")
         out.append((i, j))
     if not out:
-        raise AdapterError("no pairs to fit; pass pairs=None for all i < j")
+        raise InputError("no pairs to fit; pass pairs=None for all i < j")
     return list(dict.fromkeys(out))
 
 
@@ -91,15 +92,15 @@ def _ridged(G: torch.Tensor, ridge: float) -> torch.Tensor:
 
 def _factor(G: torch.Tensor, n: int, ridge: float, what: str) -> torch.Tensor | None:
     """Cholesky factor of ``G`` (ridged: :func:`_ridged`); None when it is not positive definite (ridge > 0 only).
-    Without ridge, :class:`AdapterError` for fewer rows than dims or an ill-conditioned ``G`` (``what`` names it)."""
+    Without ridge, :class:`~fflayers.core.InputError` for fewer rows than dims or an ill-conditioned ``G`` (``what`` names it)."""
     d = G.shape[0]
     if ridge == 0:
         if n < d:
-            raise AdapterError(f"underdetermined: {n} positions for d = {d} dims; use more sentences or pass --ridge")
+            raise InputError(f"underdetermined: {n} positions for d = {d} dims; use more sentences or pass --ridge")
         eig = torch.linalg.eigvalsh(G)
         cond = float(eig[-1] / eig[0]) if eig[0] > 0 else float("inf")
         if not cond <= MAX_CONDITION:
-            raise AdapterError(f"X^T X of {what} is singular or ill-conditioned (condition number {cond:.2e}); "
+            raise InputError(f"X^T X of {what} is singular or ill-conditioned (condition number {cond:.2e}); "
                                "use more (varied) sentences or pass --ridge")
     else:
         G = _ridged(G, ridge)
@@ -118,7 +119,7 @@ def solve_least_squares(G: torch.Tensor, C: torch.Tensor, n: int, ridge: float =
     ``G = X^T X`` and ``C = X^T Y`` over ``n`` rows; checks as in :func:`fit_maps`."""
     ridge = float(ridge)
     if not ridge >= 0:
-        raise AdapterError(f"ridge={ridge} must be >= 0")
+        raise InputError(f"ridge={ridge} must be >= 0")
     return _solve(G, _factor(G, n, ridge, what), C, ridge)
 
 
@@ -127,14 +128,14 @@ def fit_maps(acc: GramAccumulator, ridge: float = 0.0, pairs: Iterable[tuple[int
     (None: all). ``ridge * mean(diag(G_i))`` is added to the diagonal of ``G_i``: ``ridge`` is relative to the
 state's scale (residual streams grow by orders of magnitude across layers), e.g. 1e-3.
 
-    Without ridge, :class:`AdapterError` when there are fewer positions than dims or ``G_i`` is singular or
+    Without ridge, :class:`~fflayers.core.InputError` when there are fewer positions than dims or ``G_i`` is singular or
     ill-conditioned (condition number above :data:`MAX_CONDITION`).
     """
     ridge = float(ridge)
     if not ridge >= 0:
-        raise AdapterError(f"ridge={ridge} must be >= 0")
+        raise InputError(f"ridge={ridge} must be >= 0")
     if acc.n == 0:
-        raise AdapterError("the accumulator has seen no positions; call update() with states first")
+        raise InputError("the accumulator has seen no positions; call update() with states first")
     by_i: dict[int, list[int]] = {}
     for i, j in _check_pairs(acc, pairs):
         by_i.setdefault(i, []).append(j)
@@ -178,10 +179,10 @@ def save_maps(path: str | os.PathLike, maps: Mapping[tuple[int, int], torch.Tens
     from fflayers.io import atomic_write
 
     if not maps:
-        raise AdapterError("no maps to save; fit them first (fit_maps)")
+        raise InputError("no maps to save; fit them first (fit_maps)")
     shapes = {tuple(A.shape) for A in maps.values()}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2 or len(set(next(iter(shapes)))) != 1:
-        raise AdapterError(f"maps must all be square [d, d] of one size, got shapes {sorted(shapes)}")
+        raise InputError(f"maps must all be square [d, d] of one size, got shapes {sorted(shapes)}")
     meta = {str(k): str(v) for k, v in metadata.items()}
     meta.setdefault("d_model", str(next(iter(shapes))[0]))
     meta.setdefault("n_states", str(max(j for j, _ in maps) + 1))
@@ -191,21 +192,21 @@ def save_maps(path: str | os.PathLike, maps: Mapping[tuple[int, int], torch.Tens
 
 
 def read_safetensors(path: Path, what: str, missing_hint: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and string metadata of a safetensors file; one-line :class:`AdapterError` when it is missing
+    """Tensors and string metadata of a safetensors file; one-line :class:`~fflayers.core.InputError` when it is missing
     (``missing_hint`` says what to do) or unreadable."""
     from safetensors import safe_open
 
     if not path.is_file():
-        raise AdapterError(f"{what} {path} does not exist; {missing_hint}")
+        raise InputError(f"{what} {path} does not exist; {missing_hint}")
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise AdapterError(f"{what} {path} is not a readable safetensors file ({type(err).__name__}); refit the maps") from None
+        raise InputError(f"{what} {path} is not a readable safetensors file ({type(err).__name__}); refit the maps") from None
 
 
 def load_maps(path: str | os.PathLike, adapter: LMAdapter | None = None) -> tuple[Maps, dict[str, str]]:
-    """Maps and metadata written by :func:`save_maps`; with ``adapter``, :class:`AdapterError` unless they were
+    """Maps and metadata written by :func:`save_maps`; with ``adapter``, :class:`~fflayers.core.InputError` unless they were
     fitted for the same model (``model`` metadata), ``d_model`` and number of states."""
     path = Path(path)
     tensors, meta = read_safetensors(path, "maps file", "fit the maps first or give the right path")
@@ -213,23 +214,23 @@ def load_maps(path: str | os.PathLike, adapter: LMAdapter | None = None) -> tupl
     for name, A in tensors.items():
         m = _KEY.match(name)
         if m is None or A.dim() != 2 or A.shape[0] != A.shape[1]:
-            raise AdapterError(f"maps file {path} holds an unexpected tensor {name} {tuple(A.shape)}; refit the maps")
+            raise InputError(f"maps file {path} holds an unexpected tensor {name} {tuple(A.shape)}; refit the maps")
         j, i = int(m.group(1)), int(m.group(2))
         if i >= j:
-            raise AdapterError(f"maps file {path} holds a map {name} from a later to an earlier state; refit the maps")
+            raise InputError(f"maps file {path} holds a map {name} from a later to an earlier state; refit the maps")
         maps[j, i] = A
     if adapter is not None:
         d, S = adapter.d_model, adapter.n_layers + 1
         d_file = str(meta.get("d_model", next(iter(maps.values())).shape[0] if maps else d))
         if not d_file.isdigit() or not str(meta.get("n_states", S)).isdigit():
-            raise AdapterError(f"maps file {path} has unreadable d_model / n_states metadata; refit the maps")
+            raise InputError(f"maps file {path} has unreadable d_model / n_states metadata; refit the maps")
         d_file = int(d_file)
         if d_file != d:
-            raise AdapterError(f"maps in {path} were fitted for d_model = {d_file}, this model has {d}; fit maps for this model")
+            raise InputError(f"maps in {path} were fitted for d_model = {d_file}, this model has {d}; fit maps for this model")
         if "n_states" in meta and int(meta["n_states"]) != S:
-            raise AdapterError(f"maps in {path} were fitted for {meta['n_states']} states, this model has {S}; "
+            raise InputError(f"maps in {path} were fitted for {meta['n_states']} states, this model has {S}; "
                                "fit maps for this model")
         if "model" in meta and meta["model"] != model_id(adapter):
-            raise AdapterError(f"maps in {path} were fitted for {meta['model']}, not {model_id(adapter)}; "
+            raise InputError(f"maps in {path} were fitted for {meta['model']}, not {model_id(adapter)}; "
                                "fit maps for this model")
     return maps, meta

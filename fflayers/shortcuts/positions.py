@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.backends.base import LMAdapter
+from fflayers.core import InputError
 
 
 @dataclass(frozen=True)
@@ -26,41 +27,11 @@ class Position:
 
 def _ids(sentence: Sequence[int], i: int) -> list[int]:
     if isinstance(sentence, (str, bytes)):
-        raise AdapterError(f"sentence {i} is a string; tokenize the text first and pass lists of token ids")
+        raise InputError(f"sentence {i} is a string; tokenize the text first and pass lists of token ids")
     try:
         return [int(t) for t in sentence]
     except (TypeError, ValueError):
-        raise AdapterError(f"sentence {i} holds something other than integer token ids; pass lists of token ids") from None
-
-
-def _config(adapter: LMAdapter):
-    return getattr(getattr(adapter, "model", None), "config", None)
-
-
-def resolve_mask_id(adapter: LMAdapter, mask_id: int | None = None) -> int:
-    """The mask token id: ``mask_id`` if given, else the tokenizer's, else the model config's."""
-    if mask_id is None:
-        mask_id = getattr(getattr(adapter, "tokenizer", None), "mask_token_id", None)
-    if mask_id is None:
-        mask_id = getattr(_config(adapter), "mask_token_id", None)
-    if not isinstance(mask_id, int) or isinstance(mask_id, bool):
-        raise AdapterError("this masked LM has no mask token id; load its tokenizer or pass mask_id=...")
-    return mask_id
-
-
-def special_ids(adapter: LMAdapter, mask_id: int | None = None) -> set[int]:
-    """Ids never sampled in a masked LM: the tokenizer's special tokens, or without a tokenizer the config's
-    pad/bos/eos/cls/sep ids; plus ``mask_id``."""
-    tok = getattr(adapter, "tokenizer", None)
-    if tok is not None and hasattr(tok, "all_special_ids"):
-        ids = set(tok.all_special_ids)
-    else:
-        cfg = _config(adapter)
-        names = ("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id")
-        ids = {getattr(cfg, n) for n in names if isinstance(getattr(cfg, n, None), int)}
-    if mask_id is not None:
-        ids.add(mask_id)
-    return ids
+        raise InputError(f"sentence {i} holds something other than integer token ids; pass lists of token ids") from None
 
 
 def sample_positions(
@@ -68,27 +39,29 @@ def sample_positions(
 ) -> list[Position]:
     """One random position per sentence (``numpy.random.default_rng(seed)``, one draw per kept sentence, in order).
 
-    Causal LMs: a real token (not a leading ``adapter.bos_id``) within the model's window; the input is the
-    prefix ending there and ``read_at`` its last row. Masked LMs: a non-special token (see :func:`special_ids`),
+    Causal LMs: a real token (not a leading ``adapter.vocab.bos_id``) within the model's window; the input is the
+    prefix ending there and ``read_at`` its last row. Masked LMs: a non-special token (``adapter.vocab.special_ids``),
     replaced by the mask id (``mask_id``, else the tokenizer's, else the config's); the input is the whole
     sentence and ``read_at`` the masked row. Sentences without an eligible position (a lone BOS, only special
-    tokens) are skipped: the result may be shorter than ``sentences``; :class:`AdapterError` if none remain.
+    tokens) are skipped: the result may be shorter than ``sentences``; :class:`~fflayers.core.InputError` if none remain.
     """
     if isinstance(sentences, (str, bytes)) or len(sentences) == 0:
-        raise AdapterError("no sentences to sample positions from; pass a non-empty list of token-id sequences")
+        raise InputError("no sentences to sample positions from; pass a non-empty list of token-id sequences")
     rng = np.random.default_rng(seed)
     limit = adapter.max_positions
     masked = adapter.is_masked_lm
     if masked:
-        mask_id = resolve_mask_id(adapter, mask_id)
-        special = special_ids(adapter, mask_id)
-    bos = adapter.bos_id
+        mask_id = adapter.vocab.mask_id if mask_id is None else mask_id
+        if not isinstance(mask_id, int) or isinstance(mask_id, bool):
+            raise InputError("this masked LM has no mask token id; load its tokenizer or pass mask_id=...")
+        special = adapter.vocab.special_ids | {mask_id}
+    bos = adapter.vocab.bos_id
     out: list[Position] = []
     for si, sentence in enumerate(sentences):
         ids = _ids(sentence, si)
         if masked:
             if limit is not None and len(ids) > limit:
-                raise AdapterError(f"sentence {si} has {len(ids)} tokens, more than the model's {limit} positions; "
+                raise InputError(f"sentence {si} has {len(ids)} tokens, more than the model's {limit} positions; "
                                    "truncate or split the sentences")
             eligible = [p for p, t in enumerate(ids) if t not in special]
         else:
@@ -104,7 +77,7 @@ def sample_positions(
         else:
             out.append(Position(si, p, tuple(ids[: p + 1]), p))
     if not out:
-        raise AdapterError(f"none of the {len(sentences)} sentences has a position to sample (only BOS or special "
+        raise InputError(f"none of the {len(sentences)} sentences has a position to sample (only BOS or special "
                            "tokens); pass longer sentences")
     return out
 

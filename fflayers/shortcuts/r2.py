@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import torch
 
-from fflayers.backends.base import AdapterError
+from fflayers.core import InputError
 
 _CHUNK = 4096
 
@@ -42,19 +42,19 @@ def r2_scores(states: torch.Tensor, maps: Mapping[tuple[int, int], torch.Tensor]
     import pandas as pd
 
     if states.dim() != 3:
-        raise AdapterError(f"states must be [positions, states, d], got shape {tuple(states.shape)}")
+        raise InputError(f"states must be [positions, states, d], got shape {tuple(states.shape)}")
     n, S, d = states.shape
     if n < 2:
-        raise AdapterError(f"R^2 needs at least 2 positions, got {n}; pass more states")
+        raise InputError(f"R^2 needs at least 2 positions, got {n}; pass more states")
     if not maps:
-        raise AdapterError("no maps to score; fit them first (fit_maps)")
+        raise InputError("no maps to score; fit them first (fit_maps)")
     denominators: dict[int, torch.Tensor] = {}
     rows = []
     for (j, i), A in sorted(maps.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         if not 0 <= i < j < S:
-            raise AdapterError(f"map ({j}, {i}) does not fit states 0..{S - 1}; use maps fitted for this model")
+            raise InputError(f"map ({j}, {i}) does not fit states 0..{S - 1}; use maps fitted for this model")
         if tuple(A.shape) != (d, d):
-            raise AdapterError(f"map ({j}, {i}) has shape {tuple(A.shape)}, the states have d = {d}; "
+            raise InputError(f"map ({j}, {i}) has shape {tuple(A.shape)}, the states have d = {d}; "
                                "use maps fitted for this model")
         y = states[:, j]
         if j not in denominators:

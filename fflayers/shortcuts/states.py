@@ -12,21 +12,22 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.backends.base import LMAdapter
+from fflayers.core import InputError
 from fflayers.data.batching import pad_right
 from fflayers.hooks import hooked
 from fflayers.shortcuts.positions import Position
 
 
 def check_positions(positions: Sequence[Position], batch_size: int) -> None:
-    """:class:`AdapterError` unless ``batch_size`` is positive and every position reads a row of its input."""
+    """:class:`~fflayers.core.InputError` unless ``batch_size`` is positive and every position reads a row of its input."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise AdapterError(f"batch_size={batch_size!r} must be a positive integer")
+        raise InputError(f"batch_size={batch_size!r} must be a positive integer")
     if len(positions) == 0:
-        raise AdapterError("no positions to read states at; sample positions first (sample_positions)")
+        raise InputError("no positions to read states at; sample positions first (sample_positions)")
     for k, p in enumerate(positions):
         if not 0 <= p.read_at < len(p.input_ids):
-            raise AdapterError(f"position {k} reads row {p.read_at} of a {len(p.input_ids)}-token input; "
+            raise InputError(f"position {k} reads row {p.read_at} of a {len(p.input_ids)}-token input; "
                                "build positions with sample_positions")
 
 
@@ -60,7 +61,7 @@ def _read_states(adapter: LMAdapter, ids: torch.Tensor, mask: torch.Tensor, read
 def iter_state_batches(adapter: LMAdapter, positions: Sequence[Position], batch_size: int = 32) -> Iterator[torch.Tensor]:
     """States ``[b, L+1, d]`` (float32, on the adapter's device) of consecutive chunks of ``positions``."""
     check_positions(positions, batch_size)
-    pad_id = adapter.pad_id
+    pad_id = adapter.vocab.pad_id
 
     def generate() -> Iterator[torch.Tensor]:
         for start in range(0, len(positions), batch_size):

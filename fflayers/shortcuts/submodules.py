@@ -36,7 +36,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from fflayers.backends.base import AdapterError, LMAdapter
+from fflayers.backends.base import LMAdapter
+from fflayers.core import InputError
 from fflayers.hooks import hooked
 from fflayers.shortcuts.evaluate import precision_table
 from fflayers.shortcuts.linear_maps import read_safetensors, solve_least_squares
@@ -81,7 +82,7 @@ def chain(adapter: LMAdapter) -> tuple[Step, ...]:
     """The submodules of one block of this model."""
     layout = adapter.block_layout
     if layout not in CHAINS:
-        raise AdapterError(f"block layout {layout!r} has no submodule chain; known: {', '.join(CHAINS)}")
+        raise InputError(f"block layout {layout!r} has no submodule chain; known: {', '.join(CHAINS)}")
     return CHAINS[layout]
 
 
@@ -93,20 +94,16 @@ def _points(captured: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return pts
 
 
-def _check_layers(adapter: LMAdapter, layers: Iterable[int] | None) -> list[int]:
-    return list(range(adapter.n_layers)) if layers is None else sorted({adapter.check_layer(int(x)) for x in layers})
-
-
 def iter_submodule_points(
     adapter: LMAdapter, positions: Sequence[Position], layers: Iterable[int] | None = None, batch_size: int = 32
 ):
     """Per batch of positions: ``{(layer, point): [b, d]}`` (float32) at each position's read row, for every
     point of the chain (captured and derived)."""
     check_positions(positions, batch_size)
-    layers = _check_layers(adapter, layers)
+    layers = adapter.check_layers(layers, sort=True)
     dev = adapter.device
     for start in range(0, len(positions), batch_size):
-        ids, mask, read_at = collate_positions(positions[start : start + batch_size], adapter.pad_id)
+        ids, mask, read_at = collate_positions(positions[start : start + batch_size], adapter.vocab.pad_id)
         rows, read_at = torch.arange(ids.shape[0], device=dev), read_at.to(dev)
         got: dict[tuple[int, str], torch.Tensor] = {}
 
@@ -131,7 +128,7 @@ class SubmoduleGram:
     """Running ``X^T X`` per (layer, source point) and ``X^T Y`` per (layer, submodule), float64 on ``device``."""
 
     def __init__(self, adapter: LMAdapter, layers: Iterable[int] | None = None, device=None) -> None:
-        self.layers = _check_layers(adapter, layers)
+        self.layers = adapter.check_layers(layers, sort=True)
         self.steps = chain(adapter)
         self.d = adapter.d_model
         self.device = torch.device(device) if device is not None else adapter.device
@@ -150,7 +147,7 @@ class SubmoduleGram:
                         x[layer, p] = points[layer, p].to(self.device, torch.float64)
         for (layer, src), G in self.gram.items():
             if not torch.isfinite(x[layer, src]).all():
-                raise AdapterError(f"layer {layer} {src} holds NaN or inf values; check the model's dtype")
+                raise InputError(f"layer {layer} {src} holds NaN or inf values; check the model's dtype")
             G.addmm_(x[layer, src].T, x[layer, src])
         for layer in self.layers:
             for s in self.steps:
@@ -160,7 +157,7 @@ class SubmoduleGram:
     def fit(self, ridge: float = 0.0) -> dict[tuple[int, str], torch.Tensor]:
         """Maps ``{(layer, name): A}`` (``[d, d]`` float32, CPU), ``target ≈ A @ source``."""
         if self.n == 0:
-            raise AdapterError("no positions accumulated; call update() first")
+            raise InputError("no positions accumulated; call update() first")
         out = {}
         for layer in self.layers:
             for s in self.steps:
@@ -198,10 +195,10 @@ def submodule_r2(
     steps = chain(adapter)
     layers = sorted({layer for layer, _ in maps})
     if not layers:
-        raise AdapterError("no submodule maps to score; fit them first (fit_submodule_maps)")
+        raise InputError("no submodule maps to score; fit them first (fit_submodule_maps)")
     missing = [(layer, s.name) for layer in layers for s in steps if (layer, s.name) not in maps]
     if missing:
-        raise AdapterError(f"no submodule map for layer {missing[0][0]} {missing[0][1]}; refit the submodule maps")
+        raise InputError(f"no submodule map for layer {missing[0][0]} {missing[0][1]}; refit the submodule maps")
     d = adapter.d_model
     z = lambda: torch.zeros(d, dtype=torch.float64)  # noqa: E731
     sums = {(layer, s.name): {"y": z(), "y2": z(), "mat": z(), "id": z()} for layer in layers for s in steps}
@@ -217,7 +214,7 @@ def submodule_r2(
                 acc["id"] += (y - x).square().sum(0)
         n += next(iter(pts.values())).shape[0]
     if n < 2:
-        raise AdapterError(f"r^2 needs at least 2 positions, got {n}")
+        raise InputError(f"r^2 needs at least 2 positions, got {n}")
     rows = []
     for layer in layers:
         for s in steps:
@@ -236,9 +233,9 @@ def check_submodule_mappings(adapter: LMAdapter, mappings: Iterable[str]) -> tup
     names = tuple(dict.fromkeys(mappings))
     for m in names:
         if m not in SUBMODULE_MAPPINGS:
-            raise AdapterError(f"unknown submodule mapping {m!r}; choose from {', '.join(SUBMODULE_MAPPINGS)}")
+            raise InputError(f"unknown submodule mapping {m!r}; choose from {', '.join(SUBMODULE_MAPPINGS)}")
         if m == "mat_ln1_ln2" and adapter.block_layout == "post_norm":
-            raise AdapterError("mat_ln1_ln2 needs pre-norm or parallel blocks: in a post-norm block the norm's "
+            raise InputError("mat_ln1_ln2 needs pre-norm or parallel blocks: in a post-norm block the norm's "
                                "output is the residual stream itself; use mat_attn and mat_ffn")
     return names
 
@@ -294,18 +291,18 @@ def submodule_log_probs(
     ``mapping``'s submodules replaced by their maps at those rows."""
     replaced = _replaced(adapter, maps, layer, mapping)
     dev = adapter.device
-    ids, mask, read_at = (t.to(dev) for t in collate_positions(positions, adapter.pad_id))
+    ids, mask, read_at = (t.to(dev) for t in collate_positions(positions, adapter.vocab.pad_id))
     return _replaced_log_probs(adapter, maps, layer, replaced, ids, mask, read_at)
 
 
 def _replaced(adapter: LMAdapter, maps: SubMaps, layer: int, mapping: str) -> tuple[str, ...]:
-    """The submodules ``mapping`` replaces; :class:`AdapterError` when a map of blocks ``layer..L-1`` is missing."""
+    """The submodules ``mapping`` replaces; :class:`~fflayers.core.InputError` when a map of blocks ``layer..L-1`` is missing."""
     (mapping,) = check_submodule_mappings(adapter, [mapping])
     replaced = SUBMODULE_MAPPINGS[mapping]
     for b in range(layer, adapter.n_layers):
         for name in replaced:
             if (b, name) not in maps:
-                raise AdapterError(f"no submodule map for layer {b} {name}; fit the submodule maps of layers {layer}..")
+                raise InputError(f"no submodule map for layer {b} {name}; fit the submodule maps of layers {layer}..")
     return replaced
 
 
@@ -334,10 +331,10 @@ def evaluate_submodule_shortcuts(
     from tqdm.auto import tqdm
 
     names = check_submodule_mappings(adapter, mappings)
-    layers = _check_layers(adapter, layers)
+    layers = adapter.check_layers(layers, sort=True)
     ks = sorted(set(ks))
     if not ks or ks[0] < 1 or ks[-1] > adapter.vocab_size:
-        raise AdapterError(f"ks must be between 1 and the vocabulary size {adapter.vocab_size}, got {ks}")
+        raise InputError(f"ks must be between 1 and the vocabulary size {adapter.vocab_size}, got {ks}")
     check_positions(positions, batch_size)
     replaced = {(layer, m): _replaced(adapter, maps, layer, m) for layer in layers for m in names}
     hits = torch.zeros(len(layers), len(names), len(ks), dtype=torch.float64)
@@ -345,7 +342,7 @@ def evaluate_submodule_shortcuts(
     bar = tqdm(total=len(positions) * len(layers) * len(names), desc="submodule shortcuts", disable=not progress)
     for start in range(0, len(positions), batch_size):
         batch = positions[start : start + batch_size]
-        ids, mask, read_at = (t.to(adapter.device) for t in collate_positions(batch, adapter.pad_id))
+        ids, mask, read_at = (t.to(adapter.device) for t in collate_positions(batch, adapter.vocab.pad_id))
         with torch.inference_mode():
             final = adapter.log_probs(ids, mask)[torch.arange(len(batch), device=ids.device), read_at]
         top_k = final.topk(ks[-1], dim=-1).indices
@@ -371,7 +368,7 @@ def save_submodule_maps(path: str | os.PathLike, maps: SubMaps, metadata: Mappin
     from fflayers.io import atomic_write
 
     if not maps:
-        raise AdapterError("no submodule maps to save; fit them first (fit_submodule_maps)")
+        raise InputError("no submodule maps to save; fit them first (fit_submodule_maps)")
     tensors = {f"S_{int(layer)}_{name}": A.detach().to("cpu", torch.float32).contiguous() for (layer, name), A in maps.items()}
     with atomic_write(path, "wb") as f:
         f.write(save(tensors, metadata={str(k): str(v) for k, v in metadata.items()}))
@@ -389,8 +386,8 @@ def load_submodule_maps(path: str | os.PathLike, adapter: LMAdapter | None = Non
         maps[int(layer), name] = A
     if adapter is not None:
         if meta.get("model") not in (None, model_id(adapter)):
-            raise AdapterError(f"{path} was fitted for {meta.get('model')}, not this model; refit the submodule maps")
+            raise InputError(f"{path} was fitted for {meta.get('model')}, not this model; refit the submodule maps")
         d = {tuple(A.shape) for A in maps.values()}
         if d != {(adapter.d_model, adapter.d_model)}:
-            raise AdapterError(f"{path} holds maps of shape {sorted(d)}, the model has d = {adapter.d_model}")
+            raise InputError(f"{path} holds maps of shape {sorted(d)}, the model has d = {adapter.d_model}")
     return maps, meta

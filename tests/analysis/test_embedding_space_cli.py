@@ -42,7 +42,7 @@ def test_values_heads_export(tiny_gpt2_dir, tmp_path, capsys):
     assert rc == 0, err
     table = pd.read_csv(heads, sep="\t", keep_default_na=False)
     assert len(table) == 20 and set(table.kind) == {"qk", "ov"}
-    listed = {t for line in LINES for t in adapter.tokenize(line, add_bos=False)}
+    listed = {t for line in LINES for t in adapter.vocab.tokenize(line, add_bos=False)}
     assert set(table.row_token_id) <= listed and set(table.col_token_id) <= listed
     assert (table.row_token_id != table.col_token_id).all()
     meta = json.loads(Path(f"{heads}.meta.json").read_text())

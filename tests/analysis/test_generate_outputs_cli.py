@@ -275,7 +275,7 @@ def test_subword_pipeline_through_the_clis_maps_no_target_to_unk(tiny_gpt2_dir, 
 
 
 def test_fairseq_model_dir_end_to_end(fairseq_adaptive_lm, tmp_path, capsys):
-    from fflayers.backends.fairseq_lm import load_fairseq_lm
+    from fflayers.backends.fairseq_loading import load_fairseq_lm
 
     lm = fairseq_adaptive_lm
     out = tmp_path / "top.jsonl"

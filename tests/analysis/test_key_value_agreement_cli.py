@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from analysis import key_value_agreement as kva
-from fflayers.backends.fairseq_lm import load_fairseq_lm
+from fflayers.backends.fairseq_loading import load_fairseq_lm
 from fflayers.memories.agreement import AGREEMENT_COLUMNS
 from fflayers.memories.textual import format_line
 

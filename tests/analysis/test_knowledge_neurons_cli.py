@@ -15,13 +15,13 @@ import pytest
 from analysis import knowledge_neurons as cli
 from fflayers.backends.hf import load_hf_lm
 from fflayers.neurons import evaluate
-from fflayers.neurons.facts import Fact, write_facts
+from fflayers.neurons.facts import ParaphraseFact, write_facts
 
 ROOT = Path(__file__).resolve().parents[2]
 FACTS = [
-    Fact("c-fr", "capital", ("The capital of France is", "France's capital is"), "Paris"),
-    Fact("c-de", "capital", ("The capital of Germany is", "Germany's capital is"), "Berlin"),
-    Fact("l-fr", "language", ("In France people speak", "The language of France is"), "French"),
+    ParaphraseFact("c-fr", "capital", ("The capital of France is", "France's capital is"), "Paris"),
+    ParaphraseFact("c-de", "capital", ("The capital of Germany is", "Germany's capital is"), "Berlin"),
+    ParaphraseFact("l-fr", "language", ("In France people speak", "The language of France is"), "French"),
 ]
 SETTINGS = ["--steps", "2", "--batch_size", "16", "--p", "0.4", "--adaptive_threshold", "0.2", "--quiet",
             "--device", "cpu"]

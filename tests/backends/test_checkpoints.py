@@ -13,13 +13,13 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fflayers.backends.base import AdapterError
 from fflayers.backends.checkpoints import (
     load_checkpoint,
     namespace_to_config,
     split_fused_attention,
     upgrade_checkpoint,
 )
+from fflayers.core import ModelError
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:
@@ -74,7 +74,7 @@ class NotAllowed:
 def test_unknown_global_is_refused_with_its_name_unless_trusted(tmp_path, payload):
     path = tmp_path / "ckpt.pt"
     torch.save({"model": {}, "args": old_style_args(), "extra": payload}, path)
-    with pytest.raises(AdapterError) as err:
+    with pytest.raises(ModelError) as err:
         load_checkpoint(path)
     msg = _one_line(err)
     expected = "datetime.date" if isinstance(payload, datetime.date) else f"{__name__}.NotAllowed"
@@ -97,7 +97,7 @@ def test_code_running_checkpoint_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "executed"
     path = tmp_path / "evil.pt"
     torch.save({"model": {}, "args": RunsCommand(str(marker))}, path)
-    with pytest.raises(AdapterError) as err:
+    with pytest.raises(ModelError) as err:
         load_checkpoint(path)
     msg = _one_line(err)
     assert not marker.exists()
@@ -112,7 +112,7 @@ def test_code_running_checkpoint_is_refused_without_running_it(tmp_path):
 def test_corrupt_files_give_one_line_errors(tmp_path, content):
     path = tmp_path / "bad.pt"
     path.write_bytes(content)
-    with pytest.raises(AdapterError) as err:
+    with pytest.raises(ModelError) as err:
         load_checkpoint(path)
     assert "bad.pt" in _one_line(err)
 
@@ -123,18 +123,18 @@ def test_truncated_checkpoint(tmp_path, zip_format):
     torch.save({"model": {"w": torch.randn(200, 200)}, "args": old_style_args()}, path, _use_new_zipfile_serialization=zip_format)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 3])
-    with pytest.raises(AdapterError) as err:
+    with pytest.raises(ModelError) as err:
         load_checkpoint(path)
     msg = _one_line(err)
     assert "corrupt or truncated" in msg
 
 
 def test_missing_file_and_non_fairseq_content(tmp_path):
-    with pytest.raises(AdapterError) as err:
+    with pytest.raises(ModelError) as err:
         load_checkpoint(tmp_path / "nothing.pt")
     assert "does not exist" in _one_line(err)
     torch.save({"weights": torch.zeros(2)}, tmp_path / "plain.pt")
-    with pytest.raises(AdapterError) as err:
+    with pytest.raises(ModelError) as err:
         load_checkpoint(tmp_path / "plain.pt")
     assert "'model' key missing" in _one_line(err)
 
@@ -161,7 +161,7 @@ def test_split_fused_attention_slices_q_k_v():
         assert torch.equal(out[f"decoder.layers.0.self_attn.{name}_proj.bias"], b[i * d : (i + 1) * d])
     assert out["decoder.layers.0.fc1.weight"] is other
     assert "decoder.layers.0.self_attn.in_proj_weight" in state  # the input is left alone
-    with pytest.raises(AdapterError):
+    with pytest.raises(ModelError):
         split_fused_attention({"a.in_proj_weight": torch.zeros(4, 2)})
 
 
@@ -183,7 +183,7 @@ def test_upgrade_checkpoint_from_args_and_from_dict_cfg():
     new = {"cfg": {"model": {"_name": "transformer_lm", "decoder_layers": 3}, "task": {"_name": "language_modeling"}}, "model": {}}
     up = upgrade_checkpoint(new)
     assert OmegaConf.is_config(up["cfg"]) and up["cfg"].model.decoder_layers == 3
-    with pytest.raises(AdapterError) as err:
+    with pytest.raises(ModelError) as err:
         upgrade_checkpoint({"model": {}})
     assert "neither 'args' nor 'cfg'" in _one_line(err)
 
@@ -205,9 +205,9 @@ def test_object_from_a_module_that_no_longer_exists(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
     torch.save({"model": {}, "args": old_style_args(), "extra_state": {"train_meters": {"loss": AverageMeter()}}}, path)
     monkeypatch.delitem(sys.modules, module.__name__)
-    with pytest.raises(AdapterError) as err:
+    with pytest.raises(ModelError) as err:
         load_checkpoint(path)
     assert "vanished_fairseq_meters.AverageMeter" in _one_line(err)
-    with pytest.raises(AdapterError) as err:
+    with pytest.raises(ModelError) as err:
         load_checkpoint(path, trust_checkpoint=True)
     assert "another fairseq version" in _one_line(err)

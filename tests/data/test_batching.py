@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fflayers.backends.base import AdapterError
+from fflayers.core import FflayersError
 from fflayers.data.batching import Batch, iter_batches, make_batches, plan_batches
 
 PAD = 1
@@ -80,7 +80,7 @@ def test_overlong_sequence_gets_its_own_batch():
 
 def test_too_long_error_and_truncate():
     seqs = [[2, 3], list(range(10, 30)), [4]]
-    with pytest.raises(AdapterError) as err:
+    with pytest.raises(FflayersError) as err:
         make_batches(seqs, pad_id=0, max_length=8)
     msg = str(err.value)
     assert "\n" not in msg
@@ -103,16 +103,16 @@ def test_too_long_error_and_truncate():
     ],
 )
 def test_bad_input(seqs, match):
-    with pytest.raises(AdapterError, match=match):
+    with pytest.raises(FflayersError, match=match):
         make_batches(seqs, pad_id=0)
 
 
 def test_bad_settings():
-    with pytest.raises(AdapterError, match="batch_tokens"):
+    with pytest.raises(FflayersError, match="batch_tokens"):
         make_batches([[1]], pad_id=0, batch_tokens=0)
-    with pytest.raises(AdapterError, match="max_batch_size"):
+    with pytest.raises(FflayersError, match="max_batch_size"):
         make_batches([[1]], pad_id=0, max_batch_size=0)
-    with pytest.raises(AdapterError, match="pad_id"):
+    with pytest.raises(FflayersError, match="pad_id"):
         make_batches([[1]], pad_id=None)
 
 
@@ -127,7 +127,7 @@ def test_tensor_and_numpy_inputs():
 
 
 def test_iter_batches_checks_eagerly_and_matches_make_batches():
-    with pytest.raises(AdapterError):
+    with pytest.raises(FflayersError):
         iter_batches([[1], []], pad_id=0)  # raises at call time, before iteration
     seqs = random_sequences(40, 20, seed=4)
     eager = make_batches(seqs, pad_id=PAD, batch_tokens=64)

@@ -2,7 +2,7 @@ import gzip
 
 import pytest
 
-from fflayers.backends.base import AdapterError
+from fflayers.core import FflayersError
 from fflayers.data.countries import COUNTRIES_FILE, read_countries
 
 
@@ -17,9 +17,9 @@ def test_planted_file(tmp_path):
 def test_bad_line_and_missing(tmp_path):
     path = tmp_path / "c.txt"
     path.write_text("250:FR:France:Paris\n")
-    with pytest.raises(AdapterError, match="expected"):
+    with pytest.raises(FflayersError, match="expected"):
         read_countries(path)
-    with pytest.raises(AdapterError, match="not found"):
+    with pytest.raises(FflayersError, match="not found"):
         read_countries(tmp_path / "none.gz")
 
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from fflayers.backends.base import AdapterError
+from fflayers.core import FflayersError
 from fflayers.data.readers import (
     detect_format,
     is_wikitext_heading,
@@ -56,7 +56,7 @@ def test_wikitext_max_lines(tmp_path):
     p = write(tmp_path / "wiki.train.tokens", WIKITEXT)
     assert read_wikitext_lines(p, max_lines=2) == WIKITEXT_LINES[:2]
     assert read_wikitext_lines(p, max_lines=-1) == WIKITEXT_LINES
-    with pytest.raises(AdapterError):
+    with pytest.raises(FflayersError):
         read_wikitext_lines(p, max_lines=0)
 
 
@@ -116,7 +116,7 @@ def test_read_corpus_dispatches_by_extension(tmp_path):
     assert read_corpus(jsonl) == ["hello world"]
     # an explicit format overrides the extension
     assert read_corpus(plain, fmt="wikitext") == WIKITEXT_LINES
-    with pytest.raises(AdapterError, match="unknown corpus format"):
+    with pytest.raises(FflayersError, match="unknown corpus format"):
         read_corpus(plain, fmt="csv")
 
 
@@ -125,14 +125,14 @@ def test_read_corpus_dispatches_by_extension(tmp_path):
 
 @pytest.mark.parametrize("reader", [read_wikitext_lines, read_text_lines, read_jsonl_texts, read_corpus])
 def test_missing_file(tmp_path, reader):
-    with pytest.raises(AdapterError) as err:
+    with pytest.raises(FflayersError) as err:
         reader(tmp_path / "nope.tokens")
     msg = one_line(err)
     assert "nope.tokens" in msg and "does not exist" in msg
 
 
 def test_directory_is_not_a_file(tmp_path):
-    with pytest.raises(AdapterError, match="not a file"):
+    with pytest.raises(FflayersError, match="not a file"):
         read_text_lines(tmp_path)
 
 
@@ -147,7 +147,7 @@ def test_directory_is_not_a_file(tmp_path):
 )
 def test_empty_corpus(tmp_path, reader, content):
     p = write(tmp_path / "empty.x", content)
-    with pytest.raises(AdapterError) as err:
+    with pytest.raises(FflayersError) as err:
         reader(p)
     assert "no usable line" in one_line(err)
 
@@ -157,7 +157,7 @@ def test_undecodable_bytes_name_offset_line_and_fix(tmp_path, reader):
     p = tmp_path / "latin1.txt"
     first = b'{"text": "good line"}\n'
     p.write_bytes(first + '{"text": "café"}\n'.encode("latin-1"))
-    with pytest.raises(AdapterError) as err:
+    with pytest.raises(FflayersError) as err:
         reader(p)
     msg = one_line(err)
     offset = len(first) + len('{"text": "caf')  # where the latin-1 é (0xe9) sits
@@ -168,7 +168,7 @@ def test_undecodable_bytes_name_offset_line_and_fix(tmp_path, reader):
 
 def test_jsonl_bad_json_names_line(tmp_path):
     p = write(tmp_path / "a.jsonl", '{"text": "ok"}\n\n{"text": broken}\n')
-    with pytest.raises(AdapterError) as err:
+    with pytest.raises(FflayersError) as err:
         read_jsonl_texts(p)
     msg = one_line(err)
     assert "line 3" in msg and "not valid JSON" in msg
@@ -180,7 +180,7 @@ def test_jsonl_bad_json_names_line(tmp_path):
 )
 def test_jsonl_missing_or_bad_field_names_line(tmp_path, bad, what):
     p = write(tmp_path / "a.jsonl", '{"text": "ok"}\n' + bad + "\n")
-    with pytest.raises(AdapterError) as err:
+    with pytest.raises(FflayersError) as err:
         read_jsonl_texts(p)
     msg = one_line(err)
     assert "line 2" in msg and what in msg

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from fflayers.backends.base import AdapterError
+from fflayers.core import FflayersError
 from fflayers.data.sentences import (
     shuffled_sentences,
     split_pretokenized_line,
@@ -100,7 +100,7 @@ def test_split_sentences_flattens_in_order():
         "Two there.",
         "Three.",
     ]
-    with pytest.raises(AdapterError):
+    with pytest.raises(FflayersError):
         split_sentences("A b . C d .", pretokenized=True)
 
 
@@ -134,7 +134,7 @@ def test_shuffled_sentences_max_sentences():
     assert shuffled_sentences(lines, seed=3, max_sentences=5) == everything[:5]
     assert shuffled_sentences(lines, seed=3, max_sentences=1000) == everything
     for bad in (0, -2):
-        with pytest.raises(AdapterError, match="max_sentences"):
+        with pytest.raises(FflayersError, match="max_sentences"):
             shuffled_sentences(lines, seed=3, max_sentences=bad)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fflayers.backends.base import AdapterError
+from fflayers.core import FflayersError
 from fflayers.embedding_space.pairs import PairFilter, top_pairs
 
 V, D = 37, 6
@@ -75,7 +75,7 @@ def test_fewer_entries_than_n_after_filtering():
 
 def test_bad_n():
     R, W, C = ints(4, 3, seed=1), ints(3, 3, seed=2), ints(4, 3, seed=3)
-    with pytest.raises(AdapterError, match="larger than the 4 x 4"):
+    with pytest.raises(FflayersError, match="larger than the 4 x 4"):
         top_pairs(R, W, C, 17)
-    with pytest.raises(AdapterError, match=">= 1"):
+    with pytest.raises(FflayersError, match=">= 1"):
         top_pairs(R, W, C, 0)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fflayers.backends.base import AdapterError
 from fflayers.backends.hf import HFAdapter
+from fflayers.core import FflayersError
 from fflayers.embedding_space import (
     PairFilter,
     case_space_groups,
@@ -33,7 +33,7 @@ class _Tokens:
 
 def tiny(arch: str) -> HFAdapter:
     adapter = HFAdapter(tiny_model(arch), device="cpu")
-    adapter.id_to_token = _Tokens(adapter)
+    adapter.vocab.id_to_token = _Tokens(adapter)
     return adapter
 
 
@@ -89,7 +89,7 @@ def test_grouped_query_head_uses_its_group():
 
 def test_filters_on_head_pairs():
     adapter = tiny("gpt2")
-    tokens = adapter.id_to_token(range(adapter.vocab_size))
+    tokens = adapter.vocab.id_to_token(range(adapter.vocab_size))
     mask = token_mask(tokens, ascii_only=True, alnum_only=True)
     groups = case_space_groups(tokens)
     filt = PairFilter(rows=mask, cols=mask, exclude_same=True, groups=groups)
@@ -100,7 +100,7 @@ def test_filters_on_head_pairs():
 
 
 def test_fairseq_adaptive_value_tokens_use_the_heads_vectors(fairseq_adaptive_lm):
-    from fflayers.backends.fairseq_lm import load_fairseq_lm
+    from fflayers.backends.fairseq_loading import load_fairseq_lm
 
     adapter = load_fairseq_lm(fairseq_adaptive_lm.model_dir, device="cpu")
     E = embedding_matrix(adapter)
@@ -113,13 +113,13 @@ def test_fairseq_adaptive_value_tokens_use_the_heads_vectors(fairseq_adaptive_lm
 def test_bad_input():
     adapter = tiny("gpt2")
     E = embedding_matrix(adapter)
-    with pytest.raises(AdapterError, match="head 9 is out of range"):
+    with pytest.raises(FflayersError, match="head 9 is out of range"):
         head_pairs(adapter, E, 0, 9, "qk")
-    with pytest.raises(AdapterError, match="layer"):
+    with pytest.raises(FflayersError, match="layer"):
         head_pairs(adapter, E, 7, 0, "qk")
-    with pytest.raises(AdapterError, match="neuron 999 is out of range"):
+    with pytest.raises(FflayersError, match="neuron 999 is out of range"):
         neuron_tokens(adapter, E, layers=[0], neurons=[999])
-    with pytest.raises(AdapterError, match="larger than"):
+    with pytest.raises(FflayersError, match="larger than"):
         head_pairs(adapter, E, 0, 0, "ov", n=adapter.vocab_size**2 + 1)
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fflayers.backends.base import AdapterError
+from fflayers.core import FflayersError
 from fflayers.data.readers import is_wikitext_heading, read_wikitext_lines
 
 pytest.importorskip("gensim")
@@ -86,7 +86,7 @@ def test_cli_and_errors(build_corpus_module, tmp_path, capsys):
     assert "\n" not in printed and "train: 1 articles" in printed and "test: 1 articles" in printed
     assert all(Path(s["path"]).exists() for s in result.values())
     assert not [p for p in (tmp_path / "cli").iterdir() if p.suffix == ".tmp"]
-    with pytest.raises(AdapterError, match="max_articles"):
+    with pytest.raises(FflayersError, match="max_articles"):
         build_corpus_module.build_corpus(tmp_path / "x", max_articles=2)
-    with pytest.raises(AdapterError, match="does not exist"):
+    with pytest.raises(FflayersError, match="does not exist"):
         build_corpus_module.build_corpus(tmp_path / "x", source=tmp_path / "missing.xml.bz2")

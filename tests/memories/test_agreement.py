@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from fflayers.backends.base import AdapterError
 from fflayers.backends.hf import HFAdapter
+from fflayers.backends.hf_vocab import HFVocabulary
+from fflayers.core import FflayersError
 from fflayers.memories.agreement import (
     AGREEMENT_COLUMNS,
     agreement_by_layer,
@@ -25,12 +26,27 @@ from tests.fixtures.hf_models import VOCAB, tiny_model
 from tests.fixtures.planted import build_planted
 
 
+class WordVocabulary(HFVocabulary):
+    """Word tokens ``w<id>`` for a tokenizer-less adapter, with an optional unknown-token id."""
+
+    def __init__(self, size: int, unk: int | None) -> None:
+        super().__init__(None, None, size)
+        self.unk = unk
+
+    @property
+    def unk_id(self) -> int | None:
+        return self.unk
+
+    def id_to_token(self, ids):
+        return [f"w{int(i)}" for i in ids]
+
+    def token_to_id(self, token):
+        return int(token[1:]) if re.fullmatch(r"w\d+", token) and int(token[1:]) < self.size else None
+
+
 def word_tokens(adapter, unk=None):
     """Give a tokenizer-less adapter word tokens ``w<id>``."""
-    adapter.id_to_token = lambda ids: [f"w{int(i)}" for i in ids]
-    adapter.token_to_id = lambda s: int(s[1:]) if re.fullmatch(r"w\d+", s) and int(s[1:]) < adapter.vocab_size else None
-    if unk is not None:
-        adapter.unk_id = unk
+    adapter.vocab = WordVocabulary(adapter.vocab_size, unk)
     return adapter
 
 
@@ -143,20 +159,21 @@ def test_planted_value_agrees_with_its_triggers(tmp_path):
 
 def test_bad_targets(gpt2):
     _, adapter = gpt2
-    with pytest.raises(AdapterError, match="layer 9"):
+    with pytest.raises(FflayersError, match="layer 9"):
         key_value_agreement(adapter, {(9, 0): [1]})
-    with pytest.raises(AdapterError, match="dim 64"):
+    with pytest.raises(FflayersError, match="dim 64"):
         key_value_agreement(adapter, {(0, 64): [1]})
-    with pytest.raises(AdapterError, match="outside the vocabulary"):
+    with pytest.raises(FflayersError, match="outside the vocabulary"):
         key_value_agreement(adapter, {(0, 1): [VOCAB]})
 
 
 def test_target_id_spacing():
     class Spaced:  # a BPE-like vocabulary: " Paris" and "Paris" are different tokens
-        vocab = {" Paris": 1, "Paris": 2, "ing": 3}
+        entries = {" Paris": 1, "Paris": 2, "ing": 3}
+        eos_id = None
 
         def token_to_id(self, s):
-            return self.vocab.get(s)
+            return self.entries.get(s)
 
     a = Spaced()
     assert target_id(a, "Paris", after_prefix=True) == 1

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from fflayers.backends.base import AdapterError
-from fflayers.backends.hf import ARCHITECTURES, HFAdapter
+from fflayers.backends.hf import HFAdapter
+from fflayers.backends.hf_arch import ARCHITECTURES
+from fflayers.core import FflayersError
 from fflayers.memories.ffn_info import DIM_COLUMNS, LAYER_COLUMNS, extract_ffn_info, homogeneous_head
 from tests.fixtures.hf_models import VOCAB, tiny_model
 
@@ -270,18 +271,18 @@ def test_layers_subset_batching_and_seed():
 
 def test_bad_inputs():
     _, adapter = _double_adapter("gpt2")
-    with pytest.raises(AdapterError, match="no exact shortcut"):
+    with pytest.raises(FflayersError, match="no exact shortcut"):
         extract_ffn_info(adapter, _sentences(), "layer", head_shortcut=True, progress=False)
-    with pytest.raises(AdapterError, match="mode"):
+    with pytest.raises(FflayersError, match="mode"):
         extract_ffn_info(adapter, _sentences(), "layer-raw", progress=False)
-    with pytest.raises(AdapterError, match="2 or more tokens"):
+    with pytest.raises(FflayersError, match="2 or more tokens"):
         extract_ffn_info(adapter, [[5], [6]], "layer", progress=False)
-    with pytest.raises(AdapterError, match="dims"):
+    with pytest.raises(FflayersError, match="dims"):
         extract_ffn_info(adapter, _sentences(), "dim", dims=[999], progress=False)
-    with pytest.raises(AdapterError, match="out of range"):
+    with pytest.raises(FflayersError, match="out of range"):
         extract_ffn_info(adapter, _sentences(), "dim", layers=[7], progress=False)
     bert = HFAdapter(tiny_model("bert"), device="cpu")
-    with pytest.raises(AdapterError, match="masked LM"):
+    with pytest.raises(FflayersError, match="masked LM"):
         extract_ffn_info(bert, _sentences(), "layer", progress=False)
 
 
@@ -291,12 +292,12 @@ def test_bad_inputs():
 @pytest.mark.parametrize("which", ["fairseq_plain_lm", "fairseq_adaptive_lm"])
 def test_fairseq_matches_loop(which, request):
     """Post-LN plain LM (r = FFN input; linear head: shortcut) and the pre-LN adaptive-softmax LM."""
-    from fflayers.backends.fairseq_lm import load_fairseq_lm
+    from fflayers.backends.fairseq_loading import load_fairseq_lm
 
     lm = request.getfixturevalue(which)
     adapter = load_fairseq_lm(lm.model_dir, device="cpu")
     lines = lm.valid.read_text().splitlines()[:6]
-    sents = [adapter.tokenize(line) for line in lines]
+    sents = [adapter.vocab.tokenize(line) for line in lines]
     ref = reference(fairseq_parts(adapter), sents, SEED)
     kind = "linear" if which == "fairseq_plain_lm" else "adaptive"
     dims = list(range(0, adapter.d_ff, 3))

@@ -7,8 +7,8 @@ import types
 import pytest
 import torch
 
-from fflayers.backends.base import AdapterError
 from fflayers.backends.hf import HFAdapter
+from fflayers.core import RunStateError
 from fflayers.memories.scan import (
     Manifest,
     auto_batch_tokens,
@@ -39,13 +39,13 @@ def test_group_units():
 
 def test_manifest_refuses_another_configuration(tmp_path):
     man = Manifest(tmp_path / "run")
-    plan = {"shards": [[0, 2], [2, 3]], "shard_sentences": [5, 4]}
+    plan = {"shards": [[0, 2], [2, 3]], "shard_weights": [5, 4], "unit_name": "sentences"}
     data = man.open("x", {"k": 3}, "hash-a", lambda: plan)
     assert [s["status"] for s in data["shards"]] == ["pending", "pending"] and data["left"]["sentences"] == 9
     man.update(1, status="done")
     assert man.read()["left"] == {"shards": 1, "sentences": 5}
     assert man.open("x", {"k": 3}, "hash-a", lambda: pytest.fail("plan rebuilt"))["shards"][1]["status"] == "done"
-    with pytest.raises(AdapterError, match=r"another configuration \(differs in: k\)"):
+    with pytest.raises(RunStateError, match=r"another configuration \(differs in: k\)"):
         man.open("x", {"k": 4}, "hash-b", lambda: plan)
 
 

@@ -9,7 +9,7 @@ import pytest
 from fflayers.backends.hf import HFAdapter, load_hf_lm
 from fflayers.io import write_jsonl
 from fflayers.memories.agreement import targets_from_examples
-from fflayers.memories.textual import AdapterTokens, read_target_ids, read_textual_dir, write_textual
+from fflayers.memories.textual import SubwordTokens, read_target_ids, read_textual_dir, write_textual
 from fflayers.memories.trigger_examples import trigger_examples
 
 #: text full of pieces whose strings do not give back their ids (continuations, punctuation, digits, accents)
@@ -35,12 +35,12 @@ def expected_targets(adapter: HFAdapter, ids: list[list[int]], trig, layer: int,
 def check_exact_targets(adapter: HFAdapter, tmp_path, layers: list[int], k: int) -> tuple[int, int]:
     """Run the pipeline; assert every stored and agreement target is exact. Returns (n targets, string-lookup
     misses), the latter being how many targets the old string lookup got wrong or unknown."""
-    ids = [adapter.tokenize(s) for s in SENTENCES]
+    ids = [adapter.vocab.tokenize(s) for s in SENTENCES]
     trig = trigger_examples(adapter, ids, k=k, layers=layers, progress=False)
     jsonl = tmp_path / "trig.jsonl"
     write_jsonl(jsonl, trig.to_jsonl_rows(SENTENCES))
     out = tmp_path / "textual"
-    write_textual(jsonl, out, AdapterTokens(adapter), progress=False)
+    write_textual(jsonl, out, SubwordTokens(adapter.vocab), progress=False)
     stored = read_target_ids(out)
     examples = read_textual_dir(out)
     targets, n_unknown = targets_from_examples(adapter, examples, stored)

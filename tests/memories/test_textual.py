@@ -7,9 +7,9 @@ import json
 import pytest
 
 from analysis import trigger_examples_jsonl_to_textual as cli
-from fflayers.backends.base import AdapterError
+from fflayers.core import FflayersError
 from fflayers.memories.textual import (
-    AdapterTokens,
+    SubwordTokens,
     WordLevel,
     format_line,
     parse_line,
@@ -71,31 +71,31 @@ def test_format_parse_inverse(prefix, target):
 
 
 def test_word_level_position_out_of_range():
-    with pytest.raises(AdapterError, match="out of range"):
+    with pytest.raises(FflayersError, match="out of range"):
         WordLevel().prefix_and_target("a b", 3)
 
 
-class FakeSubwordAdapter:
+class FakeSubwordVocab:
     """Splits words into 2-character pieces; BOS id 0; pieces after the first of a word carry no space."""
 
     bos_id = 0
 
     def __init__(self):
-        self.vocab: dict[str, int] = {"<bos>": 0}
+        self.pieces: dict[str, int] = {"<bos>": 0}
 
     def _piece_ids(self, text):
         out = []
         for w in text.split():
             for j in range(0, len(w), 2):
                 piece = (" " if j == 0 else "") + w[j : j + 2]
-                out.append(self.vocab.setdefault(piece, len(self.vocab)))
+                out.append(self.pieces.setdefault(piece, len(self.pieces)))
         return out
 
     def tokenize(self, text, add_bos=True):
         return ([0] if add_bos else []) + self._piece_ids(text)
 
     def id_to_token(self, ids):
-        inv = {v: k for k, v in self.vocab.items()}
+        inv = {v: k for k, v in self.pieces.items()}
         return [inv[i] for i in ids]
 
     def detokenize(self, ids):
@@ -103,18 +103,18 @@ class FakeSubwordAdapter:
 
 
 def test_subword_prefix_and_target():
-    tokens = AdapterTokens(FakeSubwordAdapter())
+    tokens = SubwordTokens(FakeSubwordVocab())
     # input: <bos> " th" "e" " ca" "t" " sa" "t": position 2 holds "e" and predicts " ca"
     assert tokens.prefix_and_target("the cat sat", 2) == ("the", "ca")
     assert tokens.prefix_and_target("the cat sat", 3) == ("the ca", "t")
     assert tokens.prefix_and_target("the cat sat", 0) == ("", "th")
     assert tokens.prefix_and_target("the cat sat", 6) == ("the cat sat", "</s>")
-    with pytest.raises(AdapterError, match="out of range"):
+    with pytest.raises(FflayersError, match="out of range"):
         tokens.prefix_and_target("the cat sat", 7)
 
 
 def test_gpt2_tokenizer_via_cli(jsonl, tmp_path):
-    from fflayers.backends.hf import gpt2_tokenizer_dir
+    from fflayers.assets import gpt2_tokenizer_dir
 
     model = gpt2_tokenizer_dir(tmp_path / "tok")
     (model / "config.json").write_text(json.dumps({"model_type": "gpt2"}))

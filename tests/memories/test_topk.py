@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from fflayers.backends.base import AdapterError
+from fflayers.core import FflayersError
 from fflayers.memories.topk import StreamingTopK, decode, encode
 
 
@@ -103,7 +103,7 @@ def test_state_dict_roundtrip_and_resume():
     restored = StreamingTopK.from_state_dict(tk.state_dict())
     feed(restored, values, positions, list(range(25, 50)), 5)
     assert as_lists(restored) == brute_topk(values, positions, 5)
-    with pytest.raises(AdapterError):
+    with pytest.raises(FflayersError):
         StreamingTopK(4, 6).load_state_dict(tk.state_dict())
 
 
@@ -124,11 +124,11 @@ def test_composite_keys_order_and_round_trip():
 
 def test_bad_shapes_and_arguments():
     tk = StreamingTopK(3, 2)
-    with pytest.raises(AdapterError):
+    with pytest.raises(FflayersError):
         tk.update(torch.ones(2, 4), torch.zeros(2, 4, dtype=torch.long), torch.arange(4))
-    with pytest.raises(AdapterError):
+    with pytest.raises(FflayersError):
         tk.update(torch.ones(3, 4), torch.zeros(3, 4, dtype=torch.long), torch.arange(3))
-    with pytest.raises(AdapterError):
+    with pytest.raises(FflayersError):
         StreamingTopK(3, 0)
-    with pytest.raises(AdapterError):
+    with pytest.raises(FflayersError):
         tk.merge(StreamingTopK(3, 5))

@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from fflayers.backends.base import AdapterError
 from fflayers.backends.hf import HFAdapter
+from fflayers.core import FflayersError
 from fflayers.memories.trigger_examples import trigger_examples
 from tests.fixtures.hf_models import tiny_model
 
@@ -176,10 +176,10 @@ def test_resume_after_interruption_gives_identical_result(gpt2_adapter, corpus, 
 
 def test_resume_refuses_other_settings(gpt2_adapter, corpus, tmp_path):
     trigger_examples(gpt2_adapter, corpus, k=6, batch_tokens=60, progress=False, shard_size=5, checkpoint_dir=tmp_path)
-    with pytest.raises(AdapterError, match="other inputs or settings"):
+    with pytest.raises(FflayersError, match="other inputs or settings"):
         trigger_examples(gpt2_adapter, corpus, k=5, batch_tokens=60, progress=False, shard_size=5,
                          checkpoint_dir=tmp_path)
-    with pytest.raises(AdapterError, match="other inputs or settings"):
+    with pytest.raises(FflayersError, match="other inputs or settings"):
         trigger_examples(gpt2_adapter, corpus[:-1], k=6, batch_tokens=60, progress=False, shard_size=5,
                          checkpoint_dir=tmp_path)
 
@@ -231,16 +231,16 @@ def test_jsonl_rows_original_schema(planted):
         (0, planted.layer, 1, "a X c"), (1, planted.layer, 0, "X i i i")]  # 2 < k records: only positives
     assert recs[0]["fc1_value"] == pytest.approx(te.examples(planted.layer, planted.neuron)[0][0])
     assert all(isinstance(r["fc1_value"], float) and isinstance(r["token_indice"], int) for r in recs)
-    with pytest.raises(AdapterError):
+    with pytest.raises(FflayersError):
         list(te.to_jsonl_rows(texts[:2]))
 
 
 def test_bad_arguments(gpt2_adapter, corpus):
-    with pytest.raises(AdapterError, match="out of range"):
+    with pytest.raises(FflayersError, match="out of range"):
         trigger_examples(gpt2_adapter, corpus, dims=[gpt2_adapter.d_ff], progress=False)
-    with pytest.raises(AdapterError, match="out of range"):
+    with pytest.raises(FflayersError, match="out of range"):
         trigger_examples(gpt2_adapter, corpus, layers=[7], progress=False)
-    with pytest.raises(AdapterError, match="k=0"):
+    with pytest.raises(FflayersError, match="k=0"):
         trigger_examples(gpt2_adapter, corpus, k=0, progress=False)
-    with pytest.raises(AdapterError, match="no sentences"):
+    with pytest.raises(FflayersError, match="no sentences"):
         trigger_examples(gpt2_adapter, [], progress=False)

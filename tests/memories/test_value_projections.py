@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fflayers.backends.base import AdapterError
 from fflayers.backends.hf import HFAdapter
+from fflayers.core import FflayersError
 from fflayers.memories.value_projections import random_baseline, random_values, value_predictions
 from tests.fixtures.hf_models import tiny_model
 from tests.fixtures.planted import build_planted
@@ -74,7 +74,7 @@ def test_random_baseline(llama):
 
 def test_bad_input(llama):
     _, adapter = llama
-    with pytest.raises(AdapterError, match="top_k"):
+    with pytest.raises(FflayersError, match="top_k"):
         value_predictions(adapter, top_k=0)
-    with pytest.raises(AdapterError, match="out of range"):
+    with pytest.raises(FflayersError, match="out of range"):
         value_predictions(adapter, layers=[5])

@@ -20,12 +20,12 @@ from fflayers.neurons.evaluate import (
     summarize,
     summary_table,
 )
-from fflayers.neurons.facts import Fact, countries_paraphrases
+from fflayers.neurons.facts import ParaphraseFact, countries_paraphrases
 
 FACTS = [
-    Fact("c-fr", "capital", ("The capital of France is", "France's capital is"), "Paris"),
-    Fact("c-de", "capital", ("The capital of Germany is", "Germany's capital is"), "Berlin"),
-    Fact("l-fr", "language", ("In France people speak",), "French"),
+    ParaphraseFact("c-fr", "capital", ("The capital of France is", "France's capital is"), "Paris"),
+    ParaphraseFact("c-de", "capital", ("The capital of Germany is", "Germany's capital is"), "Berlin"),
+    ParaphraseFact("l-fr", "language", ("In France people speak",), "French"),
 ]
 
 

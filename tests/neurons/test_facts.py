@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from fflayers.backends.base import AdapterError
-from fflayers.neurons.facts import Fact, countries_paraphrases, read_facts, write_facts
+from fflayers.core import FflayersError
+from fflayers.neurons.facts import ParaphraseFact, countries_paraphrases, read_facts, write_facts
 
 COUNTRIES = """# UN Code number: 2 letter ISO abbrev : 3 letter ISO abbrev : name : capital
 250:FR:FRA:France:Paris
@@ -28,8 +28,8 @@ def countries_file(tmp_path):
 
 
 def test_round_trip(tmp_path):
-    facts = [Fact("a", "capital", ("The capital of France is", "France's capital is"), "Paris"),
-             Fact("b", "lang", ("They speak",), "French")]
+    facts = [ParaphraseFact("a", "capital", ("The capital of France is", "France's capital is"), "Paris"),
+             ParaphraseFact("b", "lang", ("They speak",), "French")]
     path = tmp_path / "facts.jsonl"
     write_facts(path, facts)
     lines = path.read_text().splitlines()
@@ -53,13 +53,13 @@ def test_round_trip(tmp_path):
 def test_bad_files_are_one_line_errors(tmp_path, content, words):
     path = tmp_path / "facts.jsonl"
     path.write_text(content)
-    with pytest.raises(AdapterError, match=words) as err:
+    with pytest.raises(FflayersError, match=words) as err:
         read_facts(path)
     assert "\n" not in str(err.value)
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(AdapterError, match="does not exist"):
+    with pytest.raises(FflayersError, match="does not exist"):
         read_facts(tmp_path / "nope.jsonl")
 
 
@@ -84,9 +84,9 @@ def test_countries_options(countries_file):
         ("capital-FRA", ("Capital of France: [MASK].",), "Paris"),
         ("capital-DEU", ("Capital of Germany: [MASK].",), "Berlin"),
     ]
-    with pytest.raises(AdapterError, match="unknown relation"):
+    with pytest.raises(FflayersError, match="unknown relation"):
         countries_paraphrases({"population": ["{} has"]}, countries_file=countries_file)
-    with pytest.raises(AdapterError, match="exactly one"):
+    with pytest.raises(FflayersError, match="exactly one"):
         countries_paraphrases({"capital": ["no slot"]}, countries_file=countries_file)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fflayers.backends.base import AdapterError
 from fflayers.backends.hf import HFAdapter
+from fflayers.core import FflayersError
 from fflayers.neurons import KnowledgeNeurons
 from tests.fixtures.hf_models import tiny_model
 from tests.neurons.helpers import hf_log_probs
@@ -69,28 +69,28 @@ def test_coarse_neurons_use_one_threshold(kn, monkeypatch):
 ])
 def test_refined_bad_arguments_fail_before_work(kn, monkeypatch, kwargs, message):
     calls = _plant(kn, monkeypatch, {})
-    with pytest.raises(AdapterError, match=message):
+    with pytest.raises(FflayersError, match=message):
         kn.get_refined_neurons([[1, 2]], [9], quiet=True, **kwargs)
     assert calls == []
 
 
 def test_bad_prompt_in_refined_fails_before_work(kn, monkeypatch):
     calls = _plant(kn, monkeypatch, {(1, 2): []})
-    with pytest.raises(AdapterError, match="outside the vocabulary"):
+    with pytest.raises(FflayersError, match="outside the vocabulary"):
         kn.get_refined_neurons([[1, 2], [1, 999]], [9], quiet=True)
-    with pytest.raises(AdapterError, match="non-empty list"):
+    with pytest.raises(FflayersError, match="non-empty list"):
         kn.get_refined_neurons("one prompt", "x", quiet=True)
     assert calls == []
 
 
 def test_scores_bad_arguments(kn):
-    with pytest.raises(AdapterError, match="unknown convention"):
+    with pytest.raises(FflayersError, match="unknown convention"):
         KnowledgeNeurons(kn.adapter, convention="other")
-    with pytest.raises(AdapterError, match="steps"):
+    with pytest.raises(FflayersError, match="steps"):
         kn.get_scores([1, 2], [3], steps=0)
-    with pytest.raises(AdapterError, match="batch_size"):
+    with pytest.raises(FflayersError, match="batch_size"):
         kn.get_scores([1, 2], [3], batch_size=-1)
-    with pytest.raises(AdapterError, match="exactly one"):
+    with pytest.raises(FflayersError, match="exactly one"):
         kn.get_coarse_neurons([1, 2], [3], threshold=0.1, percentile=5)
 
 

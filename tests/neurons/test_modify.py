@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 
-from fflayers.backends.base import AdapterError
 from fflayers.backends.hf import HFAdapter
+from fflayers.core import FflayersError
 from fflayers.neurons.modify import (
     Modification,
     edit_knowledge,
@@ -253,10 +253,10 @@ def test_bad_input_is_one_line_and_changes_nothing():
         (lambda: edit_knowledge(adapter, CAUSAL_PROMPT, ANSWER, [[0, 1, 2]]), "pair"),
     ]
     for call, words in cases:
-        with pytest.raises(AdapterError, match=words) as err:
+        with pytest.raises(FflayersError, match=words) as err:
             call()
         assert "\n" not in str(err.value)
     adapter.tokenizer.unk_token_id = None
-    with pytest.raises(AdapterError, match="unknown token"):
+    with pytest.raises(FflayersError, match="unknown token"):
         erase_knowledge(adapter, CAUSAL_PROMPT, [[0, 1]], erase_value="unk")
     assert all(torch.equal(v, params[k]) for k, v in adapter.model.state_dict().items())

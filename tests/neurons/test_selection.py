@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fflayers.backends.base import AdapterError
+from fflayers.core import FflayersError
 from fflayers.neurons import coarse_neurons, refine_neurons
 
 
@@ -37,7 +37,7 @@ def test_coarse_absolute_adaptive_percentile():
     ({"percentile": "high"}, "must be a number"),
 ])
 def test_bad_thresholds(kwargs, message):
-    with pytest.raises(AdapterError, match=message):
+    with pytest.raises(FflayersError, match=message):
         coarse_neurons(_scores(), **kwargs)
 
 
@@ -58,5 +58,5 @@ def test_refined_share_and_negatives():
 
 @pytest.mark.parametrize("p", [1.0, -0.1, 2])
 def test_bad_share(p):
-    with pytest.raises(AdapterError, match="p="):
+    with pytest.raises(FflayersError, match="p="):
         refine_neurons([[[0, 1]]], p=p)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fflayers.backends.base import AdapterError
 from fflayers.backends.hf import HFAdapter, load_hf_lm
+from fflayers.core import FflayersError
 from fflayers.neurons import argmax_completion, encode_target, forward_log_probs, target_probability
 from tests.fixtures.hf_models import tiny_model
 from tests.neurons.helpers import bert_tokenizer
@@ -79,26 +79,26 @@ def test_masked_probability_reads_each_mask(bert):
     ("[MASK] is the capital of france", "  ", "cannot represent|no tokens"),
 ])
 def test_bad_bert_input(bert, prompt, answer, message):
-    with pytest.raises(AdapterError, match=message) as err:
+    with pytest.raises(FflayersError, match=message) as err:
         encode_target(bert, prompt, answer)
     assert "\n" not in str(err.value)
 
 
 def test_unknown_word_is_an_error_not_unk(fairseq_adapters):
     adapter = fairseq_adapters("fairseq_plain_lm")
-    with pytest.raises(AdapterError, match="cannot represent ground truth 'Zanzibar'"):
+    with pytest.raises(FflayersError, match="cannot represent ground truth 'Zanzibar'"):
         encode_target(adapter, "Paris is the capital of the", "Zanzibar")
     t = encode_target(adapter, "Paris is the capital of the", "old city")
-    assert adapter.id_to_token(t.target_ids) == ["old", "city"]
+    assert adapter.vocab.id_to_token(t.target_ids) == ["old", "city"]
 
 
 def test_bad_causal_input():
     adapter = HFAdapter(tiny_model("gpt2"), device="cpu")
-    with pytest.raises(AdapterError, match="both as text or both as token ids"):
+    with pytest.raises(FflayersError, match="both as text or both as token ids"):
         encode_target(adapter, [1, 2], "x")
-    with pytest.raises(AdapterError, match="outside the vocabulary"):
+    with pytest.raises(FflayersError, match="outside the vocabulary"):
         encode_target(adapter, [1, 2], [500])
-    with pytest.raises(AdapterError, match="prompt has no tokens"):
+    with pytest.raises(FflayersError, match="prompt has no tokens"):
         encode_target(adapter, [], [3])
-    with pytest.raises(AdapterError, match="ground truth has no tokens"):
+    with pytest.raises(FflayersError, match="ground truth has no tokens"):
         encode_target(adapter, [1], [])

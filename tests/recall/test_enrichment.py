@@ -16,7 +16,7 @@ from fflayers.recall.enrichment import (
     candidate_tokens,
     mentions,
 )
-from fflayers.recall.facts import Fact, encode_facts
+from fflayers.recall.facts import KnownFact, encode_facts
 
 STOP = {"the", "and", "of", "with", "about", "between", "from", "into"}  # all in sklearn's list
 
@@ -74,9 +74,9 @@ def test_attributes_rate_equals_independent_recomputation(tiny_gpt2_dir):
     adapter = load_hf_lm(str(tiny_gpt2_dir), device="cpu")
     model = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
-    facts = [Fact(0, "Norway", "Oslo", "The capital of Norway is"),
-             Fact(1, "New Zealand", "Wellington", "New Zealand has its capital in"),
-             Fact(2, "Peru", "Lima", "The capital city of Peru is")]
+    facts = [KnownFact(0, "Norway", "Oslo", "The capital of Norway is"),
+             KnownFact(1, "New Zealand", "Wellington", "New Zealand has its capital in"),
+             KnownFact(2, "Peru", "Lima", "The capital city of Peru is")]
     encoded, skipped = encode_facts(adapter, facts)
     assert not skipped
     # plant: the Norway paragraph holds half of the words its layer-0 state keeps; Peru has no paragraph
@@ -105,10 +105,10 @@ def test_attributes_rate_equals_independent_recomputation(tiny_gpt2_dir):
 
 
 def test_scorer_needs_paragraph_lookup(tiny_gpt2_dir):
-    from fflayers.backends.base import AdapterError
     from fflayers.backends.hf import load_hf_lm
+    from fflayers.core import FflayersError
 
     adapter = load_hf_lm(str(tiny_gpt2_dir), device="cpu")
     scorer = AttributeScorer(adapter, top=20, keep=5)
-    with pytest.raises(AdapterError, match="no paragraphs were looked up for subject 'Chad'"):
+    with pytest.raises(FflayersError, match="no paragraphs were looked up for subject 'Chad'"):
         scorer.rates(torch.randn(1, adapter.d_model), ["Chad"])

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fflayers.backends.base import AdapterError
 from fflayers.backends.hf import HFAdapter
+from fflayers.core import FflayersError
 from fflayers.recall.batching import make_fact_batch
 from fflayers.recall.extraction import (
     extraction_events,
@@ -15,7 +15,7 @@ from fflayers.recall.extraction import (
     extraction_rates,
     last_position_edge_masks,
 )
-from fflayers.recall.facts import EncodedFact, Fact
+from fflayers.recall.facts import EncodedFact, KnownFact
 from tests.fixtures.hf_models import tiny_model
 
 
@@ -53,7 +53,7 @@ def make_facts(model, lengths=(5, 8, 6, 7, 4, 9), subject=(1, 2)) -> list[Encode
         ids = torch.randint(1, 97, (n,), generator=g).tolist()
         top = sublayer_top1(model, ids)
         attribute = top[("attn" if i % 2 == 0 else "mlp", i % 3)]
-        out.append(EncodedFact(Fact(i, f"s{i}", f"a{i}", f"p{i}"), ids, list(subject), [attribute]))
+        out.append(EncodedFact(KnownFact(i, f"s{i}", f"a{i}", f"p{i}"), ids, list(subject), [attribute]))
     return out
 
 
@@ -146,12 +146,12 @@ def test_patched_subject_equals_plain_hook_recomputation(gpt2):
 
 def test_edge_masks_and_bad_variant(gpt2):
     _, adapter = gpt2
-    items = [EncodedFact(Fact(0, "s", "a", "p"), [5, 6, 7, 8], [1, 2], [3]),
-             EncodedFact(Fact(1, "s", "a", "p"), [5, 6, 7, 8, 9, 10], [2], [3])]
+    items = [EncodedFact(KnownFact(0, "s", "a", "p"), [5, 6, 7, 8], [1, 2], [3]),
+             EncodedFact(KnownFact(1, "s", "a", "p"), [5, 6, 7, 8, 9, 10], [2], [3])]
     batch = make_fact_batch(adapter, items)
     sub, non, last = (last_position_edge_masks(batch, w) for w in ("subject", "non_subject", "last"))
     assert sub[0].nonzero().tolist() == [[3, 1], [3, 2]] and sub[1].nonzero().tolist() == [[5, 2]]
     assert non[0].nonzero().tolist() == [[3, 0]] and non[1].nonzero().tolist() == [[5, 0], [5, 1], [5, 3], [5, 4]]
     assert last[0].nonzero().tolist() == [[3, 3]] and last[1].nonzero().tolist() == [[5, 5]]
-    with pytest.raises(AdapterError, match="unknown extraction variant 'block_all'"):
+    with pytest.raises(FflayersError, match="unknown extraction variant 'block_all'"):
         extraction_events(adapter, items, variants=["block_all"])

@@ -10,10 +10,10 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from fflayers.backends.base import AdapterError
 from fflayers.backends.hf import HFAdapter
+from fflayers.core import FflayersError
 from fflayers.hooks import block_attention, capture
-from fflayers.recall import KNOCKOUT_SETS, EncodedFact, Fact, attention_knockout, knockout_position_sets
+from fflayers.recall import KNOCKOUT_SETS, EncodedFact, KnownFact, attention_knockout, knockout_position_sets
 from tests.fixtures.hf_models import VOCAB, tiny_model
 
 CAUSAL_ARCHS = ["gpt2", "gpt_neo", "gptj", "gpt_neox", "llama"]
@@ -36,15 +36,15 @@ def make_facts(vocab: int, first: int | None = None) -> list[EncodedFact]:
         if first is not None:
             ids[0] = first
             subject = [p for p in subject if p > 0] or [1]
-        facts.append(EncodedFact(Fact(i, f"s{i}", f"a{i}", f"p{i}"), ids, subject, [ids[-1]]))
+        facts.append(EncodedFact(KnownFact(i, f"s{i}", f"a{i}", f"p{i}"), ids, subject, [ids[-1]]))
     return facts
 
 
 def test_position_sets_by_hand():
-    item = EncodedFact(Fact(0, "s", "a", "p"), [9, 8, 7, 6, 5, 4], [2, 3], [1])
+    item = EncodedFact(KnownFact(0, "s", "a", "p"), [9, 8, 7, 6, 5, 4], [2, 3], [1])
     assert knockout_position_sets(item) == {"subject": [2, 3], "non_subject": [0, 1, 4], "last": [5], "first": [0],
                                             "non_subject_excl_first": [1, 4]}
-    at_end = EncodedFact(Fact(0, "s", "a", "p"), [9, 8, 7], [1, 2], [1])
+    at_end = EncodedFact(KnownFact(0, "s", "a", "p"), [9, 8, 7], [1, 2], [1])
     assert knockout_position_sets(at_end)["subject"] == [1, 2]
     assert knockout_position_sets(at_end)["non_subject"] == [0]
 
@@ -136,7 +136,7 @@ def reference_fairseq(model, item: EncodedFact, positions: list[int], lo: int, h
 @pytest.mark.parametrize("name", FAIRSEQ)
 def test_fairseq_knockout_equals_explicit_mask_recomputation(name, fairseq_adapters):
     adapter = fairseq_adapters(name)
-    facts = make_facts(adapter.vocab_size, first=adapter.bos_id)
+    facts = make_facts(adapter.vocab_size, first=adapter.vocab.bos_id)
     table = attention_knockout(adapter, facts, sets=KNOCKOUT_SETS, window=1, batch_size=16)
     check_against_reference(table, facts, lambda *a: reference_fairseq(adapter.model, *a))
 
@@ -148,7 +148,7 @@ def test_fairseq_knockout_equals_explicit_mask_recomputation(name, fairseq_adapt
 def test_batched_with_padding_equals_one_by_one(arch, fairseq_adapters):
     if arch.startswith("fairseq"):
         adapter = fairseq_adapters(arch)
-        facts = make_facts(adapter.vocab_size, first=adapter.bos_id)
+        facts = make_facts(adapter.vocab_size, first=adapter.vocab.bos_id)
     else:
         adapter = HFAdapter(tiny_model(arch), device="cpu")
         facts = make_facts(VOCAB)
@@ -190,11 +190,11 @@ def test_windows_are_clipped_to_the_model():
 def test_bad_options_are_one_line_errors():
     adapter = HFAdapter(tiny_model("gpt2"), device="cpu")
     facts = make_facts(VOCAB)
-    with pytest.raises(AdapterError, match="unknown knockout set 'object'"):
+    with pytest.raises(FflayersError, match="unknown knockout set 'object'"):
         attention_knockout(adapter, facts, sets=["object"])
-    with pytest.raises(AdapterError, match="layer 5 is out of range"):
+    with pytest.raises(FflayersError, match="layer 5 is out of range"):
         attention_knockout(adapter, facts, layers=[5])
-    with pytest.raises(AdapterError, match="masked LM"):
+    with pytest.raises(FflayersError, match="masked LM"):
         attention_knockout(HFAdapter(tiny_model("bert"), device="cpu"), facts)
 
 

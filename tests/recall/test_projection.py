@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fflayers.backends.base import AdapterError
 from fflayers.backends.hf import HFAdapter
-from fflayers.recall.facts import EncodedFact, Fact
+from fflayers.core import FflayersError
+from fflayers.recall.facts import EncodedFact, KnownFact
 from fflayers.recall.projection import position_index, vocabulary_projections
 from tests.fixtures.hf_models import tiny_model
 
@@ -18,7 +18,7 @@ def planted_facts(lengths=(6, 9, 4), seed=0) -> list[EncodedFact]:
     out = []
     for i, n in enumerate(lengths):
         ids = torch.randint(1, 97, (n,), generator=g).tolist()
-        fact = Fact(i, f"s{i}", f"a{i}", f"prompt {i}")
+        fact = KnownFact(i, f"s{i}", f"a{i}", f"prompt {i}")
         out.append(EncodedFact(fact, ids, [1, 2], [int(torch.randint(1, 97, (1,), generator=g))]))
     return out
 
@@ -69,15 +69,15 @@ def test_sublayer_output_without_final_norm_equals_h_times_unembedding():
 
 
 def test_named_positions_and_bad_input():
-    item = EncodedFact(Fact(7, "s", "a", "p"), [5, 6, 7, 8, 9], [1, 2], [3])
+    item = EncodedFact(KnownFact(7, "s", "a", "p"), [5, 6, 7, 8, 9], [1, 2], [3])
     assert [position_index(item, p) for p in ("first", "subject_first", "subject_last", "after_subject", "last",
                                               -2, "3")] == [0, 1, 2, 3, 4, 3, 3]
-    ends = EncodedFact(Fact(8, "s", "a", "p"), [5, 6, 7], [1, 2], [3])
+    ends = EncodedFact(KnownFact(8, "s", "a", "p"), [5, 6, 7], [1, 2], [3])
     assert position_index(ends, "after_subject") == 2  # the subject ends the prompt: the last token
-    with pytest.raises(AdapterError, match="unknown position 'middle'"):
+    with pytest.raises(FflayersError, match="unknown position 'middle'"):
         position_index(item, "middle")
-    with pytest.raises(AdapterError, match="out of range"):
+    with pytest.raises(FflayersError, match="out of range"):
         position_index(item, 5)
     adapter = HFAdapter(tiny_model("gpt2"), device="cpu")
-    with pytest.raises(AdapterError, match="cannot project hook point mlp_coef"):
+    with pytest.raises(FflayersError, match="cannot project hook point mlp_coef"):
         vocabulary_projections(adapter, [item], points=["mlp_coef"], with_tokens=False)

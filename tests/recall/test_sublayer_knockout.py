@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from fflayers.backends.base import AdapterError
-from fflayers.recall.facts import Fact, encode_facts
+from fflayers.core import FflayersError
+from fflayers.recall.facts import KnownFact, encode_facts
 from fflayers.recall.sublayer_knockout import knockout_windows, sublayer_knockout, sublayer_knockout_summary
 from tests.recall.test_enrichment import independent_rate
 
@@ -17,7 +17,7 @@ from tests.recall.test_enrichment import independent_rate
 def test_windows_are_clipped():
     assert knockout_windows(5, 2) == [(0, 2), (1, 3), (2, 4), (3, 4), (4, 4)]
     assert knockout_windows(30, 10, [0, 25]) == [(0, 10), (25, 29)]
-    with pytest.raises(AdapterError, match="start layer 5 is out of range"):
+    with pytest.raises(FflayersError, match="start layer 5 is out of range"):
         knockout_windows(5, 2, [5])
 
 
@@ -41,8 +41,8 @@ def test_knockout_equals_zeroed_weights(tiny_gpt2_dir):
     adapter = load_hf_lm(str(tiny_gpt2_dir), device="cpu")
     model = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
-    facts = [Fact(0, "Norway", "Oslo", "The capital of Norway is"),
-             Fact(1, "Chile", "Santiago", "Chile, a long country, has its capital in")]
+    facts = [KnownFact(0, "Norway", "Oslo", "The capital of Norway is"),
+             KnownFact(1, "Chile", "Santiago", "Chile, a long country, has its capital in")]
     encoded, _ = encode_facts(adapter, facts)
     paragraphs = ["Norway and Chile: " + " ".join(tok.decode([i]) for i in range(1000, 1400)),
                   "Chile is long. " + " ".join(tok.decode([i]) for i in range(5000, 5300))]
@@ -69,5 +69,5 @@ def test_knockout_equals_zeroed_weights(tiny_gpt2_dir):
     none = table[table.kind == "none"].attribute_prob.to_numpy()
     mlp0 = table[(table.kind == "mlp") & (table.start == 0)].attribute_prob.to_numpy()
     assert (abs(none - mlp0) / none).max() > 1e-3
-    with pytest.raises(AdapterError, match="unknown knockout kind 'heads'"):
+    with pytest.raises(FflayersError, match="unknown knockout kind 'heads'"):
         sublayer_knockout(adapter, encoded, paragraphs, kinds=["heads"])

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from fflayers.backends.base import AdapterError
 from fflayers.backends.hf import HFAdapter
+from fflayers.core import FflayersError
 from fflayers.hooks import capture
 from fflayers.shortcuts.early_exit import early_exit
 from fflayers.shortcuts.evaluate import evaluate_shortcuts
@@ -121,17 +121,17 @@ def test_bad_input(case):
     adapter, states, maps, _ = case
     L = adapter.n_layers
     missing = {k: v for k, v in maps.items() if k != (L, 1)}
-    with pytest.raises(AdapterError, match=rf"\({L}, 1\).*fit"):
+    with pytest.raises(FflayersError, match=rf"\({L}, 1\).*fit"):
         evaluate_shortcuts(adapter, states, missing)
-    with pytest.raises(AdapterError, match=rf"\({L}, 1\).*fit"):
+    with pytest.raises(FflayersError, match=rf"\({L}, 1\).*fit"):
         early_exit(adapter, states, missing, [0.0], mapping="mat")
-    with pytest.raises(AdapterError, match="states must be"):
+    with pytest.raises(FflayersError, match="states must be"):
         evaluate_shortcuts(adapter, states[:, :L], maps)
-    with pytest.raises(AdapterError, match="ks"):
+    with pytest.raises(FflayersError, match="ks"):
         evaluate_shortcuts(adapter, states, maps, ks=(0, 5))
-    with pytest.raises(AdapterError, match="mapping"):
+    with pytest.raises(FflayersError, match="mapping"):
         early_exit(adapter, states, maps, [0.0], mapping="lens")
-    with pytest.raises(AdapterError, match="shape"):
+    with pytest.raises(FflayersError, match="shape"):
         evaluate_shortcuts(adapter, states, {**maps, (L, 0): torch.eye(3)})
 
 

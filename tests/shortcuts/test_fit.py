@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fflayers.backends.base import AdapterError
 from fflayers.backends.hf import HFAdapter
+from fflayers.core import FflayersError
 from fflayers.shortcuts import (
     GramAccumulator,
     apply_map,
@@ -79,13 +79,13 @@ def test_pairs_select_maps_and_reject_wrong_order():
     acc = accumulate(correlated_states(100), 32)
     assert sorted(fit_maps(acc, pairs=[(0, 3), (1, 2)])) == [(2, 1), (3, 0)]
     for bad in ([(2, 1)], [(1, 1)], [(0, S)]):
-        with pytest.raises(AdapterError, match="pair"):
+        with pytest.raises(FflayersError, match="pair"):
             fit_maps(acc, pairs=bad)
 
 
 def test_underdetermined_needs_ridge():
     acc = accumulate(correlated_states(5), 5)  # 5 positions < d = 8
-    with pytest.raises(AdapterError, match="underdetermined: 5 positions for d = 8 dims"):
+    with pytest.raises(FflayersError, match="underdetermined: 5 positions for d = 8 dims"):
         fit_maps(acc)
     maps = fit_maps(acc, ridge=1e-3)
     assert all(torch.isfinite(A).all() for A in maps.values())
@@ -95,20 +95,20 @@ def test_singular_gram_is_refused_without_ridge():
     states = correlated_states(100)
     states[:, :, 3] = states[:, :, 2]  # two identical coordinates: G_i is singular
     acc = accumulate(states, 100)
-    with pytest.raises(AdapterError, match="ill-conditioned"):
+    with pytest.raises(FflayersError, match="ill-conditioned"):
         fit_maps(acc)
     assert len(fit_maps(acc, ridge=1e-6)) == S * (S - 1) // 2
 
 
 def test_bad_input_is_refused():
     acc = GramAccumulator(S, D)
-    with pytest.raises(AdapterError, match="no positions"):
+    with pytest.raises(FflayersError, match="no positions"):
         fit_maps(acc)
-    with pytest.raises(AdapterError, match="do not fit"):
+    with pytest.raises(FflayersError, match="do not fit"):
         acc.update(torch.zeros(3, S + 1, D))
-    with pytest.raises(AdapterError, match="NaN"):
+    with pytest.raises(FflayersError, match="NaN"):
         acc.update(torch.full((3, S, D), float("nan")))
-    with pytest.raises(AdapterError, match="ridge"):
+    with pytest.raises(FflayersError, match="ridge"):
         fit_maps(accumulate(correlated_states(50), 50), ridge=-1.0)
 
 
@@ -155,20 +155,20 @@ def test_save_load_round_trip(tmp_path):
 def test_load_refuses_other_models_and_missing_files(tmp_path):
     adapter = HFAdapter(tiny_model("gpt2"), device="cpu")
     path = tmp_path / "maps.safetensors"
-    with pytest.raises(AdapterError, match="does not exist"):
+    with pytest.raises(FflayersError, match="does not exist"):
         load_maps(path, adapter)
     other_d = fit_maps(accumulate(correlated_states(100, adapter.n_layers + 1, 16), 100))
     save_maps(path, other_d, {"model": "elsewhere"})
-    with pytest.raises(AdapterError, match="d_model = 16, this model has 32"):
+    with pytest.raises(FflayersError, match="d_model = 16, this model has 32"):
         load_maps(path, adapter)
     same_d = fit_maps(accumulate(correlated_states(100, 3, adapter.d_model), 100))
     save_maps(path, same_d, {})
-    with pytest.raises(AdapterError, match="fitted for 3 states, this model has 4"):
+    with pytest.raises(FflayersError, match="fitted for 3 states, this model has 4"):
         load_maps(path, adapter)
     llama = HFAdapter(tiny_model("llama"), device="cpu")
     save_maps(path, fit_maps(accumulate(correlated_states(100, 4, 32), 100)), maps_metadata(llama, "x", 0, 100, 0.0))
-    with pytest.raises(AdapterError, match="fitted for HFAdapter\\(family='llama'"):
+    with pytest.raises(FflayersError, match="fitted for HFAdapter\\(family='llama'"):
         load_maps(path, adapter)
     path.write_bytes(b"not a safetensors file")
-    with pytest.raises(AdapterError, match="not a readable safetensors file"):
+    with pytest.raises(FflayersError, match="not a readable safetensors file"):
         load_maps(path)

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from fflayers.backends.base import AdapterError
 from fflayers.backends.hf import HFAdapter
+from fflayers.core import FflayersError
 from fflayers.shortcuts import (
     Position,
     collect_states,
@@ -72,7 +72,7 @@ def test_causal_positions_cover_every_real_token_and_stay_in_the_window(adapters
 def test_masked_positions_replace_a_non_special_token(adapters):
     adapter = adapters["bert"]
     sentences = random_sentences(30, seed=2, frame=0) + [[0, 0]]
-    with pytest.raises(AdapterError, match="mask"):
+    with pytest.raises(FflayersError, match="mask"):
         sample_positions(adapter, sentences)
     pos = sample_positions(adapter, sentences, mask_id=MASK)
     assert [p.sentence_index for p in pos] == list(range(30))
@@ -81,7 +81,7 @@ def test_masked_positions_replace_a_non_special_token(adapters):
         assert 0 < p.position < len(ids) - 1 and p.read_at == p.position
         assert p.input_ids[p.position] == MASK
         assert p.input_ids[: p.position] + p.input_ids[p.position + 1 :] == tuple(ids[: p.position] + ids[p.position + 1 :])
-    with pytest.raises(AdapterError, match="none of the 1 sentences"):
+    with pytest.raises(FflayersError, match="none of the 1 sentences"):
         sample_positions(adapter, [[0, 0, 0]], mask_id=MASK)
 
 
@@ -91,7 +91,7 @@ def test_masked_positions_use_the_tokenizer(adapters):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(VOCAB - 5)]
     tok = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)})
     adapter = HFAdapter(adapters["bert"].model, tokenizer=tok, device="cpu")
-    sentences = [adapter.tokenize("w1 w2 w3 w4")] * 50
+    sentences = [adapter.vocab.tokenize("w1 w2 w3 w4")] * 50
     assert sentences[0][0] == tok.cls_token_id and sentences[0][-1] == tok.sep_token_id
     pos = sample_positions(adapter, sentences)
     assert {p.position for p in pos} == {1, 2, 3, 4}
@@ -105,7 +105,7 @@ def test_positions_frame_and_bad_input(adapters):
     assert df["split"].tolist() == ["train", "train"] and df["sentence_index"].tolist() == [0, 1]
     assert df["input_ids"].tolist() == [list(p.input_ids) for p in pos]
     for bad in ([], ["some text"], "text"):
-        with pytest.raises(AdapterError):
+        with pytest.raises(FflayersError):
             sample_positions(adapters["gpt2"], bad)
 
 
@@ -163,9 +163,9 @@ def test_iter_state_batches_and_bad_input(adapters):
     pos = sample_positions(adapter, random_sentences(7, seed=4))
     shapes = [tuple(b.shape) for b in iter_state_batches(adapter, pos, batch_size=3)]
     assert shapes == [(3, 4, 32), (3, 4, 32), (1, 4, 32)]
-    with pytest.raises(AdapterError, match="no positions"):
+    with pytest.raises(FflayersError, match="no positions"):
         collect_states(adapter, [])
-    with pytest.raises(AdapterError, match="batch_size"):
+    with pytest.raises(FflayersError, match="batch_size"):
         iter_state_batches(adapter, pos, batch_size=0)
-    with pytest.raises(AdapterError, match="reads row"):
+    with pytest.raises(FflayersError, match="reads row"):
         collect_states(adapter, [Position(0, 3, (5, 6), 3)])

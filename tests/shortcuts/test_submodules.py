@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from fflayers.backends.base import AdapterError
 from fflayers.backends.hf import HFAdapter
+from fflayers.core import FflayersError
 from fflayers.hooks import capture
 from fflayers.shortcuts import Position, sample_positions
 from fflayers.shortcuts.submodules import (
@@ -182,18 +182,18 @@ def test_r2_matches_sklearn(tmp_path):
 def test_post_norm_has_no_ln_mapping_and_missing_maps_are_named():
     adapter = HFAdapter(tiny_model("bert"), device="cpu")
     pos = _one_token_positions(5)
-    with pytest.raises(AdapterError, match="post-norm"):
+    with pytest.raises(FflayersError, match="post-norm"):
         submodule_log_probs(adapter, pos, {}, 0, "mat_ln1_ln2")
     gpt2 = HFAdapter(tiny_model("gpt2"), device="cpu")
-    with pytest.raises(AdapterError, match="no submodule map for layer 1 attn"):
+    with pytest.raises(FflayersError, match="no submodule map for layer 1 attn"):
         submodule_log_probs(gpt2, pos, {(0, "attn"): torch.eye(32)}, 1, "mat_attn")
-    with pytest.raises(AdapterError, match="unknown submodule mapping"):
+    with pytest.raises(FflayersError, match="unknown submodule mapping"):
         submodule_log_probs(gpt2, pos, {}, 0, "mat_everything")
 
 
 def test_fairseq_prenorm_mat_ffn_runs_and_reads_only_its_row(fairseq_adapters):
     adapter = fairseq_adapters("fairseq_prenorm_lm")
-    sents = [[adapter.bos_id or 2] + list(range(10, 10 + n)) for n in (4, 6, 9, 5, 7)] * 30
+    sents = [[adapter.vocab.bos_id or 2] + list(range(10, 10 + n)) for n in (4, 6, 9, 5, 7)] * 30
     pos = sample_positions(adapter, sents, seed=0)
     maps = fit_submodule_maps(adapter, pos, ridge=1e-4)
     table = evaluate_submodule_shortcuts(adapter, pos[:20], maps, batch_size=8)

@@ -1,0 +1,118 @@
+"""Adapters of the contract suite (test_contract.py).
+
+``adapter``: every architecture of the HF table as a tiny random model (norms and biases perturbed so that
+the checks see them), and the three trained fairseq LMs. ``text_adapter``: backends with real tokenizers
+(GPT-2 byte-level BPE from the real GPT-2 files, a Llama-style Metaspace BPE with BOS, a BERT WordPiece
+with [CLS]/[SEP]/[MASK]) and the fairseq LMs' dictionaries.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fflayers.backends.hf import HFAdapter
+from fflayers.backends.hf_arch import ARCHITECTURES
+from tests.fixtures.hf_models import FF, HEADS, HF_ARCHS, LAYERS, POS, VOCAB, D, tiny_config, tiny_model
+
+FAIRSEQ = ("fairseq_plain_lm", "fairseq_adaptive_lm", "fairseq_prenorm_lm")
+HF_TEXT = ("gpt2_bpe", "llama_metaspace", "bert_wordpiece")
+#: the WordPiece vocabulary of ``bert_wordpiece`` (ids in this order)
+BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "capital", "of", "france", "is", "paris",
+              "lon", "##don", ",", "!", "hello", "world", "tim", "cook", "ceo", "1", "200", "km", "spaced",
+              "words", "here", "##s"]
+
+
+def extra_config(arch: str):
+    """Tiny configs of table architectures that tests/fixtures/hf_models.py does not build."""
+    import transformers as tf
+
+    if arch == "mistral":  # grouped-query heads and a sliding window shorter than the test sequences
+        return tf.MistralConfig(hidden_size=D, intermediate_size=FF, num_attention_heads=HEADS,
+                                num_key_value_heads=2, num_hidden_layers=LAYERS, max_position_embeddings=POS,
+                                sliding_window=8, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0,
+                                pad_token_id=0)
+    return None
+
+
+def perturbed(model: torch.nn.Module, norms: bool = False, seed: int = 11) -> torch.nn.Module:
+    """Random init leaves biases at zero and norms at the identity: perturb biases (and norm weights where
+    ``tiny_model`` did not already), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or (norms and ("norm" in name.lower() or "ln" in name.lower())):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def hf_model(arch: str) -> torch.nn.Module:
+    """A tiny random model of a table architecture, fp32, eval mode."""
+    import transformers as tf
+
+    if arch in HF_ARCHS:
+        return perturbed(tiny_model(arch))
+    cfg = extra_config(arch)
+    if cfg is None:
+        pytest.fail(f"architecture {arch!r} of the HF table has no tiny config: add one to "
+                    "tests/fixtures/hf_models.py (or extra_config in tests/backends/conftest.py)")
+    torch.manual_seed(0)
+    return perturbed(tf.AutoModelForCausalLM.from_config(cfg), norms=True)
+
+
+@pytest.fixture(params=[*ARCHITECTURES, *FAIRSEQ])
+def adapter(request):
+    """One adapter per HF architecture of the table (fresh tiny model) and per trained fairseq LM (loaded
+    once per module: tests that edit it restore it)."""
+    if request.param in FAIRSEQ:
+        return request.getfixturevalue("fairseq_adapters")(request.param)
+    return HFAdapter(hf_model(request.param), device="cpu")
+
+
+def bert_wordpiece_tokenizer(folder: Path):
+    import transformers as tf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(BERT_WORDS) + "\n", encoding="utf-8")
+    return tf.BertTokenizerFast.from_pretrained(str(folder))
+
+
+@pytest.fixture(scope="session")
+def hf_text_adapters(tiny_gpt2_dir, tmp_path_factory):
+    """``get(name)``: an HF adapter with a real fast tokenizer, built once per session."""
+    import transformers as tf
+
+    from tests.backends.test_offsets import sentencepiece_style_tokenizer
+
+    cache: dict[str, HFAdapter] = {}
+
+    def build(name: str) -> HFAdapter:
+        if name == "gpt2_bpe":
+            return HFAdapter(tf.GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir),
+                             tf.GPT2TokenizerFast.from_pretrained(tiny_gpt2_dir), device="cpu")
+        if name == "llama_metaspace":
+            tok = sentencepiece_style_tokenizer()
+            cfg = tiny_config("llama")
+            cfg.vocab_size = len(tok)
+            return HFAdapter(tf.LlamaForCausalLM(cfg).eval(), tok, device="cpu")
+        tok = bert_wordpiece_tokenizer(tmp_path_factory.mktemp("bert_wordpiece"))
+        cfg = tiny_config("bert")
+        cfg.vocab_size = len(tok)
+        return HFAdapter(tf.BertForMaskedLM(cfg).eval(), tok, device="cpu")
+
+    def get(name: str) -> HFAdapter:
+        if name not in cache:
+            cache[name] = build(name)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(params=[*HF_TEXT, *FAIRSEQ])
+def text_adapter(request):
+    """Adapters whose vocabulary tokenizes text: HF with real fast tokenizers, and the fairseq LMs."""
+    if request.param in FAIRSEQ:
+        return request.getfixturevalue("fairseq_adapters")(request.param)
+    return request.getfixturevalue("hf_text_adapters")(request.param)
