@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from fflayers.backends.vocabulary import Vocabulary
-from fflayers.core import HookSite, ModelError, StopForward
+from fflayers.core import HookSite, InputError, ModelError, StopForward
 
 
 @dataclass(frozen=True)
@@ -342,7 +342,26 @@ class LMAdapter(ABC):
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
-    """``None``/``"auto"`` -> CUDA when available, else CPU; anything else as given."""
+    """``None``/``"auto"`` -> CUDA when available, else CPU; anything else as given, once checked: a device
+    string torch does not know, or a device this machine does not have, is a one-line :class:`InputError`."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device!r} asked for, but this torch sees no CUDA GPU "
+                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None}); "
+                             "use --device cpu or auto")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise InputError(f"device {device!r} does not exist: this machine has {n} CUDA device(s), "
+                             f"cuda:0..cuda:{n - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"device {device!r} asked for, but MPS is not available here; "
+                         "use --device cpu or auto")
+    elif dev.type not in ("cpu", "cuda", "mps", "meta"):
+        raise InputError(f"device {device!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
+    return dev

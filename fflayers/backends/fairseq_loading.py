@@ -59,7 +59,12 @@ def _build_model(state: dict, dict_path: Path):
         for flag in ("checkpoint_activations", "offload_activations"):
             if getattr(cfg.model, flag, False):
                 setattr(cfg.model, flag, False)
-    dictionary = Dictionary.load(str(dict_path))
+    try:
+        dictionary = Dictionary.load(str(dict_path))
+    except (ValueError, RuntimeError, UnicodeDecodeError, IndexError) as e:
+        first = " ".join(str(e).split())[:150]
+        raise ModelError(f"{dict_path} is not a fairseq dictionary ({first}); each line must be "
+                         "'<token> <count>': use the dict.txt that came with the checkpoint") from None
     output_size = getattr(cfg.task, "output_dictionary_size", -1)
     if output_size is not None and output_size >= 0:
         raise ModelError("checkpoints trained with --output-dictionary-size are not supported; "
@@ -68,6 +73,10 @@ def _build_model(state: dict, dict_path: Path):
     try:
         model = build_model(cfg.model, task)
     except Exception as e:  # fairseq raises assorted errors for configs it cannot build
+        if "cutoff larger than vocab size" in str(e):
+            raise ModelError(f"{dict_path} has {len(dictionary)} symbols, fewer than the checkpoint's adaptive "
+                             "cutoffs need; the dictionary and the checkpoint do not match: use the dict.txt "
+                             "that came with the checkpoint") from None
         raise ModelError("fairseq could not build the model from the checkpoint's config: "
                            f"{type(e).__name__}: {str(e)[:150]}") from None
     try:

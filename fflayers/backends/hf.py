@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fflayers.backends.base import AttentionWeights, LMAdapter
+from fflayers.backends.base import AttentionWeights, LMAdapter, resolve_device
 from fflayers.backends.hf_arch import QKV_LAYOUTS, ArchSpec, arch_spec
 from fflayers.backends.hf_attention import prepare_edge_blocking
 from fflayers.backends.hf_vocab import HFVocabulary
@@ -270,24 +270,60 @@ def load_hf_lm(name_or_path: str, device: torch.device | str | None = None,
 
     if Path(name_or_path).suffix == ".gguf":
         gguf_file, name_or_path = Path(name_or_path).name, str(Path(name_or_path).parent)
+    device = resolve_device(device)  # a bad --device fails before anything loads
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     local = Path(name_or_path)
     if (name_or_path.startswith((".", "/")) or local.exists()) and not local.is_dir():
         raise ModelError(f"model folder {name_or_path} does not exist; give a local folder or a hub id")
+    if local.is_dir() and not gguf_file and not (local / "config.json").is_file():
+        raise ModelError(f"model folder {name_or_path} has no config.json; give the folder a HuggingFace model "
+                         "was saved into (save_pretrained), or --gguf_file for a GGUF checkpoint there")
     try:
         config = AutoConfig.from_pretrained(name_or_path, **kwargs)
-    except OSError as err:
-        raise ModelError(f"cannot load a model config from {name_or_path!r} ({str(err).splitlines()[0]}); "
-                           "check the path or hub id (offline: use a local folder)") from None
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelError(f"cannot load a model config from {name_or_path!r} ({first_line(err)}); "
+                         "check the path or hub id (offline: use a local folder)") from None
     spec = arch_spec(config.model_type)
+    check_config(config, name_or_path)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    load = {"dtype": dtype or torch.float32, **kwargs}
-    if spec.masked_lm:
-        model, info = AutoModelForMaskedLM.from_pretrained(name_or_path, output_loading_info=True, **load)
-        if any(k.startswith(f"{spec.head}.") for k in info.get("missing_keys", [])):
-            model = AutoModel.from_pretrained(name_or_path, **load)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **load)
+    load = {"dtype": dtype or torch.float32, "output_loading_info": True, **kwargs}
+    try:
+        if spec.masked_lm:
+            model, info = AutoModelForMaskedLM.from_pretrained(name_or_path, **load)
+            if any(k.startswith(f"{spec.head}.") for k in info.get("missing_keys", [])):
+                model, info = AutoModel.from_pretrained(name_or_path, **load)
+        else:
+            model, info = AutoModelForCausalLM.from_pretrained(name_or_path, **load)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise ModelError(f"cannot load the weights of {name_or_path!r} ({first_line(err)}); the weights do "
+                         "not match the config: use the config.json saved with them") from None
+    check_loading_info(info, name_or_path)
     tok_kwargs = {} if tokenizer_path else kwargs
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or name_or_path, **tok_kwargs)
     return HFAdapter(model, tokenizer, device=device)
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (libraries' messages run over many lines)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def check_config(config, where: str) -> None:
+    """Refuse a config whose sizes cannot describe a model: hidden size not a multiple of the head count."""
+    d, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    if isinstance(d, int) and isinstance(heads, int) and heads > 0 and d % heads:
+        raise ModelError(f"the config of {where!r} has hidden_size {d}, not a multiple of its {heads} attention "
+                         "heads; fix config.json (it does not describe these weights)")
+
+
+def check_loading_info(info: dict, where: str, shown: int = 4) -> None:
+    """Refuse weights that were missing (left at random init) or of the wrong shape, naming them (weights the
+    checkpoint has beyond the model, such as BERT's next-sentence head, are harmless and pass)."""
+    for key, what in (("missing_keys", "missing from the checkpoint (they would stay random)"),
+                      ("mismatched_keys", "of another shape than the config says")):
+        names = sorted(str(n if isinstance(n, str) else n[0]) for n in info.get(key) or ())
+        if names:
+            more = f" and {len(names) - shown} more" if len(names) > shown else ""
+            raise ModelError(f"{where!r}: {len(names)} weights {what}: {', '.join(names[:shown])}{more}; "
+                             "the config and the weights do not match (use the config.json saved with them)")

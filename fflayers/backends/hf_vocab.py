@@ -49,7 +49,7 @@ class HFVocabulary(Vocabulary):
         ``<|endoftext|>`` as BOS but never adds it)."""
         if self._bos is None:
             bos = self._tok_id("bos_token_id")
-            if bos is not None:
+            if bos is not None and callable(self.tokenizer):
                 first = self.tokenizer("a", add_special_tokens=True)["input_ids"][:1]
                 bos = bos if first == [bos] else None
             self._bos = (bos,)

@@ -74,6 +74,10 @@ def check_model_args(args: argparse.Namespace) -> None:
         raise CLIError("pass exactly one of --model_dir (fairseq) and --hf_model (HuggingFace)")
     if args.gguf_file and not args.hf_model:
         raise CLIError("--gguf_file goes with --hf_model")
+    if getattr(args, "device", None) is not None:
+        from fflayers.backends.base import resolve_device
+
+        resolve_device(args.device)  # an unknown or absent device fails before the model loads
 
 
 #: loggers whose INFO lines say nothing about the run (fairseq's speech tasks ask for tensorboardX on import)
@@ -140,11 +144,19 @@ def run_main(
     """Parse ``argv`` and call ``run``; returns 0, or 2 with one line ``PROG: error: ...`` on stderr for bad
     input. While ``run`` runs, :func:`prog_name` is ``name`` (default ``prog``)."""
     token = _PROG.set(name or prog)
+    args = None
     try:
-        run(build_parser().parse_args(argv))
+        args = build_parser().parse_args(argv)
+        run(args)
     except FflayersError as err:
         print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        resumable = getattr(args, "resume", False)
+        hint = ("finished units are saved; rerun with --resume to continue" if resumable
+                else "no output was written (outputs appear only when complete)")
+        print(f"\n{prog}: interrupted; {hint}", file=sys.stderr)
+        return 130
     finally:
         _PROG.reset(token)
     return 0

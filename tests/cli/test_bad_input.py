@@ -1,0 +1,135 @@
+"""Bad models, devices and interrupts through the command line: one line on stderr naming the problem and the fix,
+exit code 2 (130 for Ctrl-C), never a traceback and never an output file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fflayers.cli.main import main
+from tests.fixtures.fairseq_models import fairseq_adaptive_lm, fairseq_corpus  # noqa: F401 (fixtures)
+from tests.fixtures.hf_models import tiny_gpt2_dir  # noqa: F401 (fixture)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def keys(model: list[str], tmp_path: Path) -> list[str]:
+    return ["embedding", "keys", *model, "--layers", "0", "--neurons", "0", "--k", "3",
+            "--output_file", str(tmp_path / "keys.tsv")]
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+@pytest.mark.parametrize(("device", "needle"), [("gpu0", "unknown device 'gpu0'"), ("tpu:3", "unknown device"),
+                                                ("cuda", "no CUDA"), ("cuda:1", "cuda")])
+def test_device_is_checked_before_the_model_loads(device, needle, tiny_gpt2_dir, tmp_path, capsys):  # noqa: F811
+    if device.startswith("cuda") and torch.cuda.is_available():
+        if torch.cuda.device_count() > 1:
+            pytest.skip("this machine has the device")
+        needle = "does not exist"
+    code, err = run_cli([*keys(["--hf_model", str(tiny_gpt2_dir)], tmp_path), "--device", device], capsys)
+    assert_one_line_error(code, err, needle, "--device" if "unknown" not in needle else "use auto")
+    assert not (tmp_path / "keys.tsv").exists()
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_config(folder: Path, **changes) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_hf_folder_without_config(tiny_gpt2_dir, tmp_path, capsys):  # noqa: F811
+    folder = copy_model(tiny_gpt2_dir, tmp_path / "m")
+    (folder / "config.json").unlink()
+    code, err = run_cli(keys(["--hf_model", str(folder)], tmp_path), capsys)
+    assert_one_line_error(code, err, "has no config.json", "save_pretrained")
+
+
+def test_hf_config_with_more_layers_than_weights_names_the_missing_tensors(tiny_gpt2_dir, tmp_path, capsys):  # noqa: F811
+    folder = copy_model(tiny_gpt2_dir, tmp_path / "m")
+    edit_config(folder, n_layer=3)  # two blocks stored
+    code, err = run_cli(keys(["--hf_model", str(folder)], tmp_path), capsys)
+    assert_one_line_error(code, err, "missing from the checkpoint", "h.2.")
+    assert not (tmp_path / "keys.tsv").exists()
+
+
+def test_hf_hidden_size_not_a_multiple_of_the_heads(tiny_gpt2_dir, tmp_path, capsys):  # noqa: F811
+    folder = copy_model(tiny_gpt2_dir, tmp_path / "m")
+    edit_config(folder, n_head=3)  # n_embd 16
+    code, err = run_cli(keys(["--hf_model", str(folder)], tmp_path), capsys)
+    assert_one_line_error(code, err, "not a multiple of its 3 attention heads")
+
+
+def test_hf_intermediate_size_not_matching_the_weights(tiny_gpt2_dir, tmp_path, capsys):  # noqa: F811
+    folder = copy_model(tiny_gpt2_dir, tmp_path / "m")
+    edit_config(folder, n_inner=48)  # stored: 32
+    code, err = run_cli(keys(["--hf_model", str(folder)], tmp_path), capsys)
+    assert_one_line_error(code, err, "do not match")
+
+
+def test_malformed_dict_txt(fairseq_adaptive_lm, tmp_path, capsys):  # noqa: F811
+    folder = copy_model(fairseq_adaptive_lm.model_dir, tmp_path / "m")
+    (folder / "dict.txt").write_text("the\ncity 3 4 5 6\n")
+    code, err = run_cli(keys(["--model_dir", str(folder)], tmp_path), capsys)
+    assert_one_line_error(code, err, "is not a fairseq dictionary", "dict.txt that came with the checkpoint")
+
+
+def test_dict_txt_shorter_than_the_checkpoint(fairseq_adaptive_lm, tmp_path, capsys):  # noqa: F811
+    folder = copy_model(fairseq_adaptive_lm.model_dir, tmp_path / "m")
+    lines = (folder / "dict.txt").read_text().splitlines()
+    (folder / "dict.txt").write_text("\n".join(lines[:20]) + "\n")
+    code, err = run_cli(keys(["--model_dir", str(folder)], tmp_path), capsys)
+    assert_one_line_error(code, err, "dict.txt")
+    assert "cannot specify cutoff" not in err
+
+
+def test_ctrl_c_stops_with_one_line_and_exit_130(tiny_gpt2_dir, tmp_path):  # noqa: F811
+    """A real SIGINT in the middle of a long resumable run (trigger mining), sent once its manifest exists."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"The city number {i} lies on the river and has a long history .\n"
+                              for i in range(20000)))
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, str(REPO / "analysis" / "generate_outputs.py"), "--data_file", str(corpus),
+           "--hf_model", str(tiny_gpt2_dir), "--get_trigger_examples", "--top_k_trigger_examples", "3",
+           "--extract_mode", "layer-raw", "--output_file", str(out), "--batch_tokens", "256", "--device", "cpu",
+           "--resume"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    manifest = Path(str(out) + ".ckpt") / "manifest.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not manifest.is_file() and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.replace("\r", "\n").splitlines() if "interrupted" in line]
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    assert len(lines) == 1 and "rerun with --resume" in lines[0], err[-2000:]
+    assert not out.exists()
