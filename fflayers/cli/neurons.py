@@ -15,17 +15,21 @@ the same layers are suppressed / enhanced on the related prompts.
 
 Outputs next to ``--output`` (``results.json``): the JSON summary per relation (% change of the correct
 answer's probability) with every fact's neurons; ``results.tsv`` (one row per fact x intervention x prompt);
-``results_summary.tsv``; the figure ``results.png`` / ``.pdf``; ``results.meta.json``. Each finished fact is
-saved atomically in ``results.parts/``; ``--resume`` skips those. Under torchrun each rank takes its share of
-the facts and rank 0 merges and writes the outputs (the same as a one-process run). Bad input: one line, exit
-2.
+``results_summary.tsv``; the figure ``results.png`` / ``.pdf``; ``results.meta.json``.
+
+The facts are the units of a :mod:`fflayers.runs` run (kind ``neurons``, shards of about
+:data:`SHARD_FACTS` facts). With ``--resume`` the finished shards are kept in the run folder
+``results.json.ckpt/`` (manifest and shard files), a rerun computes only the others, whatever killed the
+earlier run, and the folder is removed once the outputs are written; a folder of other settings, another
+model or another content of the facts (or countries) file is refused, naming what differs. Without
+``--resume`` nothing but the outputs is written. Under torchrun the ranks split the shards and rank 0 merges
+and writes the outputs (the same as a one-process run). Bad input: one line, exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,9 +45,15 @@ from fflayers.cli.common import (
     run_main,
 )
 
-__all__ = ["PROG", "build_parser", "check_args", "run", "main", "command"]
+__all__ = ["PROG", "RESUME_OPTIONS", "SHARD_FACTS", "build_parser", "check_args", "resume_config",
+           "input_fingerprints", "run", "main", "command"]
 
 PROG = "knowledge_neurons.py"
+#: Facts per shard of a run folder (at least four shards per worker): what a killed run loses at most.
+SHARD_FACTS = 8
+#: The options a result depends on: the resume key, with the fingerprints of the model and the facts.
+RESUME_OPTIONS = ("countries", "relations", "max_facts", "steps", "batch_size", "p", "adaptive_threshold",
+                  "threshold", "percentile", "layers", "convention", "seed", "no_random")
 
 
 def build_parser(prog: str = PROG, epilog: str | None = None) -> argparse.ArgumentParser:
@@ -75,7 +85,8 @@ def build_parser(prog: str = PROG, epilog: str | None = None) -> argparse.Argume
                    help="attribution convention of KnowledgeNeurons")
     p.add_argument("--seed", type=int, default=0, help="unrelated facts and random neurons")
     p.add_argument("--no_random", action="store_true", help="skip the random-neuron baseline")
-    p.add_argument("--resume", action="store_true", help="skip the facts already saved in OUTPUT.parts/")
+    p.add_argument("--resume", action="store_true",
+                   help="keep finished facts in OUTPUT.ckpt/ and compute only the others")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -128,33 +139,25 @@ def _search_config(args: argparse.Namespace):
                         layers=None if args.layers is None else tuple(args.layers))
 
 
-def run_key(args: argparse.Namespace, config, facts) -> str:
-    """What a saved fact depends on: model, search settings and the whole fact list (unrelated facts)."""
-    model = {k: getattr(args, k) for k in ("model_dir", "hf_model", "gguf_file")}
-    blob = json.dumps([model, config.to_json(), [f.to_json() for f in facts]], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+def resume_config(args: argparse.Namespace) -> dict:
+    """The options of :data:`RESUME_OPTIONS` (``--relations`` as a sorted set: its order changes nothing)."""
+    config = {name: getattr(args, name) for name in RESUME_OPTIONS}
+    if config["relations"] is not None:
+        config["relations"] = sorted(set(config["relations"]))
+    return config
 
 
-def part_path(parts: Path, uuid: str) -> Path:
-    return parts / f"{hashlib.sha1(uuid.encode()).hexdigest()[:16]}.json"
+def input_fingerprints(args: argparse.Namespace, adapter) -> dict[str, str]:
+    """Content digests of what the run reads: the model, and the facts file or the countries list."""
+    from fflayers.runs import file_digest, model_fingerprint
 
+    if args.facts:
+        source = {"facts": file_digest(args.facts)}
+    else:
+        from fflayers.data.countries import COUNTRIES_FILE
 
-def load_parts(parts: Path, facts, key: str) -> dict[int, dict]:
-    """Saved records of this run (``--resume``), by fact index; parts of another run are an error."""
-    done = {}
-    for i, fact in enumerate(facts):
-        path = part_path(parts, fact.uuid)
-        if not path.is_file():
-            continue
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            continue  # unreadable: computed again
-        if saved.get("key") != key:
-            raise CLIError(f"{path} was made with another model, settings or fact list; "
-                           "rerun without --resume")
-        done[i] = saved["record"]
-    return done
+        source = {"countries_file": file_digest(args.countries_file or COUNTRIES_FILE)}
+    return {"model": model_fingerprint(adapter), **source}
 
 
 def write_outputs(out: Path, records: list[dict], config, args) -> None:
@@ -191,8 +194,9 @@ def print_summary(summary: dict) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from fflayers import distributed as dist
-    from fflayers.io import check_folder_writable, write_json
-    from fflayers.neurons.evaluate import evaluate_facts, summarize
+    from fflayers.io import check_folder_writable
+    from fflayers.neurons.evaluate import KIND, FactsTask, summarize
+    from fflayers.runs import run_units
 
     check_args(args)
     start = time.time()
@@ -211,31 +215,20 @@ def run(args: argparse.Namespace) -> None:
         if not facts:
             raise CLIError("no facts left after --relations / --max_facts; loosen the filters")
         config = _search_config(args)
-        key = run_key(args, config, facts)
-        parts = out.with_suffix(".parts")
+        task = FactsTask(adapter, facts, config)
+        run_dir = Path(f"{out}.ckpt") if args.resume else None
+        done = run_units(task, resume_config(args), kind=KIND, run_dir=run_dir,
+                         fingerprints=input_fingerprints(args, adapter), unit_name="facts",
+                         shard_weight=SHARD_FACTS, progress=info.is_main and not args.quiet, desc="facts")
+        computed = sum(dist.gather_objects(task.evaluated))
         if info.is_main:
-            parts.mkdir(exist_ok=True)
-            if not args.resume:
-                for stale in parts.glob("*.json"):
-                    stale.unlink()
-        dist.barrier()
-        done = load_parts(parts, facts, key) if args.resume else {}
-        todo = [i for i in range(len(facts)) if i not in done]
-        mine = [todo[j] for j in dist.shard_range(len(todo), info.rank, info.world_size)]
-        if info.is_main and done:
-            print(f"{prog_name()}: resuming: {len(done)} of {len(facts)} facts already done")
-
-        def save(i: int, record: dict) -> None:
-            write_json(part_path(parts, facts[i].uuid), {"key": key, "record": record})
-
-        records = evaluate_facts(adapter, facts, config, indices=mine,
-                                 progress=info.is_main and not args.quiet, on_record=save)
-        gathered = dist.gather_objects(list(zip(mine, records, strict=True)))
-        if info.is_main:
-            for part in gathered:
-                done.update(dict(part))
-            ordered = [done[i] for i in range(len(facts))]
+            if args.resume:
+                print(f"{prog_name()}: {done.plan['n_shards']} shards of {len(facts)} facts: computed "
+                      f"{computed}, reused {len(facts) - computed} from {run_dir}")
+            ordered = [done.result[i] for i in range(len(facts))]
             write_outputs(out, ordered, config, args)
+            if run_dir is not None:
+                shutil.rmtree(run_dir, ignore_errors=True)
             print_summary(summarize(ordered))
             print(f"{prog_name()}: {len(facts)} facts in {time.time() - start:.1f} s -> {out}")
         dist.barrier()
