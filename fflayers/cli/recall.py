@@ -19,7 +19,10 @@ capital of {} is"); ``--filter`` keeps the facts whose top-1 next token is the a
 that cannot be used (subject not in its prompt, a missing field, a prompt longer than the model) is reported
 on one line and skipped; the run goes on with the others. Tables are written in the format of ``--output``'s
 extension (:data:`fflayers.io.TABLE_FORMATS`: .parquet, .tsv, .csv, .jsonl, .pkl) with ``OUTPUT.meta.json``
-beside them; ``--resume`` continues an interrupted run from ``OUTPUT.partial.parquet``. ``plot`` draws a
+beside them. The table subcommands run on :mod:`fflayers.runs` (see :mod:`fflayers.cli.tables`): ``--resume``
+keeps finished blocks of facts in ``OUTPUT.ckpt`` and continues an interrupted run from them (the folder is
+removed once the output is written; a folder of other options, inputs or another analysis is refused), and
+under ``torchrun`` each rank computes its share of the blocks and rank 0 writes the output. ``plot`` draws a
 table's figure as PNG and PDF. Bad input: one line on stderr, exit code 2.
 """
 
@@ -93,10 +96,23 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    """Run the subcommand; under ``torchrun`` each rank computes its share of the facts' shards (rank 0
+    writes the output)."""
+    from fflayers.distributed import dist_info, finish, init_distributed, rank_device
+
     check_args(args)
     start = time.time()
-    SUBCOMMANDS[args.command].run(args)
-    if SUBCOMMANDS[args.command].needs_model:
+    command = SUBCOMMANDS[args.command]
+    info = dist_info()
+    if command.needs_model and info.enabled:
+        args.device = str(rank_device(info, args.device))
+        init_distributed(rank_device(info, args.device), timeout_s=7 * 24 * 3600)
+    try:
+        command.run(args)
+    finally:
+        if command.needs_model and info.enabled:
+            finish()
+    if command.needs_model and info.is_main:
         print(f"{prog_name()}: {args.command} done in {time.time() - start:.1f} s")
 
 

@@ -6,22 +6,54 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fflayers.cli.common import CLIError, load_adapter, prog_name
 from fflayers.cli.recall_base import Subcommand, encoded_facts, read_facts
-from fflayers.cli.tables import check_table_output, config_of, finish_table_run, table_over_facts
+from fflayers.cli.tables import (
+    check_table_output,
+    config_of,
+    finish_table_run,
+    register_table_kind,
+    table_over_facts,
+)
 
-__all__ = ["ANALYSES", "PLOT_KINDS"]
+if TYPE_CHECKING:
+    from fflayers.backends.base import LMAdapter
+
+__all__ = ["ANALYSES", "FACTS_PER_UNIT", "PLOT_KINDS", "run_kind", "run_table"]
 
 #: the model subcommands, in the order of ``--help``
 ANALYSES: list[Subcommand] = []
 #: plot kind -> function drawing a Figure from a table and the args
 PLOT_KINDS: dict[str, Callable] = {}
+#: table subcommand -> facts per unit (and shard) of its runs; part of the resume key
+FACTS_PER_UNIT: dict[str, int] = {"knockout": 64, "project": 64, "extraction": 64, "enrichment": 64,
+                                  "sublayer-knockout": 16}
+
+
+def run_kind(name: str) -> str:
+    """The run kind (manifest, merge) of the table subcommand ``name``: ``recall-NAME``."""
+    return f"recall-{name}"
 
 
 def register(command: Subcommand) -> Subcommand:
+    """Add a model subcommand (and, for a table subcommand, the merge of its run kind)."""
     ANALYSES.append(command)
+    if command.name in FACTS_PER_UNIT:
+        register_table_kind(run_kind(command.name))
     return command
+
+
+def run_table(args: argparse.Namespace, adapter: LMAdapter, encoded: list, compute: Callable,
+              inputs: dict | None = None) -> Any:
+    """The table of ``compute`` over the facts (see :func:`fflayers.cli.tables.table_over_facts`), written
+    with its metadata on rank 0; None on the other ranks."""
+    table = table_over_facts(args, adapter, encoded, compute, kind=run_kind(args.command),
+                             facts_per_unit=FACTS_PER_UNIT[args.command], inputs=inputs)
+    if table is not None:
+        finish_table_run(args, table, inputs=inputs)
+    return table
 
 
 # ----- facts ------------------------------------------------------------------------------------------------
@@ -40,9 +72,12 @@ def run_facts(args: argparse.Namespace) -> None:
     adapter = load_adapter(args)
     facts = read_facts(args)
     encoded = encoded_facts(adapter, args, facts)
-    save_facts([e.fact for e in encoded], args.output)
+    from fflayers.distributed import dist_info
     from fflayers.io import run_metadata, write_json
 
+    if not dist_info().is_main:  # under torchrun, rank 0 writes
+        return
+    save_facts([e.fact for e in encoded], args.output)
     write_json(str(args.output) + ".meta.json",
                run_metadata(config_of(args), inputs={"facts": args.facts} if args.facts else {}))
     print(f"{prog_name()}: {len(encoded)} of {len(facts)} facts kept -> {args.output}")
@@ -78,8 +113,9 @@ def run_knockout(args: argparse.Namespace) -> None:
         return attention_knockout(adapter, part, layers=args.layers, sets=args.sets, window=args.window,
                                   batch_size=args.batch_size, on_facts_done=on_done)
 
-    table = table_over_facts(args, encoded, compute)
-    finish_table_run(args, table)
+    table = run_table(args, adapter, encoded, compute)
+    if table is None:
+        return
     summary = knockout_summary(table)
     print("mean relative change of the predicted token's probability (%), per layer (rows) and set:")
     print(summary.to_string(float_format=lambda x: f"{x:.2f}"))
@@ -146,8 +182,9 @@ def run_project(args: argparse.Namespace) -> None:
         on_done(len(part))
         return table
 
-    table = table_over_facts(args, encoded, compute)
-    finish_table_run(args, table)
+    table = run_table(args, adapter, encoded, compute)
+    if table is None:
+        return
     first = table[(table["known_id"] == table["known_id"].iloc[0]) & (table["rank"] == 1)]
     grid = first.pivot_table(index="layer", columns=["point", "position"], values="token", aggfunc="first")
     print(f"top-1 token per layer for fact {encoded[0].fact.known_id!r} ({encoded[0].fact.prompt!r} -> "
@@ -187,8 +224,9 @@ def run_extraction(args: argparse.Namespace) -> None:
         on_done(len(part))
         return table
 
-    table = table_over_facts(args, encoded, compute)
-    finish_table_run(args, table)
+    table = run_table(args, adapter, encoded, compute)
+    if table is None:
+        return
     print("extraction events (attribute = top-1 of the sublayer output at the last position):")
     print(extraction_overview(table).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
 
@@ -253,8 +291,9 @@ def run_enrichment(args: argparse.Namespace) -> None:
         on_done(len(part))
         return table
 
-    table = table_over_facts(args, encoded, compute)
-    finish_table_run(args, table, inputs={"paragraphs": args.paragraphs})
+    table = run_table(args, adapter, encoded, compute, inputs={"paragraphs": args.paragraphs})
+    if table is None:
+        return
     _report_without_paragraphs(table)
     print("mean attributes rate per layer (layer -1: subject embedding):")
     print(attributes_rate_summary(table).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
@@ -295,8 +334,9 @@ def run_sublayer_knockout(args: argparse.Namespace) -> None:
         on_done(len(part))
         return table
 
-    table = table_over_facts(args, encoded, compute, shard_facts=16)
-    finish_table_run(args, table, inputs={"paragraphs": args.paragraphs})
+    table = run_table(args, adapter, encoded, compute, inputs={"paragraphs": args.paragraphs})
+    if table is None:
+        return
     _report_without_paragraphs(table)
     print("mean attributes rate and attribute probability per knockout window "
           "(kind none: the unedited model):")

@@ -7,11 +7,15 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from fflayers.cli.common import CLIError, add_model_args, prog_name
 from fflayers.io import TABLE_SUFFIXES
 
-__all__ = ["Subcommand", "add_shared_args", "read_facts", "report_skipped", "encoded_facts"]
+if TYPE_CHECKING:
+    from fflayers.backends.base import LMAdapter
+
+__all__ = ["Subcommand", "add_shared_args", "read_facts", "main_print", "report_skipped", "encoded_facts"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,8 @@ def add_shared_args(s: argparse.ArgumentParser,
     s.add_argument("--output", type=str, required=True, help=output_help)
     s.add_argument("--batch_size", type=int, default=32, help="sequences per forward pass")
     s.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from OUTPUT.partial.parquet")
+                   help="keep finished blocks of facts in OUTPUT.ckpt and continue an interrupted run "
+                        "from them")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -65,15 +70,23 @@ def read_facts(args: argparse.Namespace) -> list:
     return facts
 
 
+def main_print(*values: object, **kwargs: Any) -> None:
+    """``print`` on rank 0 only (every process outside ``torchrun``)."""
+    from fflayers.distributed import dist_info
+
+    if dist_info().is_main:
+        print(*values, **kwargs)
+
+
 def report_skipped(messages: Sequence[str], reason: str) -> None:
     """One stderr line per skipped fact, then how many were skipped and why."""
     for msg in messages:
-        print(f"{prog_name()}: skipped {' '.join(msg.split())}", file=sys.stderr)
+        main_print(f"{prog_name()}: skipped {' '.join(msg.split())}", file=sys.stderr)
     if messages:
-        print(f"{prog_name()}: {len(messages)} fact(s) skipped: {reason}", file=sys.stderr)
+        main_print(f"{prog_name()}: {len(messages)} fact(s) skipped: {reason}", file=sys.stderr)
 
 
-def encoded_facts(adapter, args: argparse.Namespace, facts: list | None = None) -> list:
+def encoded_facts(adapter: LMAdapter, args: argparse.Namespace, facts: list | None = None) -> list:
     """Read (unless given), encode and (with ``--filter``) filter the facts; prints what was kept and
     skipped."""
     from fflayers.recall import encode_facts, filter_facts
@@ -84,8 +97,8 @@ def encoded_facts(adapter, args: argparse.Namespace, facts: list | None = None) 
     n_encoded = len(encoded)
     if args.filter:
         encoded = filter_facts(adapter, encoded, batch_size=args.batch_size)
-        print(f"{prog_name()}: {len(encoded)} of {n_encoded} facts predicted correctly (top-1 = attribute's "
-              f"first token); {n_encoded - len(encoded)} filtered out")
+        main_print(f"{prog_name()}: {len(encoded)} of {n_encoded} facts predicted correctly "
+                   f"(top-1 = attribute's first token); {n_encoded - len(encoded)} filtered out")
     if args.max_facts is not None:
         encoded = encoded[: args.max_facts]
     if not encoded:

@@ -1,23 +1,65 @@
-"""Result tables of the commands that run an analysis over facts: sharded runs with resume, output and
-metadata, and reading a table back (``--input``). Table formats follow :data:`fflayers.io.TABLE_FORMATS`."""
+"""Result tables of the commands that run an analysis over facts: runs on :mod:`fflayers.runs`, output and
+metadata, and reading a table back (``--input``). Table formats follow :data:`fflayers.io.TABLE_FORMATS`.
+
+A run's units are blocks of facts in input order (``facts_per_unit`` each), one shard per block; a shard's
+state is ``[[unit, rows], ...]`` and :func:`merge_blocks` (registered for each kind with
+:func:`register_table_kind`) joins such lists in unit order, so the table (:func:`blocks_table`) is the same
+rows in the same order for any number of torchrun ranks and after any resume. ``--resume`` keeps the run
+folder ``OUTPUT.ckpt`` (manifest and shard files), removed once the output is written; its resume key is the
+options that change the rows (:func:`resume_options`), the block size, the model fingerprint and the content
+digest of each input file (facts or countries list, paragraphs, ...), never their paths.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
-from collections.abc import Callable
+import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fflayers.cli.common import CLIError, prog_name
 
-__all__ = ["config_of", "write_output", "table_over_facts", "finish_table_run", "read_table",
-           "check_table_output"]
+if TYPE_CHECKING:
+    from fflayers.backends.base import LMAdapter
+
+__all__ = ["FactBlocks", "KEY_EXCLUDED", "blocks_table", "check_table_output", "config_of",
+           "finish_table_run", "input_files", "merge_blocks", "read_table", "register_table_kind",
+           "resume_options", "run_folder", "table_over_facts", "write_output"]
+
+#: options that say where things are or how the run looks, not what it computes: left out of the resume key
+#: (input files and the model enter it through their content fingerprints instead)
+KEY_EXCLUDED = frozenset({"command", "output", "resume", "quiet", "verbose", "device", "trust_checkpoint",
+                          "model_dir", "hf_model", "gguf_file", "facts", "countries_file", "paragraphs"})
 
 
 def config_of(args: argparse.Namespace) -> dict:
-    """The run's options (for metadata and resume checks)."""
+    """The run's options (for metadata)."""
     return {k: v for k, v in vars(args).items() if k not in ("resume", "quiet", "verbose")}
+
+
+def resume_options(args: argparse.Namespace) -> dict:
+    """The options of the resume key: those of :func:`config_of` that change the rows."""
+    return {k: v for k, v in config_of(args).items() if k not in KEY_EXCLUDED}
+
+
+def input_files(args: argparse.Namespace, inputs: Mapping[str, str | os.PathLike] | None = None) -> dict:
+    """Name -> path of the files a run reads: the facts (``--facts``, or the countries list of
+    ``--countries``) and ``inputs``."""
+    files: dict = {}
+    if getattr(args, "facts", None):
+        files["facts"] = args.facts
+    elif getattr(args, "countries", False):
+        from fflayers.data.countries import COUNTRIES_FILE
+
+        files["countries_file"] = args.countries_file or COUNTRIES_FILE
+    return files | dict(inputs or {})
+
+
+def run_folder(args: argparse.Namespace) -> Path:
+    """The run folder of ``--resume``: ``OUTPUT.ckpt``."""
+    return Path(str(args.output) + ".ckpt")
 
 
 def write_output(args: argparse.Namespace, table: Any, inputs: dict | None = None) -> None:
@@ -30,50 +72,92 @@ def write_output(args: argparse.Namespace, table: Any, inputs: dict | None = Non
     write_json(str(args.output) + ".meta.json", run_metadata(config_of(args), inputs=inputs))
 
 
-def table_over_facts(args: argparse.Namespace, encoded: list, compute: Callable, shard_facts: int = 64,
-                     unit: str = "fact") -> Any:
-    """Run ``compute(encoded_part, on_facts_done) -> DataFrame`` over the facts in shards, with a progress
-    bar; after each shard the rows so far go to ``OUTPUT.partial.parquet``, from which ``--resume`` continues
-    (facts are matched by ``known_id``). Returns the concatenated table."""
+def merge_blocks(states: Sequence[list]) -> list:
+    """Shard states (lists of ``[unit, rows]``) joined into one, in unit order; associative, and the same
+    for any order of ``states``."""
+    return sorted((list(block) for state in states for block in state), key=lambda block: block[0])
+
+
+def blocks_table(state: list | None) -> Any:
+    """The rows of a merged state, concatenated in unit order (an empty table for none)."""
     import pandas as pd
-    from tqdm.auto import tqdm
 
-    from fflayers.io import read_table as read_table_file
-    from fflayers.io import write_json, write_table
+    tables = [rows for _, rows in merge_blocks([state or []])]
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
-    partial = Path(str(args.output) + ".partial.parquet")
-    partial_meta = Path(str(args.output) + ".partial.json")
-    config = json.loads(json.dumps(config_of(args), default=str))
-    parts = []
-    done: set = set()
-    if args.resume and partial.is_file():
-        saved = json.loads(partial_meta.read_text()) if partial_meta.is_file() else None
-        if saved != config:
-            raise CLIError(f"{partial} was made with other options; rerun without --resume")
-        parts.append(read_table_file(partial))
-        done = set(parts[0]["known_id"].tolist())
-        print(f"{prog_name()}: resuming: {len(done)} facts already done")
-    todo = [e for e in encoded if e.fact.known_id not in done]
-    bar = tqdm(total=len(encoded), initial=len(encoded) - len(todo), unit=unit, desc=args.command,
-               disable=args.quiet)
-    for start in range(0, len(todo), shard_facts):
-        parts.append(compute(todo[start : start + shard_facts], bar.update))
-        if start + shard_facts < len(todo):
-            write_json(partial_meta, config)
-            write_table(partial, pd.concat(parts, ignore_index=True))
-    bar.close()
-    table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-    order = {e.fact.known_id: i for i, e in enumerate(encoded)}
-    if "known_id" in table:
-        table = table.iloc[table["known_id"].map(order).argsort(kind="stable")].reset_index(drop=True)
-    return table
+
+def register_table_kind(kind: str) -> None:
+    """Register :func:`merge_blocks` as the merge of ``kind``'s states (:mod:`fflayers.runs.partials`)."""
+    from fflayers.runs import register_merge
+
+    register_merge(kind, merge_blocks)
+
+
+class FactBlocks:
+    """A :class:`fflayers.runs.UnitTask`: ``compute(facts, on_facts_done) -> rows`` over blocks of
+    ``facts_per_unit`` of ``encoded`` (in input order), one call per block."""
+
+    def __init__(self, encoded: Sequence, compute: Callable[[list, Callable[[int], object]], Any],
+                 facts_per_unit: int) -> None:
+        if facts_per_unit < 1:
+            raise ValueError(f"facts_per_unit {facts_per_unit} must be >= 1")
+        self.encoded = list(encoded)
+        self.compute = compute
+        self.size = facts_per_unit
+        self.n_units = -(-len(self.encoded) // facts_per_unit)
+
+    def block(self, unit: int) -> list:
+        """The facts of ``unit``."""
+        return self.encoded[unit * self.size : (unit + 1) * self.size]
+
+    def unit_weight(self, unit: int) -> int:
+        return len(self.block(unit))
+
+    def run_units(self, units: range, progress: Callable[[int], object]) -> list:
+        return [[u, self.compute(self.block(u), progress)] for u in units]
+
+    def merge(self, parts: list[list]) -> list:
+        return merge_blocks(parts)
+
+    def to_state(self, part: list) -> list:
+        return part
+
+    def from_state(self, state: list) -> list:
+        return state
+
+
+def table_over_facts(args: argparse.Namespace, adapter: LMAdapter, encoded: Sequence, compute: Callable, *,
+                     kind: str, facts_per_unit: int = 64,
+                     inputs: Mapping[str, str | os.PathLike] | None = None) -> Any:
+    """Run ``compute(facts, on_facts_done) -> DataFrame`` over blocks of the facts (a run of ``kind``) with
+    :func:`fflayers.runs.run_units`: over the torchrun ranks, and with ``--resume`` from and into the run
+    folder ``OUTPUT.ckpt``. ``inputs`` (name -> path) are the input files read besides the facts. Returns the
+    table, its rows in input order, on rank 0; None on the other ranks."""
+    from fflayers.distributed import dist_info
+    from fflayers.runs import file_digest, model_fingerprint, run_units
+
+    info = dist_info()
+    run_dir = run_folder(args) if args.resume else None
+    fingerprints = {"model": model_fingerprint(adapter)}
+    fingerprints |= {name: file_digest(path) for name, path in input_files(args, inputs).items()}
+    key = {**resume_options(args), "facts_per_unit": facts_per_unit}
+    done = run_units(FactBlocks(encoded, compute, facts_per_unit), key, kind=kind,
+                     run_dir=run_dir, fingerprints=fingerprints, unit_name="facts",
+                     shard_weight=facts_per_unit, progress=not args.quiet, desc=args.command)
+    if not info.is_main:
+        return None
+    if run_dir is not None or info.enabled:
+        ranks = f" on {info.world_size} ranks" if info.enabled else ""
+        print(f"{prog_name()}: {done.plan['n_shards']} shard(s) of {len(encoded)} facts{ranks}; "
+              f"computed {done.computed_all}, reused {done.reused} finished shard(s)")
+    return blocks_table(done.result)
 
 
 def finish_table_run(args: argparse.Namespace, table: Any, inputs: dict | None = None) -> None:
-    """Write the result and metadata, then remove the partial files."""
+    """Write the result and metadata, then remove the run folder (``--resume``)."""
     write_output(args, table, inputs)
-    for suffix in (".partial.parquet", ".partial.json"):
-        Path(str(args.output) + suffix).unlink(missing_ok=True)
+    if args.resume:
+        shutil.rmtree(run_folder(args), ignore_errors=True)
     print(f"{prog_name()}: {len(table)} rows -> {args.output}")
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 
-import pandas as pd
 import pytest
 import torch
 
@@ -68,35 +67,23 @@ def test_knockout_writes_table_meta_and_skips_bad_facts(suffix, tiny_gpt2_dir, f
     assert meta["config"]["window"] == 1 and "facts" in meta["inputs"]
     assert table[table.known_id == 0]["p"].iloc[0] == pytest.approx(top1_probability(tiny_gpt2_dir, FACTS[0]["prompt"]),
                                                                      rel=1e-5)
-    assert "mean relative change" in stdout and not list(tmp_path.glob("*.partial.*"))
+    assert "mean relative change" in stdout and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["known.json", f"knockout{suffix}", f"knockout{suffix}.meta.json"])
 
 
-def test_resume_skips_the_facts_in_the_partial_file(tiny_gpt2_dir, facts_file, tmp_path, capsys):
-    out = tmp_path / "k.parquet"
-    argv = ["knockout", *model_args(tiny_gpt2_dir), "--facts", facts_file, "--output", out, "--window", 1]
-    assert run_cli(argv, capsys)[0] == 0
-    full = pd.read_parquet(out)
-    # an interrupted run: fact 1 done (with a planted marker), partial files as the CLI writes them
-    done = full[full.known_id == 1].assign(p_new=-1.0)
-    args = dr.build_parser().parse_args([str(a) for a in argv])
-    (tmp_path / "k.parquet.partial.json").write_text(json.dumps(dr.config_of(args), default=str))
-    done.to_parquet(tmp_path / "k.parquet.partial.parquet", index=False)
-    out.unlink()
-    rc, stdout, err = run_cli([*argv, "--resume"], capsys)
+def test_resume_writes_the_same_table_and_removes_its_run_folder(tiny_gpt2_dir, facts_file, tmp_path,
+                                                                 capsys):
+    out, again = tmp_path / "k.parquet", tmp_path / "again.parquet"
+    argv = ["knockout", *model_args(tiny_gpt2_dir), "--facts", facts_file, "--window", 1]
+    assert run_cli([*argv, "--output", out], capsys)[0] == 0
+    rc, stdout, err = run_cli([*argv, "--output", again, "--resume"], capsys)
     assert rc == 0, err
-    assert "resuming: 1 facts already done" in stdout
-    again = pd.read_parquet(out)
-    assert again["known_id"].drop_duplicates().tolist() == [0, 1, 2]  # input order
-    assert (again[again.known_id == 1]["p_new"] == -1.0).all()
-    pd.testing.assert_frame_equal(again[again.known_id != 1].reset_index(drop=True),
-                                  full[full.known_id != 1].reset_index(drop=True))
-    assert not (tmp_path / "k.parquet.partial.parquet").exists()
-    # a partial file from other options is refused
-    (tmp_path / "k.parquet.partial.json").write_text(json.dumps({"window": 5}))
-    done.to_parquet(tmp_path / "k.parquet.partial.parquet", index=False)
-    rc, _, err = run_cli([*argv, "--resume"], capsys)
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert rc == 2 and len(errors) == 1 and "made with other options" in errors[0]
+    assert "1 shard(s) of 3 facts; computed 1, reused 0 finished shard(s)" in stdout
+    assert again.read_bytes() == out.read_bytes()
+    assert not (tmp_path / "again.parquet.ckpt").exists() and not list(tmp_path.glob("*.partial.*"))
+    meta = json.loads((tmp_path / "again.parquet.meta.json").read_text())["config"]
+    plain = json.loads((tmp_path / "k.parquet.meta.json").read_text())["config"]
+    assert meta == {**plain, "output": str(again)}
 
 
 def test_facts_filter_keeps_what_the_model_predicts(tiny_gpt2_dir, tmp_path, capsys):
