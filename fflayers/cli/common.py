@@ -23,7 +23,7 @@ from fflayers.core import FflayersError, InputError
 if TYPE_CHECKING:
     from fflayers.backends.base import LMAdapter
 
-__all__ = ["CLIError", "Command", "Parser", "add_model_args", "check_model_args", "dispatch", "load_adapter",
+__all__ = ["CLIError", "Command", "Parser", "add_model_args", "check_model_args", "check_range", "dispatch", "load_adapter",
            "prog_name", "quiet_loading", "run_command", "run_main"]
 
 
@@ -82,6 +82,26 @@ def check_model_args(args: argparse.Namespace) -> None:
 
 #: loggers whose INFO lines say nothing about the run (fairseq's speech tasks ask for tensorboardX on import)
 _CHATTY_LOGGERS = ("fairseq", "fairseq.tasks.text_to_speech", "fairseq_cli")
+
+
+def check_range(args: argparse.Namespace, name: str, low: float | None = None, high: float | None = None,
+                low_open: bool = False, high_open: bool = False, why: str = "") -> None:
+    """One-line :class:`CLIError` when ``--name`` (if given) lies outside ``[low, high]`` (an open end with
+    ``low_open`` / ``high_open``); call it before the model loads."""
+    value = getattr(args, name, None)
+    if value is None:
+        return
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        too_low = low is not None and (v <= low if low_open else v < low)
+        too_high = high is not None and (v >= high if high_open else v > high)
+        if too_low or too_high:
+            lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+            hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+            rule = (f"in {lo}, {hi}" if low is not None and high is not None
+                    else f"{'>' if low_open else '>='} {low:g}" if low is not None
+                    else f"{'<' if high_open else '<='} {high:g}")
+            raise CLIError(f"--{name} {v:g} must be {rule}{'; ' + why if why else ''}")
 
 
 @contextlib.contextmanager

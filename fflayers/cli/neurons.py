@@ -39,6 +39,7 @@ from fflayers.cli.common import (
     Parser,
     add_model_args,
     check_model_args,
+    check_range,
     load_adapter,
     prog_name,
     run_command,
@@ -100,6 +101,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--max_facts {args.max_facts} must be >= 1")
     if not 0.0 <= args.p < 1.0:
         raise CLIError(f"--p {args.p} must be in [0, 1)")
+    check_range(args, "adaptive_threshold", 0.0, 1.0, low_open=True,
+                why="it is a share of the largest attribution")
+    check_range(args, "threshold", 0.0, low_open=True, why="a cut at or below 0 keeps every neuron")
+    check_range(args, "percentile", 0.0, 100.0, low_open=True, high_open=True)
     if args.adaptive_threshold is None and args.threshold is None and args.percentile is None:
         args.adaptive_threshold = 0.3
     if Path(args.output).suffix != ".json":

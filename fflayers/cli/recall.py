@@ -33,7 +33,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from fflayers.cli.common import CLIError, Parser, check_model_args, prog_name, run_command, run_main
+from fflayers.cli.common import (
+    CLIError,
+    Parser,
+    check_model_args,
+    check_range,
+    prog_name,
+    run_command,
+    run_main,
+)
 from fflayers.cli.recall_analyses import ANALYSES, PLOT_KINDS
 from fflayers.cli.recall_base import Subcommand, add_shared_args
 from fflayers.cli.tables import read_table
@@ -86,6 +94,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--batch_size {args.batch_size} must be >= 1")
     if args.max_facts is not None and args.max_facts < 1:
         raise CLIError(f"--max_facts {args.max_facts} must be >= 1")
+    for name in ("window", "k", "top", "keep"):  # the subcommands that have them
+        check_range(args, name, 1)
+    check_range(args, "patch_layer", 0)
     if args.facts is not None and not Path(args.facts).is_file():
         raise CLIError(f"--facts {args.facts} does not exist; pass a known_1000 JSON file")
     if args.countries_file is not None and not args.countries:

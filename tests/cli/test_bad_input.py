@@ -133,3 +133,20 @@ def test_ctrl_c_stops_with_one_line_and_exit_130(tiny_gpt2_dir, tmp_path):  # no
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
     assert len(lines) == 1 and "rerun with --resume" in lines[0], err[-2000:]
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["neurons", "--countries", "--output", "{out}/r.json", "--threshold", "-5"], "--threshold -5 must be > 0"),
+    (["neurons", "--countries", "--output", "{out}/r.json", "--percentile", "150"], "--percentile 150 must be in"),
+    (["neurons", "--countries", "--output", "{out}/r.json", "--adaptive_threshold", "1.5"],
+     "--adaptive_threshold 1.5 must be in (0, 1]"),
+    (["recall", "knockout", "--countries", "--output", "{out}/k.parquet", "--window", "0"], "--window 0 must be >= 1"),
+    (["recall", "enrichment", "--countries", "--paragraphs", "{out}/p.jsonl", "--output", "{out}/e.parquet",
+      "--keep", "0"], "--keep 0 must be >= 1"),
+])
+def test_numeric_flags_are_range_checked_before_the_model_loads(argv, needle, tmp_path, capsys):
+    """The model folder does not exist: the range error must come first."""
+    argv = [a.replace("{out}", str(tmp_path)) for a in argv] + ["--hf_model", str(tmp_path / "no-model")]
+    code, err = run_cli(argv, capsys)
+    assert_one_line_error(code, err, needle)
+    assert list(tmp_path.iterdir()) == []
