@@ -8,7 +8,9 @@ embedding_token_target_count, target_rankings as a JSON list), ``{output_base}_m
 (``[L][d_ff]``; ``null`` for layers left out with ``--layers``) and ``{output_base}.meta.json``; with
 ``--random_baseline`` also ``{output_base}_random.tsv`` (random vectors with the values' norms). See
 :mod:`fflayers.memories.agreement` for the definitions and where they differ from the original script (real
-output layer in eval mode; the starred next token as target).
+output layer in eval mode; the starred next token as target). ``--resume`` keeps the finished shards of the
+run (:mod:`fflayers.runs`) in ``{output_base}.ckpt`` and continues from them; a rerun with other options,
+another model or other textual files is refused, naming what differs.
 
 Example (``python analysis/key_value_agreement.py ...`` is the same)::
 
@@ -22,9 +24,11 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fflayers.cli.common import (
     CLIError,
@@ -37,7 +41,10 @@ from fflayers.cli.common import (
     run_main,
 )
 
-__all__ = ["PROG", "build_parser", "check_args", "to_tsv_frame", "run", "main", "command"]
+if TYPE_CHECKING:
+    from fflayers.memories.agreement import AgreementTask
+
+__all__ = ["PROG", "build_parser", "check_args", "to_tsv_frame", "run_config", "run", "main", "command"]
 
 PROG = "key_value_agreement.py"
 
@@ -54,6 +61,8 @@ def build_parser(prog: str = PROG, epilog: str | None = None) -> argparse.Argume
     p.add_argument("--random_baseline", action="store_true",
                    help="also write OUTPUT_BASE_random.tsv (random values)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    p.add_argument("--resume", action="store_true",
+                   help="keep finished shards in OUTPUT_BASE.ckpt and continue from them")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -111,28 +120,17 @@ def run(args: argparse.Namespace) -> None:
         finish()
 
 
-def split_agreement(adapter, targets, layers, args, info, random_baseline: bool):
-    """This rank's share of the (layer, chunk) units; the whole table on rank 0 (None on the others)."""
-    import pandas as pd
-
-    from fflayers.distributed import gather_to_main, shard_range
-    from fflayers.memories.agreement import agreement_units, key_value_agreement
-
-    units = agreement_units(adapter, layers, args.chunk_values)
-    mine = [units[i] for i in shard_range(len(units), info.rank, info.world_size)]
-    table = (key_value_agreement(adapter, targets, chunk_values=args.chunk_values,
-                                 random_baseline=random_baseline, seed=args.seed, progress=not args.quiet,
-                                 units=mine) if mine else None)
-    parts = gather_to_main(table)
-    if parts is None:
-        return None
-    return pd.concat([p for p in parts if p is not None], ignore_index=True)  # rank order = unit order
+def run_config(args: argparse.Namespace, task: AgreementTask) -> dict:
+    """The options of an agreement run that change its result (with the fingerprints: its resume key)."""
+    return {"layers": task.layers, "chunk_values": args.chunk_values, "random_baseline": args.random_baseline,
+            "seed": args.seed}
 
 
 def agreement(args: argparse.Namespace, info) -> None:
     from fflayers.io import run_metadata, write_json, write_table
-    from fflayers.memories.agreement import max_probs_by_layer, targets_from_examples
-    from fflayers.memories.textual import read_target_ids, read_textual_dir
+    from fflayers.memories.agreement import AgreementTask, max_probs_by_layer, targets_from_examples
+    from fflayers.memories.textual import read_target_ids, read_textual_dir, textual_digest
+    from fflayers.runs import model_fingerprint, run_units
 
     start = time.time()
     examples = read_textual_dir(args.data_dir)
@@ -141,18 +139,22 @@ def agreement(args: argparse.Namespace, info) -> None:
     adapter = load_model(args)
     layers = None if not args.layers else [adapter.check_layer(x) for x in args.layers]
     targets, n_unknown = targets_from_examples(adapter, examples, stored_ids)
+    del examples
     n_targets = sum(len(t) for t in targets.values())
     source = "exact token ids stored by the textual step" if stored_ids else "looked up by their strings"
     if info.is_main:
         print(f"{prog_name()}: {len(targets)} keys, {n_targets} trigger targets ({source}; {n_unknown} not "
               f"in the vocabulary -> unk), model {adapter}"
               + (f", {info.world_size} ranks" if info.enabled else ""))
-    table = split_agreement(adapter, targets, layers, args, info, random_baseline=False)
-    random_table = None
-    if args.random_baseline:
-        random_table = split_agreement(adapter, targets, layers, args, info, random_baseline=True)
+    task = AgreementTask(adapter, targets, layers, args.chunk_values, args.random_baseline, args.seed)
+    run_dir = Path(args.output_base + ".ckpt") if args.resume else None
+    fingerprints = {"model": model_fingerprint(adapter), "textual": textual_digest(args.data_dir)}
+    done = run_units(task, run_config(args, task), kind=task.kind, run_dir=run_dir, fingerprints=fingerprints,
+                     unit_name="values", progress=not args.quiet, desc="key-value agreement")
     if not info.is_main:
         return
+    merged, done.result = done.result, None
+    table, random_table = task.tables(merged)
     config = dict(vars(args))
     config.update(model=repr(adapter), keys=len(targets), targets=n_targets, unknown_targets=n_unknown,
                   stored_target_ids=bool(stored_ids),
@@ -172,6 +174,10 @@ def agreement(args: argparse.Namespace, info) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(path)
         raise
+    if run_dir is not None:
+        print(f"{prog_name()}: {done.plan['n_shards']} shards; computed {done.computed_all}, reused "
+              f"{done.reused} finished shard(s)")
+        shutil.rmtree(run_dir, ignore_errors=True)
     print(f"{prog_name()}: wrote {paths['tsv']} and {paths['json']} in {time.time() - start:.1f} s")
 
 

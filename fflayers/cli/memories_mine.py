@@ -231,7 +231,13 @@ def run(args: argparse.Namespace) -> None:
 def scan(args: argparse.Namespace, info, job: tuple[int, int]) -> None:
     from fflayers.data import text_for_model
     from fflayers.io import check_writable, run_metadata, write_json
-    from fflayers.memories.partials import partial_path, referenced_texts, write_partial, write_scan_output
+    from fflayers.memories.partials import (
+        MODULE,
+        partial_path,
+        referenced_texts,
+        write_partial,
+        write_scan_output,
+    )
     from fflayers.memories.scan import Manifest, Workers, auto_batch_tokens, config_hash, run_scan
 
     output = check_writable(args.output_file)
@@ -288,7 +294,7 @@ def scan(args: argparse.Namespace, info, job: tuple[int, int]) -> None:
         path = partial_path(output, *job)
         header = {"kind": config["kind"], "config": config, "config_hash": config_hash(config), "job": job[0],
                   "jobs": job[1], "n_shards": plan["n_shards"], "shards": done.job_shards,
-                  "output": str(output), "meta": meta, "data_file": args.data_file}
+                  "output": str(output), "meta": meta, "data_file": args.data_file, "module": MODULE}
         texts_needed = referenced_texts(state, texts) if args.get_trigger_examples else {}
         write_partial(path, header, state, texts_needed)
         print(f"{prog_name()}: wrote partial {path} (shards {done.job_shards[:1]}..{done.job_shards[-1:]} of "

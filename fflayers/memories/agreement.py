@@ -37,7 +37,7 @@ Where fflayers differs from the original code (both are departures of that code 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -61,6 +61,9 @@ __all__ = [
     "targets_from_examples",
     "key_value_agreement",
     "agreement_units",
+    "agreement_frames",
+    "AgreementTask",
+    "merge_agreement",
     "max_probs_by_layer",
     "agreement_by_layer",
 ]
@@ -181,6 +184,39 @@ def agreement_units(adapter: LMAdapter, layers: Iterable[int] | None = None,
     return [(layer, s, min(n, s + chunk)) for layer in adapter.check_layers(layers) for s in range(0, n, chunk)]
 
 
+def agreement_frames(
+    adapter: LMAdapter,
+    targets: Mapping[Key, Sequence[int]],
+    units: Sequence[tuple[int, int, int]],
+    random_baseline: bool = False,
+    seed: int = 0,
+) -> Iterator[pd.DataFrame]:
+    """The rows (a table of :data:`AGREEMENT_COLUMNS`) of each chunk of ``units`` in turn (see
+    :func:`key_value_agreement`); a layer's values and target table are prepared once per run of its chunks.
+    ``targets`` are checked at once."""
+    _check_targets(adapter, targets)
+    steady_heap()  # per-chunk buffers of a few MB would otherwise fragment the heap (GBs over 16 layers)
+    return _frames(adapter, targets, units, random_baseline, seed)
+
+
+def _frames(adapter, targets, units, random_baseline, seed) -> Iterator[pd.DataFrame]:
+    current = None
+    with torch.no_grad():
+        for layer, s, e in units:
+            if current is None or current[0] != layer:
+                values = (random_values(adapter, layer, seed) if random_baseline
+                          else adapter.ffn_values(layer).detach())
+                per_dim = [list(targets.get((layer, i), ())) for i in range(values.shape[0])]
+                width = max((len(t) for t in per_dim), default=0)
+                tgt = torch.full((len(per_dim), width), -1, dtype=torch.long)
+                for i, ids in enumerate(per_dim):
+                    if ids:
+                        tgt[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+                current = (layer, values, per_dim, width, tgt)
+            _, values, per_dim, width, tgt = current
+            yield _agreement_rows(adapter, layer, values, s, e, per_dim, width, tgt)
+
+
 def key_value_agreement(
     adapter: LMAdapter,
     targets: Mapping[Key, Sequence[int]],
@@ -198,27 +234,14 @@ def key_value_agreement(
     ``random_baseline=True`` replaces each value by a random vector with its norm (the chance level).
     ``units``: only these chunks of :func:`agreement_units` (their rows, in the order given).
     """
-    _check_targets(adapter, targets)
-    steady_heap()  # per-chunk buffers of a few MB would otherwise fragment the heap (GBs over 16 layers)
     if units is None:
         units = agreement_units(adapter, layers, chunk_values)
+    rows = agreement_frames(adapter, targets, units, random_baseline, seed)
     frames = []
     bar = progress_bar(sum(e - s for _, s, e in units), "key-value agreement", progress)
-    current = None
-    with torch.no_grad():
-        for layer, s, e in units:
-            if current is None or current[0] != layer:
-                values = random_values(adapter, layer, seed) if random_baseline else adapter.ffn_values(layer).detach()
-                per_dim = [list(targets.get((layer, i), ())) for i in range(values.shape[0])]
-                width = max((len(t) for t in per_dim), default=0)
-                tgt = torch.full((len(per_dim), width), -1, dtype=torch.long)
-                for i, ids in enumerate(per_dim):
-                    if ids:
-                        tgt[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-                current = (layer, values, per_dim, width, tgt)
-            _, values, per_dim, width, tgt = current
-            frames.append(_agreement_rows(adapter, layer, values, s, e, per_dim, width, tgt))
-            bar.update(e - s)
+    for (_, s, e), frame in zip(units, rows, strict=True):
+        frames.append(frame)
+        bar.update(e - s)
     bar.close()
     return pd.concat(frames, ignore_index=True)[AGREEMENT_COLUMNS]
 
@@ -290,3 +313,76 @@ def agreement_by_layer(table: pd.DataFrame) -> pd.DataFrame:
             "mean_max_prob": float(g["max_prob"].mean()),
         })
     return pd.DataFrame(rows)
+
+
+# ----- as a run of fflayers.runs -------------------------------------------------------------------------
+
+Piece = tuple[int, pd.DataFrame]
+
+
+class AgreementTask:
+    """Key-value agreement as a :class:`fflayers.runs.UnitTask` (``targets`` are checked at once). The units
+    are the chunks of :func:`agreement_units` and, with ``random_baseline``, the same chunks again for the
+    random vectors; a part is a list of ``(first unit, rows)`` pieces (one per block of consecutive units of
+    one table), so merging is concatenating in unit order, whatever the order of the parts."""
+
+    kind = "agreement"
+
+    def __init__(self, adapter: LMAdapter, targets: Mapping[Key, Sequence[int]],
+                 layers: Iterable[int] | None = None, chunk_values: int | None = None,
+                 random_baseline: bool = False, seed: int = 0) -> None:
+        _check_targets(adapter, targets)
+        self.adapter, self.targets, self.seed = adapter, targets, seed
+        self.layers = adapter.check_layers(layers)
+        self.chunks = agreement_units(adapter, self.layers, chunk_values)
+        self.n_units = len(self.chunks) * (2 if random_baseline else 1)
+
+    def unit_weight(self, unit: int) -> int:
+        """The values of a unit."""
+        _, s, e = self.chunks[unit % len(self.chunks)]
+        return e - s
+
+    def run_units(self, units: range, progress: Callable[[int], object]) -> list[Piece]:
+        """The rows of ``units``; ``progress(n)`` after each chunk of ``n`` values."""
+        n, part = len(self.chunks), []
+        for random_baseline in (False, True):
+            block = [u for u in units if (u >= n) == random_baseline]
+            if not block:
+                continue
+            chunks = [self.chunks[u % n] for u in block]
+            frames = []
+            steady_heap()
+            rows = _frames(self.adapter, self.targets, chunks, random_baseline, self.seed)  # targets checked
+            for (_, s, e), frame in zip(chunks, rows, strict=True):
+                frames.append(frame)
+                progress(e - s)
+            part.append((block[0], pd.concat(frames, ignore_index=True)))
+        return part
+
+    def merge(self, parts: list[list[Piece]]) -> list[Piece]:
+        """The pieces of all parts in unit order."""
+        return merge_agreement(parts)
+
+    def to_state(self, part: list[Piece]) -> list[Piece]:
+        """A part as saved state (the pieces as they are)."""
+        return part
+
+    def from_state(self, state: list[Piece]) -> list[Piece]:
+        """A part from saved state."""
+        return [(int(u), frame) for u, frame in state]
+
+    def tables(self, merged: list[Piece]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+        """The agreement table and the random-baseline table (None without one) of the merged pieces, which
+        are taken out of ``merged`` (each table's pieces go once it holds their rows)."""
+        n = len(self.chunks)
+        real = [frame for u, frame in merged if u < n]
+        rand = [frame for u, frame in merged if u >= n]
+        merged.clear()
+        table = pd.concat(real, ignore_index=True)[AGREEMENT_COLUMNS]
+        real.clear()
+        return table, (pd.concat(rand, ignore_index=True)[AGREEMENT_COLUMNS] if rand else None)
+
+
+def merge_agreement(parts: Iterable[list[Piece]]) -> list[Piece]:
+    """Agreement parts merged: their pieces sorted by first unit (associative, independent of the order)."""
+    return sorted((piece for part in parts for piece in part), key=lambda piece: piece[0])

@@ -2,9 +2,10 @@
 
 Job ``I`` of ``N`` writes ``OUTPUT.shard-I-of-N.pt`` (:mod:`fflayers.runs.partials`): the run's header, its
 merged partial state (a top-k state or a table) and, for trigger examples, the texts of the sentences its
-top-k refers to (``extra["texts"]``). Importing this module registers the merges of the two scans
-(``trigger_examples``, ``ffn_info``); :func:`merge_partials` merges a run's partials with them, and
-:func:`write_scan_output` writes the same file a single run writes.
+top-k refers to (``extra["texts"]``) and the name of this module (``header["module"]``, which
+``fflayers merge`` imports). Importing it registers the merges of the two scans (``trigger_examples``,
+``ffn_info``) and the writer of their merged output (:func:`write_merged`: the same file a single run
+writes, :func:`write_scan_output`); :func:`merge_partials` merges a run's partials with them.
 """
 
 from __future__ import annotations
@@ -16,15 +17,25 @@ from typing import Any
 
 import torch
 
-from fflayers.runs import PARTIAL_FORMAT, find_partials, partial_path, read_partial, register_merge
+from fflayers.runs import (
+    PARTIAL_FORMAT,
+    MergedPartials,
+    find_partials,
+    partial_path,
+    read_partial,
+    register_merge,
+)
 from fflayers.runs import merge_partials as merge_run_partials
 from fflayers.runs import write_partial as write_run_partial
 
 TABLE_SUFFIXES = (".parquet", ".pkl", ".pickle", ".tsv", ".csv")
 
 __all__ = ["partial_path", "write_partial", "read_partial", "find_partials", "merge_partials",
-           "write_scan_output", "referenced_texts", "merge_topk_states", "merge_tables", "PARTIAL_FORMAT",
-           "TABLE_SUFFIXES"]
+           "write_scan_output", "write_merged", "referenced_texts", "merge_topk_states", "merge_tables",
+           "PARTIAL_FORMAT", "TABLE_SUFFIXES", "MODULE"]
+
+#: what a scan's partial names as its module (``header["module"]``)
+MODULE = __name__
 
 
 def referenced_texts(state: dict | None, texts: Sequence[str]) -> dict[int, str]:
@@ -62,8 +73,17 @@ def merge_tables(states: list[Any]) -> Any:
     return df
 
 
-register_merge("trigger_examples", merge_topk_states)
-register_merge("ffn_info", merge_tables)
+def write_merged(output: Path, merged: MergedPartials) -> None:
+    """The output file of a scan from the merge of its jobs' partials (refusing a suffix the jobs refuse)."""
+    from fflayers.io import table_suffix
+
+    table_suffix(output, "--output_file")
+    header = merged.header
+    write_scan_output(output, header["kind"], merged.state, header["config"], merged.extra.get("texts", {}))
+
+
+register_merge("trigger_examples", merge_topk_states, write_merged)
+register_merge("ffn_info", merge_tables, write_merged)
 
 
 def merge_partials(paths: Sequence[str | os.PathLike]) -> tuple[dict, Any, dict[int, str]]:

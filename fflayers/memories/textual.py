@@ -236,6 +236,20 @@ def read_textual_dir(directory: str | os.PathLike) -> dict[tuple[int, int], list
     return out
 
 
+def textual_digest(directory: str | os.PathLike) -> str:
+    """SHA-256 of a textual folder's content: the name and content digest of each ``{dim}_{layer}.txt`` file
+    and of :data:`TARGET_IDS_FILE`, in name order (neither the folder's own path nor other files count)."""
+    import hashlib
+
+    from fflayers.runs import file_digest
+
+    h = hashlib.sha256()
+    for path in sorted(Path(directory).iterdir()):
+        if path.is_file() and (_FILE.match(path.name) or path.name == TARGET_IDS_FILE):
+            h.update(f"{path.name}\t{file_digest(path)}\n".encode())
+    return h.hexdigest()
+
+
 def read_target_ids(directory: str | os.PathLike) -> dict[tuple[int, int], list[int]] | None:
     """``{(layer, dim): [target id per line]}`` from the folder's :data:`TARGET_IDS_FILE`, or None when it has
     none (word-level models, or folders written before it existed)."""

@@ -10,9 +10,10 @@ order does not depend on multiprocessing.
 
 The pass is batched (length-bucketed batches of at most ``batch_tokens`` padded tokens) and stops after the
 last requested layer's keys; each hooked layer is reduced to ``[batch, dims]`` maxima inside its hook, so
-memory stays bounded by one layer's activations. With ``checkpoint_dir`` the state is saved after every shard
-of ``shard_size`` sentences and a rerun with the same inputs and settings continues from there
-(:mod:`fflayers.memories.trigger_checkpoints`).
+memory stays bounded by one layer's activations. The batches are the units of a run of
+:mod:`fflayers.runs` (:class:`TriggerScan`, the scan of ``fflayers memories mine``): with ``checkpoint_dir``
+as its run folder, each finished shard is saved and a rerun with the same model, sentences and settings
+computes only the shards left.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,13 +29,7 @@ from fflayers.backends.base import LMAdapter
 from fflayers.core import InputError
 from fflayers.data.batching import pad_right
 from fflayers.hooks import StopForward, hooked
-from fflayers.memories.topk import StreamingTopK, all_gather_merge
-from fflayers.memories.trigger_checkpoints import (
-    CHECKPOINT_NAME,
-    config_digest,
-    load_checkpoint,
-    save_checkpoint,
-)
+from fflayers.memories.topk import StreamingTopK
 
 
 @dataclass
@@ -302,6 +296,16 @@ class TriggerScan:
                                self.dims, self.k, len(self.sentences))
 
 
+def trigger_config(adapter: LMAdapter, sentences: Sequence[Sequence[int]], k: int, layers: list[int],
+                   dims: list[int], batch_tokens: int, dtype: torch.dtype | None = None) -> dict:
+    """The resume key of a :func:`trigger_examples` run: its settings and the model and data fingerprints."""
+    from fflayers.runs import data_digest, model_fingerprint
+
+    return {"kind": TriggerScan.kind, "k": k, "layers": layers, "dims": dims, "batch_tokens": batch_tokens,
+            "dtype": str(dtype), "n_sentences": len(sentences), "model": model_fingerprint(adapter),
+            "data": data_digest(sentences)}
+
+
 def trigger_examples(
     adapter: LMAdapter,
     sentences: Sequence[Sequence[int]],
@@ -320,15 +324,14 @@ def trigger_examples(
 
     ``layers`` / ``dims`` (default: all) select keys. Sentences longer than the model's maximum are truncated.
     Batches are length-bucketed over all sentences; shards are runs of consecutive batches holding about
-    ``shard_size`` sentences. ``checkpoint_dir``: save the state after each shard and resume from it.
-    ``distributed=True`` (inside an initialised ``torch.distributed`` job): shard ``s`` goes to rank
-    ``s % world_size`` and the ranks' top-k are merged at the end; every rank returns the full result.
-    ``dtype`` (``torch.bfloat16`` / ``torch.float16``): autocast the forward pass (faster on GPUs; activations
-    are rounded, so near-equal activations can tie and then rank by sentence id).
-    (:mod:`fflayers.memories.scan` runs the same mining over torchrun ranks and job arrays with a manifest.)
+    ``shard_size`` sentences (at least four shards per rank when there are enough batches).
+    ``checkpoint_dir``: the run folder (:mod:`fflayers.runs`: ``manifest.json`` and one file per finished
+    shard); a rerun continues it, and one with another model, sentences or settings is refused
+    (:class:`~fflayers.core.RunStateError` naming what differs). ``distributed=True`` (inside an initialised
+    ``torch.distributed`` group; needed there): the ranks split the shards, and every rank returns the full
+    result. ``dtype`` (``torch.bfloat16`` / ``torch.float16``): autocast the forward pass (faster on GPUs;
+    activations are rounded, so near-equal activations can tie and then rank by sentence id).
     """
-    from tqdm.auto import tqdm
-
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InputError(f"k={k!r} must be a positive integer (the number of trigger examples per key)")
     if shard_size < 1:
@@ -338,52 +341,26 @@ def trigger_examples(
     if batch_tokens < 1:
         raise InputError(f"batch_tokens={batch_tokens} must be >= 1; pass e.g. batch_tokens=4096")
     layers, dims = _check_selection(adapter, layers, dims)
-    rank, world = 0, 1
-    if distributed:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
-        if not dist.is_initialized():
-            raise InputError("distributed=True needs an initialised torch.distributed process group (run "
-                               "under torchrun)")
-        rank, world = dist.get_rank(), dist.get_world_size()
+    from fflayers.distributed import broadcast_from_main
+    from fflayers.memories.scan import Workers, run_scan
 
-    from fflayers.memories.scan import group_units
-
-    task = TriggerScan(adapter, sentences, k, layers, dims, batch_tokens, dtype)
-    n = len(sentences)
-    shards = group_units([task.unit_sentences(u) for u in range(task.n_units)], shard_size)
-    my_shards = list(range(rank, len(shards), world))
-    topk = task.new_topk()
-    done_shards = 0
-    ckpt_path = chash = None
-    if checkpoint_dir is not None:
-        ckpt_dir = Path(checkpoint_dir)
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        name = CHECKPOINT_NAME if world == 1 else CHECKPOINT_NAME.replace(".pt", f".rank{rank}-of-{world}.pt")
-        ckpt_path = ckpt_dir / name
-        chash = config_digest(adapter, sentences, k, layers, dims, batch_tokens, (shard_size, str(dtype)),
-                              world)
-        state = load_checkpoint(ckpt_path, chash)
-        if state is not None:
-            topk.load_state_dict(state["topk"])
-            done_shards = int(state["done_shards"])
-
-    def size(s: int) -> int:
-        return sum(task.unit_sentences(u) for u in shards[s])
-
-    done_sentences = sum(size(s) for s in my_shards[:done_shards])
-    total = sum(size(s) for s in my_shards)
-    bar = tqdm(total=total, initial=done_sentences, disable=not progress, unit="sent",
-               desc="trigger examples")
-    try:
-        for j in range(done_shards, len(my_shards)):
-            task.mine(shards[my_shards[j]], topk, bar.update)
-            done_sentences += size(my_shards[j])
-            if ckpt_path is not None:
-                save_checkpoint(ckpt_path, chash, j + 1, done_sentences, topk)
-    finally:
-        bar.close()
+    in_group = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if in_group else 1
+    if distributed and not in_group:
+        raise InputError("distributed=True needs an initialised torch.distributed process group (run "
+                         "under torchrun)")
+    if world > 1 and not distributed:
+        raise InputError(f"trigger_examples is called inside a torch.distributed group of {world} ranks; "
+                         "pass distributed=True (the ranks then split the work)")
+    workers = Workers(rank=dist.get_rank(), world=world) if distributed else Workers()
+    config = trigger_config(adapter, sentences, k, layers, dims, batch_tokens, dtype)
+    done = run_scan(lambda bt: TriggerScan(adapter, sentences, k, layers, dims, bt, dtype), batch_tokens,
+                    config, len(sentences), checkpoint_dir, workers, progress=progress,
+                    desc="trigger examples", shard_sentences=shard_size)
+    state = done.result.state_dict() if done.result is not None else None
     if world > 1:
-        topk = all_gather_merge(topk)
-    return TriggerExamples(topk.values.cpu(), topk.sentence_ids.cpu(), topk.positions.cpu(), layers, dims, k,
-                           n)
+        state = broadcast_from_main(state)
+    return TriggerExamples(state["values"], state["sentence_ids"], state["positions"], layers, dims, k,
+                           len(sentences))

@@ -24,7 +24,7 @@ Workers (:class:`Workers`) are torchrun ranks times job-array jobs (``--shard I/
 contiguous share ``w`` of the shards. :func:`run_units` merges a job's shards on its rank 0; a job of an
 array writes a partial ``OUTPUT.shard-I-of-N.pt`` (:mod:`fflayers.runs.partials`), and
 :func:`merge_partials` merges the partials of all jobs with the merge registered for their kind
-(:func:`register_merge`).
+(:func:`register_merge`, which also takes the writer of the run's output, :func:`merged_writer`).
 """
 
 from fflayers.runs.accumulators import Accumulator, from_state, merge_all, merge_parts
@@ -37,6 +37,7 @@ from fflayers.runs.partials import (
     find_partials,
     merge_function,
     merge_partials,
+    merged_writer,
     partial_header,
     partial_path,
     read_partial,
@@ -51,7 +52,7 @@ __all__ = [
     "MergedPartials", "RecomputeWarning", "RunResult", "ShardFileError", "UnitTask", "Workers",
     "choose_n_shards", "config_dict", "config_differences", "config_hash", "data_digest", "file_digest",
     "find_partials", "from_state", "group_units", "load_shard", "make_plan", "merge_all", "merge_function",
-    "merge_parts", "merge_partials", "model_fingerprint", "partial_header", "partial_path", "read_partial",
-    "register_merge", "resume_key", "run_units", "save_shard", "shard_file", "shard_file_intact",
-    "write_partial",
+    "merge_parts", "merge_partials", "merged_writer", "model_fingerprint", "partial_header", "partial_path",
+    "read_partial", "register_merge", "resume_key", "run_units", "save_shard", "shard_file",
+    "shard_file_intact", "write_partial",
 ]

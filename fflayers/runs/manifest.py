@@ -119,7 +119,7 @@ class Manifest:
         """Refuse (one line) stored ``data`` of another analysis or another config."""
         if data.get("kind") != kind:
             raise RunStateError(
-                f"run folder {self.dir} holds a {data.get('kind')} run, not a {kind} run; choose another "
+                f"run folder {self.dir} holds a run of {data.get('kind')}, not of {kind}; choose another "
                 f"output path, or delete {self.dir} to start over")
         if data.get("config_hash") != config_hash:
             diff = config_differences(config, data.get("config") or {})

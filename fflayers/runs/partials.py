@@ -5,7 +5,8 @@ Job ``I`` of ``N`` writes ``OUTPUT.shard-I-of-N.pt`` (:func:`partial_path`): a h
 the analysis adds), its merged partial state and ``extra`` (a dict of dicts, such as the texts a top-k refers
 to). :func:`merge_partials` checks that the ``N`` partials come from one run and cover every shard exactly
 once, and merges their states with the merge registered for their kind (:func:`register_merge`), so one
-command can merge the partials of any analysis whose module registered its merge.
+command can merge the partials of any analysis whose module registered its merge (and, for that command,
+the writer of its output: :func:`merged_writer`).
 """
 
 from __future__ import annotations
@@ -25,37 +26,54 @@ from fflayers.runs.manifest import config_differences
 from fflayers.safe_pickle import UnsafePickleError, torch_load_restricted
 
 __all__ = ["PARTIAL_FORMAT", "MergedPartials", "partial_path", "partial_header", "write_partial",
-           "read_partial", "find_partials", "register_merge", "merge_function", "check_partials",
-           "merge_partials"]
+           "read_partial", "find_partials", "register_merge", "merge_function", "merged_writer",
+           "check_partials", "merge_partials"]
 
 PARTIAL_FORMAT = "fflayers-partial/1"
 HEADER_KEYS = ("kind", "config", "config_hash", "job", "jobs", "n_shards", "shards")
 
 #: kind -> merge of a list of states into one state (or ``"module:function"``, imported on first use)
 MERGES: dict[str, Callable[[list[Any]], Any] | str] = {}
+#: kind -> ``write(output, merged)``: the run's output from its merged partials (or ``"module:function"``)
+WRITERS: dict[str, Callable[[Path, MergedPartials], None] | str] = {}
 
 
-def register_merge(kind: str, merge: Callable[[list[Any]], Any] | str) -> None:
+def register_merge(kind: str, merge: Callable[[list[Any]], Any] | str,
+                   write: Callable[[Path, MergedPartials], None] | str | None = None) -> None:
     """Register how states of ``kind`` merge: ``merge(states) -> state``, associative and independent of the
-    order of the states, or the ``"module:function"`` that is."""
+    order of the states, or the ``"module:function"`` that is; ``write(output, merged)``, when given, writes
+    the output of a run from the :class:`MergedPartials` of its jobs (``fflayers merge``)."""
     MERGES[kind] = merge
+    if write is not None:
+        WRITERS[kind] = write
+
+
+def _registered(registry: dict[str, Any], kind: str, what: str) -> Callable:
+    """``registry[kind]``, imported when it is a ``"module:function"``; one-line InputError when missing."""
+    found = registry.get(kind)
+    if found is None:
+        known = ", ".join(sorted(registry)) or "none"
+        raise InputError(f"no {what} is registered for {kind} partials (registered: {known}); import the "
+                         "module of that analysis first")
+    if isinstance(found, str):
+        module, _, name = found.partition(":")
+        try:
+            found = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as err:
+            raise InputError(f"the {what} {registry[kind]} of {kind} cannot be loaded ({err})") from None
+        registry[kind] = found
+    return found
 
 
 def merge_function(kind: str) -> Callable[[list[Any]], Any]:
     """The merge registered for ``kind``; one-line :class:`~fflayers.core.InputError` when there is none."""
-    merge = MERGES.get(kind)
-    if merge is None:
-        known = ", ".join(sorted(MERGES)) or "none"
-        raise InputError(f"no merge is registered for {kind} partials (registered: {known}); import the "
-                         "module of that analysis first")
-    if isinstance(merge, str):
-        module, _, name = merge.partition(":")
-        try:
-            merge = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as err:
-            raise InputError(f"the merge {MERGES[kind]} of {kind} cannot be loaded ({err})") from None
-        MERGES[kind] = merge
-    return merge
+    return _registered(MERGES, kind, "merge")
+
+
+def merged_writer(kind: str) -> Callable[[Path, MergedPartials], None]:
+    """The output writer registered for ``kind`` (:func:`register_merge`); one-line
+    :class:`~fflayers.core.InputError` when there is none."""
+    return _registered(WRITERS, kind, "output writer")
 
 
 def partial_path(output: str | os.PathLike, job: int, jobs: int) -> Path:

@@ -159,7 +159,7 @@ def test_resume_on_run_folder_of_another_analysis(tiny_gpt2_dir, facts_file, tmp
     assert cli.main(argv(tiny_gpt2_dir, facts_file, out, "--resume")) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("knowledge_neurons.py: error:")
-    assert "holds a trigger_examples run, not a neurons run" in err
+    assert "holds a run of trigger_examples, not of neurons" in err
     assert (Path(f"{out}.ckpt") / "manifest.json").read_bytes() == before and not out.exists()
 
 

@@ -265,13 +265,13 @@ def test_a_run_folder_of_another_analysis_is_refused(tiny_gpt2_dir, facts_file, 
     interrupted_folder(knockout_argv(tiny_gpt2_dir, facts_file, out, "--resume"), blocks)
     err = refusal(["project", "--hf_model", tiny_gpt2_dir, "--device", "cpu", "--quiet", "--facts",
                    facts_file, "--output", out, "--resume"], capsys)
-    assert "holds a recall-knockout run, not a recall-project run" in err
+    assert "holds a run of recall-knockout, not of recall-project" in err
 
     other = tmp_path / "ffn.parquet"  # a corpus scan's folder under the same output name
     Manifest(f"{other}.ckpt").open("ffn_info", {"mode": "layer"}, config_hash({"mode": "layer"}),
                                    lambda: make_plan([10, 10], 1, unit_name="sentences"))
     err = refusal(knockout_argv(tiny_gpt2_dir, facts_file, other, "--resume"), capsys)
-    assert "holds a ffn_info run, not a recall-knockout run" in err
+    assert "holds a run of ffn_info, not of recall-knockout" in err
     assert not other.exists() and manifest_of(Path(f"{other}.ckpt"))["kind"] == "ffn_info"
 
 

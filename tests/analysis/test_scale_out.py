@@ -270,3 +270,51 @@ def test_no_gpu_for_a_rank(lm, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert run_go(args) == 2
     assert "no CUDA device" in one_line_error(capsys, "generate_outputs.py")
+
+
+# ----- merge_shards.py for any analysis ------------------------------------------------------------------
+
+
+def test_partials_of_different_analyses_are_refused(lm, tmp_path, capsys):
+    top, layer = tmp_path / "top.jsonl", tmp_path / "layer.pkl"
+    assert run_go([*base_args(lm, top, "trigger"), "--shard", "0/2"]) == 0
+    assert run_go([*base_args(lm, layer, "layer"), "--shard", "1/2"]) == 0
+    capsys.readouterr()
+    parts = [tmp_path / "top.jsonl.shard-0-of-2.pt", tmp_path / "layer.pkl.shard-1-of-2.pt"]
+    assert merge_shards.main(["--output_file", str(top), "--partials", *map(str, parts)]) == 2
+    line = one_line_error(capsys, "merge_shards.py")
+    assert "are of different analyses (trigger_examples, ffn_info)" in line, line
+    assert not top.exists() and all(p.is_file() for p in parts)
+
+
+def test_merge_writes_any_analysis_through_its_registered_writer(tmp_path, capsys):
+    """A toy analysis on fflayers.runs: its partials merge with the merge registered for its kind, and the
+    output is written by the writer registered with it; a partial naming a module outside fflayers is
+    refused."""
+    from fflayers.runs import Workers, partial_header, partial_path, register_merge, run_units, write_partial
+    from tests.runs.test_partials import merge_toy_states
+    from tests.runs.toy import KIND, ToyConfig, ToyTask, expected
+
+    def write_toy(output, merged):
+        torch.save({"total": merged.state["total"], "count": merged.state["count"]}, output)
+
+    register_merge(KIND, merge_toy_states, write_toy)
+    config, output = ToyConfig(units=7), tmp_path / "toy.pt"
+    for job in range(2):
+        run = run_units(ToyTask(config), config, kind=KIND, run_dir=f"{output}.ckpt", workers=Workers(job, 2),
+                        shard_weight=1, progress=False)
+        write_partial(partial_path(output, job, 2), partial_header(run, module="tests.runs.toy"),
+                      run.result.state_dict())
+    assert merge_shards.main(["--output_file", str(output), "--keep"]) == 2  # not a module of fflayers
+    assert "names the module 'tests.runs.toy', which is not a module of fflayers" in one_line_error(
+        capsys, "merge_shards.py")
+    assert not output.exists()
+    for job in range(2):  # a partial that names a module of fflayers (this kind is registered in-process)
+        path = partial_path(output, job, 2)
+        part = torch.load(path, weights_only=False)
+        part["module"] = "fflayers.runs"
+        torch.save(part, path)
+    assert merge_shards.main(["--output_file", str(output)]) == 0
+    merged, want = torch.load(output, weights_only=True), expected(config)
+    assert merged["count"] == 7 and torch.equal(merged["total"], want.total)
+    assert not list(tmp_path.glob("toy.pt.shard-*")) and not (tmp_path / "toy.pt.ckpt").exists()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 import torch
 
 from fflayers.backends.hf import HFAdapter
-from fflayers.core import FflayersError
+from fflayers.core import FflayersError, RunStateError
 from fflayers.memories.trigger_examples import trigger_examples
 from tests.fixtures.hf_models import tiny_model
 
@@ -144,44 +145,66 @@ def test_llama_with_gate_keys():
 # ----- resume ------------------------------------------------------------------------------------------------
 
 
-def test_resume_after_interruption_gives_identical_result(gpt2_adapter, corpus, expected, tmp_path, monkeypatch):
+def test_resume_after_interruption_recomputes_only_unfinished_units(gpt2_adapter, corpus, expected, tmp_path,
+                                                                    monkeypatch):
+    from fflayers.memories.trigger_examples import TriggerScan
+    from fflayers.runs import MANIFEST
+
     kwargs = dict(k=6, batch_tokens=60, progress=False, shard_size=5)
-    calls = {"n": 0, "fail_at": None}
-    real_run = gpt2_adapter.run
+    units: list[int] = []
+    calls = {"fail_at": None}
+    real_mine = TriggerScan.mine
 
-    def counting_run(*args, **kw):
-        calls["n"] += 1
-        if calls["n"] == calls["fail_at"]:
-            raise RuntimeError("interrupted")
-        return real_run(*args, **kw)
+    def counting_mine(self, batches, topk, progress=None):
+        for u in batches:
+            if len(units) == calls["fail_at"]:
+                raise RuntimeError("interrupted")
+            units.append(u)
+            real_mine(self, [u], topk, progress)
+        return topk
 
-    monkeypatch.setattr(gpt2_adapter, "run", counting_run)
+    monkeypatch.setattr(TriggerScan, "mine", counting_mine)
     full = trigger_examples(gpt2_adapter, corpus, **kwargs)
-    total_batches = calls["n"]
+    n_units = len(units)
+    assert sorted(units) == list(range(n_units)) and n_units >= 5
 
-    calls.update(n=0, fail_at=total_batches // 2 + 1)
+    units.clear()
+    calls["fail_at"] = n_units // 2 + 1
     with pytest.raises(RuntimeError, match="interrupted"):
         trigger_examples(gpt2_adapter, corpus, checkpoint_dir=tmp_path, **kwargs)
-    saved = torch.load(tmp_path / "trigger_examples_state.pt", weights_only=True)
-    assert saved["done_shards"] >= 1 and 0 < saved["done_sentences"] < len(corpus)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    status = [s["status"] for s in manifest["shards"]]
+    assert manifest["kind"] == "trigger_examples" and "done" in status and "running" in status, status
+    pending = [u for s in manifest["shards"] if s["status"] != "done" for u in range(*s["units"])]
+    assert 0 < len(pending) < n_units
 
-    calls.update(n=0, fail_at=None)
+    units.clear()
+    calls["fail_at"] = None
     resumed = trigger_examples(gpt2_adapter, corpus, checkpoint_dir=tmp_path, **kwargs)
-    assert 0 < calls["n"] < total_batches  # finished shards were skipped
+    assert sorted(units) == pending  # the finished shards were loaded, not computed again
     assert torch.equal(resumed.values, full.values)
     assert torch.equal(resumed.sentence_ids, full.sentence_ids)
     assert torch.equal(resumed.positions, full.positions)
     assert_matches(resumed, expected)
 
+    units.clear()
+    again = trigger_examples(gpt2_adapter, corpus, checkpoint_dir=tmp_path, **kwargs)
+    assert units == [] and torch.equal(again.sentence_ids, full.sentence_ids)  # a finished run: all reused
+
 
 def test_resume_refuses_other_settings(gpt2_adapter, corpus, tmp_path):
-    trigger_examples(gpt2_adapter, corpus, k=6, batch_tokens=60, progress=False, shard_size=5, checkpoint_dir=tmp_path)
-    with pytest.raises(FflayersError, match="other inputs or settings"):
-        trigger_examples(gpt2_adapter, corpus, k=5, batch_tokens=60, progress=False, shard_size=5,
-                         checkpoint_dir=tmp_path)
-    with pytest.raises(FflayersError, match="other inputs or settings"):
-        trigger_examples(gpt2_adapter, corpus[:-1], k=6, batch_tokens=60, progress=False, shard_size=5,
-                         checkpoint_dir=tmp_path)
+    kwargs = dict(batch_tokens=60, progress=False, shard_size=5, checkpoint_dir=tmp_path)
+    trigger_examples(gpt2_adapter, corpus, k=6, **kwargs)
+    with pytest.raises(RunStateError, match=r"differs in: k\); k is 5 here, 6 in the run folder"):
+        trigger_examples(gpt2_adapter, corpus, k=5, **kwargs)
+    with pytest.raises(RunStateError, match=r"differs in: data, n_sentences\)"):
+        trigger_examples(gpt2_adapter, corpus[:-1], k=6, **kwargs)
+    edited = [list(s) for s in corpus]
+    edited[3][0] = edited[3][0] % 90 + 1
+    with pytest.raises(RunStateError, match=r"differs in: data\)"):
+        trigger_examples(gpt2_adapter, edited, k=6, **kwargs)
+    with pytest.raises(RunStateError, match=r"differs in: model\)"):
+        trigger_examples(HFAdapter(tiny_model("gpt2", seed=1), device="cpu"), corpus, k=6, **kwargs)
 
 
 # ----- torch.distributed -----------------------------------------------------------------------------------
@@ -196,7 +219,13 @@ def _distributed_worker(rank: int, world: int, store: str, out: str) -> None:
         adapter = HFAdapter(tiny_model("gpt2"), device="cpu")
         te = trigger_examples(adapter, random_sentences(23, 97, seed=3), k=6, batch_tokens=60, progress=False,
                               shard_size=4, distributed=True)
-        torch.save({"values": te.values, "ids": te.sentence_ids, "pos": te.positions}, f"{out}.{rank}")
+        try:  # inside a group of ranks, a call that does not split the work is refused
+            trigger_examples(adapter, [[1, 2]], k=1, progress=False)
+            refused = ""
+        except FflayersError as err:
+            refused = str(err)
+        torch.save({"values": te.values, "ids": te.sentence_ids, "pos": te.positions, "refused": refused},
+                   f"{out}.{rank}")
         dist.barrier()  # no rank tears its connections down while a peer still talks to it
     finally:
         dist.destroy_process_group()
@@ -209,6 +238,7 @@ def test_distributed_ranks_merge_to_single_process_result(gpt2_adapter, corpus, 
     single = trigger_examples(gpt2_adapter, corpus, k=6, batch_tokens=60, progress=False, shard_size=4)
     for rank in range(2):
         got = torch.load(tmp_path / f"out.{rank}", weights_only=True)
+        assert "group of 2 ranks; pass distributed=True" in got["refused"]
         assert torch.equal(got["ids"], single.sentence_ids)
         assert torch.equal(got["pos"], single.positions)
         # thread counts differ between the processes: last-bit differences in the activations

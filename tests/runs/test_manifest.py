@@ -41,7 +41,7 @@ def test_another_analysis_is_refused(tmp_path):
     with pytest.raises(RunStateError) as err:
         run(tmp_path, ToyConfig(), kind="other-analysis")
     msg = one_line(err)
-    assert f"holds a {KIND} run, not a other-analysis run" in msg and "delete" in msg
+    assert f"holds a run of {KIND}, not of other-analysis" in msg and "delete" in msg
     assert (tmp_path / "run" / "manifest.json").read_text() == before
 
 
