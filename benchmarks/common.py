@@ -15,7 +15,8 @@ DEMO_DIR = Path("runs/demo")
 
 
 def demo_sentences(adapter: LMAdapter, n: int, corpus: str | None = None, seed: int = 0) -> list[list[int]]:
-    """Token ids of ``n`` sentences: from a WikiText-format file when given (or the demo corpus), else synthetic."""
+    """Token ids of ``n`` sentences: from a WikiText-format file when given (or the demo corpus), else
+    synthetic."""
     from fflayers.data import read_corpus, shuffled_sentences
 
     path = Path(corpus) if corpus else DEMO_DIR / "corpus" / "wiki.valid.tokens"

@@ -46,7 +46,8 @@ def one_run(method: str, vocab: int, d: int, d_head: int, n: int, seed: int) -> 
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"method": method, "vocab": vocab, "seconds": seconds, "peak_rss_gb": peak / 1e9,
-            "inputs_rss_gb": base / 1e9, "entries": vocab * vocab, "top": [int(rows[0]), int(cols[0]), float(vals[0])]}
+            "inputs_rss_gb": base / 1e9, "entries": vocab * vocab,
+            "top": [int(rows[0]), int(cols[0]), float(vals[0])]}
 
 
 def in_subprocess(method: str, vocab: int, args) -> dict:
@@ -79,9 +80,10 @@ def main() -> None:
           f"(of which {full['inputs_rss_gb']:.2f} GB before the search: torch and the inputs) "
           f"(goal <= 1 GB; the dense matrix alone: {args.vocab**2 * 4 / 1e9:.1f} GB)")
     for r in (small_b, small_d):
-        print(f"{r['method']:>9}, V={r['vocab']}: {r['seconds']:.2f} s, {1e9 * r['seconds'] / r['entries']:.2f} ns/entry, "
-              f"peak RSS {r['peak_rss_gb']:.2f} GB")
-    print(f"ratio at V={args.dense_vocab}: time blockwise/dense {small_b['seconds'] / small_d['seconds']:.2f}, "
+        print(f"{r['method']:>9}, V={r['vocab']}: {r['seconds']:.2f} s, "
+              f"{1e9 * r['seconds'] / r['entries']:.2f} ns/entry, peak RSS {r['peak_rss_gb']:.2f} GB")
+    print(f"ratio at V={args.dense_vocab}: "
+          f"time blockwise/dense {small_b['seconds'] / small_d['seconds']:.2f}, "
           f"peak RSS blockwise/dense {small_b['peak_rss_gb'] / small_d['peak_rss_gb']:.2f}")
 
 

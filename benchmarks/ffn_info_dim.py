@@ -1,10 +1,11 @@
-"""Dim-mode ffn info: vectorized :func:`extract_ffn_info` vs the original per-example, per-dim loop; prints the ratio.
+"""Dim-mode ffn info: vectorized :func:`extract_ffn_info` vs the original per-example, per-dim loop; prints
+the ratio.
 
-The reference (:mod:`reference_dim_loop`) runs the model once per sentence and projects every ``m_i v_i`` on its
-own. It is timed on ``--ref_sentences`` sentences and ``--ref_dims`` dims per layer and extrapolated linearly to all
-sentences and all dims (said so in the output); its results are compared with the vectorized table on that subset.
-The vectorized path is timed on all ``--sentences`` sentences, all layers and all dims, with its exact head shortcut
-(when the model has one) and, with ``--general``, without it. Goal: ratio >= 200.
+The reference (:mod:`reference_dim_loop`) runs the model once per sentence and projects every ``m_i v_i`` on
+its own. It is timed on ``--ref_sentences`` sentences and ``--ref_dims`` dims per layer and extrapolated
+linearly to all sentences and all dims (said so in the output); its results are compared with the vectorized
+table on that subset. The vectorized path is timed on all ``--sentences`` sentences, all layers and all dims,
+with its exact head shortcut (when the model has one) and, with ``--general``, without it. Goal: ratio >= 200.
 
     python benchmarks/ffn_info_dim.py [--model_dir runs/demo/fairseq_lm | --hf_tiny gpt2 | --random_fairseq]
         [--wiki103_random] [--sentences 512] [--ref_sentences 4] [--ref_dims 64] [--general] [--threads 1]
@@ -46,7 +47,8 @@ def load(args):
         from fflayers.backends.fairseq_loading import load_fairseq_lm
 
         return load_fairseq_lm(model_dir, device=args.device), str(model_dir)
-    adapter = build_random_fairseq_lm(vocab=32_000, layers=4, dim=256, ffn=1024, heads=4, cutoffs="4000,12000")
+    adapter = build_random_fairseq_lm(vocab=32_000, layers=4, dim=256, ffn=1024, heads=4,
+                                      cutoffs="4000,12000")
     return adapter, "random fairseq adaptive LM (4 x 256, d_ff 1024, 32k words, cutoffs 4000,12000)"
 
 
@@ -58,19 +60,25 @@ def timed(fn):
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model_dir", default=None, help="fairseq model dir (default: runs/demo/fairseq_lm if present)")
+    p.add_argument("--model_dir", default=None,
+                   help="fairseq model dir (default: runs/demo/fairseq_lm if present)")
     p.add_argument("--hf_tiny", default=None, help="a tiny random HF model of this architecture (e.g. gpt2)")
-    p.add_argument("--random_fairseq", action="store_true", help="the random fairseq adaptive LM even if the demo exists")
+    p.add_argument("--random_fairseq", action="store_true",
+                   help="the random fairseq adaptive LM even if the demo exists")
     p.add_argument("--wiki103_random", action="store_true",
-                   help="a randomly initialised LM of the WikiText-103 shape (16 x 1024, d_ff 4096, 267,744 words)")
-    p.add_argument("--corpus", default=None, help="WikiText-format text for sentences (default: demo corpus or random ids)")
+                   help="a randomly initialised LM of the WikiText-103 shape (16 x 1024, d_ff 4096, "
+                        "267,744 words)")
+    p.add_argument("--corpus", default=None,
+                   help="WikiText-format text for sentences (default: demo corpus or random ids)")
     p.add_argument("--sentences", type=int, default=512)
     p.add_argument("--ref_sentences", type=int, default=4)
     p.add_argument("--ref_dims", type=int, default=64, help="dims per layer timed in the reference (0: all)")
-    p.add_argument("--general", action="store_true", help="also time the vectorized path without the head shortcut")
+    p.add_argument("--general", action="store_true",
+                   help="also time the vectorized path without the head shortcut")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: on a busy small machine multi-threaded small ops stall)")
+                   help="torch CPU threads (default 1: on a busy small machine multi-threaded small ops "
+                        "stall)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,8 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     extract_ffn_info(adapter, sents[:2], "dim", progress=False)  # warm-up
     vec, t_vec = timed(lambda: extract_ffn_info(adapter, sents, "dim", progress=False))
     n_rows = len(vec["sentence"].unique())
-    print(f"vectorized ({vec.attrs['head_shortcut']} head shortcut): {t_vec:.2f} s for {n_rows} sentences x {L} layers "
-          f"x {d_ff} dims")
+    print(f"vectorized ({vec.attrs['head_shortcut']} head shortcut): {t_vec:.2f} s for {n_rows} sentences x "
+          f"{L} layers x {d_ff} dims")
     t_gen = None
     if args.general:
         _, t_gen = timed(lambda: extract_ffn_info(adapter, sents, "dim", progress=False, head_shortcut=False))
@@ -110,9 +118,12 @@ def main(argv: list[str] | None = None) -> None:
     # the two agree on the reference subset (up to floating-point near-ties)
     sub = vec[vec["sentence"].isin(ref["sentence"])].sort_values(["sentence", "layer"])
     ref = ref.sort_values(["sentence", "layer"])
-    top_eq = np.mean([np.mean(a[dims] == b) for a, b in zip(sub["value_top1"], ref["value_top1"], strict=True)])
-    rank_eq = np.mean([np.mean(a[dims] == b) for a, b in zip(sub["value_final_rank"], ref["value_final_rank"], strict=True)])
-    print(f"agreement with the reference on its subset: value_top1 {100 * top_eq:.2f}%, value_final_rank {100 * rank_eq:.2f}%")
+    top_eq = np.mean([np.mean(a[dims] == b)
+                      for a, b in zip(sub["value_top1"], ref["value_top1"], strict=True)])
+    rank_eq = np.mean([np.mean(a[dims] == b)
+                       for a, b in zip(sub["value_final_rank"], ref["value_final_rank"], strict=True)])
+    print(f"agreement with the reference on its subset: value_top1 {100 * top_eq:.2f}%, "
+          f"value_final_rank {100 * rank_eq:.2f}%")
     print(f"RATIO reference / vectorized: {t_ref / t_vec:.0f}x (goal >= 200x)")
     if t_gen is not None:
         print(f"ratio reference / vectorized general path: {t_ref / t_gen:.0f}x")

@@ -22,7 +22,8 @@ from fflayers.hooks import capture  # noqa: E402
 
 def measure(name: str, adapter: LMAdapter, n_sentences: int, repeats: int, batch_tokens: int) -> float:
     sents = demo_sentences(adapter, n_sentences)
-    batches = [b.to(adapter.device) for b in make_batches(sents, adapter.vocab.pad_id, batch_tokens=batch_tokens)]
+    batches = [b.to(adapter.device)
+               for b in make_batches(sents, adapter.vocab.pad_id, batch_tokens=batch_tokens)]
     n_tokens = sum(int(b.attention_mask.sum()) for b in batches)
 
     @torch.inference_mode()
@@ -46,7 +47,8 @@ def measure(name: str, adapter: LMAdapter, n_sentences: int, repeats: int, batch
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_dir", default=str(DEMO_DIR / "fairseq_lm"), help="fairseq model dir (demo LM by default)")
+    p.add_argument("--model_dir", default=str(DEMO_DIR / "fairseq_lm"),
+                   help="fairseq model dir (demo LM by default)")
     p.add_argument("--sentences", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch_tokens", type=int, default=2048)
@@ -65,7 +67,8 @@ def main() -> None:
     if not args.skip_smollm2:
         from fflayers.assets import load_smollm2
 
-        measure("SmolLM2-135M", load_smollm2(device=args.device), args.sentences, args.repeats, args.batch_tokens)
+        measure("SmolLM2-135M", load_smollm2(device=args.device), args.sentences, args.repeats,
+                args.batch_tokens)
 
 
 if __name__ == "__main__":

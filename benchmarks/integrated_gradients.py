@@ -1,5 +1,5 @@
-"""Seconds per prompt of integrated gradients over every layer (20 steps) on a random GPT-2-small-shaped model:
-all (layer, alpha) rows batched (fflayers) vs one layer at a time with the full LM head, as the
+"""Seconds per prompt of integrated gradients over every layer (20 steps) on a random GPT-2-small-shaped
+model: all (layer, alpha) rows batched (fflayers) vs one layer at a time with the full LM head, as the
 knowledge-neurons package does; prints the ratio (goal >= 5) and the largest difference of the scores.
 
     python benchmarks/integrated_gradients.py [--prompts 2] [--steps 20] [--package_batch 10] [--repeats 1]
@@ -20,18 +20,22 @@ from fflayers.neurons import KnowledgeNeurons  # noqa: E402
 def gpt2_small(device: str) -> HFAdapter:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(n_layer=12, n_embd=768, n_inner=3072, n_head=12, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    cfg = GPT2Config(n_layer=12, n_embd=768, n_inner=3072, n_head=12, resid_pdrop=0, embd_pdrop=0,
+                     attn_pdrop=0)
     return HFAdapter(GPT2LMHeadModel(cfg).eval(), device=device)
 
 
-def layer_by_layer(adapter: HFAdapter, ids: torch.Tensor, target: int, steps: int, batch: int) -> torch.Tensor:
-    """The package's loop: per layer, a baseline pass, then ``steps / batch`` passes of ``batch`` scaled copies of
-    that layer's pre-activation fc output at the last position, gradients of the full-head softmax."""
+def layer_by_layer(adapter: HFAdapter, ids: torch.Tensor, target: int, steps: int,
+                   batch: int) -> torch.Tensor:
+    """The package's loop: per layer, a baseline pass, then ``steps / batch`` passes of ``batch`` scaled
+    copies of that layer's pre-activation fc output at the last position, gradients of the full-head
+    softmax."""
     model, out = adapter.model, []
     alphas = torch.linspace(0, 1, steps, device=adapter.device)[:, None]
     for block in model.transformer.h:
         seen = {}
-        handle = block.mlp.c_fc.register_forward_hook(lambda m, a, o, seen=seen: seen.update(a=o[0, -1].detach()))
+        handle = block.mlp.c_fc.register_forward_hook(
+            lambda m, a, o, seen=seen: seen.update(a=o[0, -1].detach()))
         with torch.no_grad():
             model(input_ids=ids)
         handle.remove()
@@ -59,7 +63,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--tokens", type=int, default=10, help="prompt length")
     p.add_argument("--package_batch", type=int, default=10, help="alphas per pass in the layer-by-layer loop")
-    p.add_argument("--batch_size", type=int, default=None, help="rows per pass of the batched run (all by default)")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="rows per pass of the batched run (all by default)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
@@ -67,7 +72,8 @@ def main() -> None:
     adapter = gpt2_small(args.device)
     kn = KnowledgeNeurons(adapter, convention="kn-package")
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, adapter.vocab_size, (args.tokens + 1,), generator=g).tolist() for _ in range(args.prompts)]
+    prompts = [torch.randint(0, adapter.vocab_size, (args.tokens + 1,), generator=g).tolist()
+               for _ in range(args.prompts)]
     rows = args.batch_size or adapter.n_layers * args.steps
 
     def batched():
@@ -89,8 +95,8 @@ def main() -> None:
                 torch.cuda.synchronize()
             t[name].append(time.perf_counter() - t0)
     t = {k: statistics.median(v) for k, v in t.items()}
-    diff = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(results["batched"], results["package"],
-                                                                          strict=True))
+    diff = max(float((a - b).abs().max() / b.abs().max())
+               for a, b in zip(results["batched"], results["package"], strict=True))
     n = len(prompts)
     print(f"GPT-2-small shape, random weights, {args.tokens}-token prompts, {args.steps} steps, "
           f"{adapter.n_layers} layers, {args.device}")

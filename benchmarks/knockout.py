@@ -1,6 +1,6 @@
-"""Attention knockout sweep (all layers x subject / non-subject / last, window k = 9) on SmolLM2: facts per second
-of the batched implementation (many fact x layer x set rows per forward, per-row edge masks) vs one fact and one
-(layer, set) forward at a time; prints the ratio (goal >= 5 on CPU).
+"""Attention knockout sweep (all layers x subject / non-subject / last, window k = 9) on SmolLM2: facts per
+second of the batched implementation (many fact x layer x set rows per forward, per-row edge masks) vs one
+fact and one (layer, set) forward at a time; prints the ratio (goal >= 5 on CPU).
 
     python benchmarks/knockout.py [--facts 4] [--batch_size 128] [--device auto]
 
@@ -58,7 +58,8 @@ def main() -> None:
     encoded, _ = encode_facts(adapter, countries_facts()[:60])
     known = filter_facts(adapter, encoded)[: args.facts]
     n = len(known)
-    attention_knockout(adapter, known[:1], layers=[0], batch_size=args.batch_size)  # warm-up (edge-blocking set-up)
+    attention_knockout(adapter, known[:1], layers=[0],
+                       batch_size=args.batch_size)  # warm-up (edge-blocking set-up)
     t0 = time.perf_counter()
     table = attention_knockout(adapter, known, window=9, batch_size=args.batch_size)
     batched = time.perf_counter() - t0

@@ -2,9 +2,10 @@
 
 Per sentence: one forward pass of the model on the whole sentence with hooks; then, at the sentence's chosen
 position, for every layer a Python loop over the dims that projects each sub-update ``m_i v_i`` through the
-output head on its own (one head call per dim) and reads its top-1 and the rank of the model's final top-1. This
-is how the original spent 4.2 hours on 1000 sentences; :func:`fflayers.memories.ffn_info.extract_ffn_info` computes
-the same table (same positions, same columns) in batched form.
+output head on its own (one head call per dim) and reads its top-1 and the rank of the model's final top-1.
+This is how the original spent 4.2 hours on 1000 sentences;
+:func:`fflayers.memories.ffn_info.extract_ffn_info` computes the same table (same positions, same columns) in
+batched form.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def reference_dim_mode(
 ) -> pd.DataFrame:
     """Dim-mode table computed one sentence and one dim at a time (see the module docstring).
 
-    ``timings`` (if given) receives ``forward_s`` (model runs), ``project_s`` (per-dim head calls) and ``n_project``.
+    ``timings`` (if given) receives ``forward_s`` (model runs), ``project_s`` (per-dim head calls) and
+    ``n_project``.
     """
     layers = list(range(adapter.n_layers)) if layers is None else list(layers)
     dims = list(range(adapter.d_ff)) if dims is None else list(dims)
@@ -57,7 +59,8 @@ def reference_dim_mode(
         t_fwd += time.perf_counter() - t0
         t0 = time.perf_counter()
         for layer in layers:
-            r = cache["mlp_in", layer][0, t] if post_ln else cache["resid_pre", layer][0, t] + cache["attn_out", layer][0, t]
+            r = (cache["mlp_in", layer][0, t] if post_ln
+                 else cache["resid_pre", layer][0, t] + cache["attn_out", layer][0, t])
             m = cache["mlp_coef", layer][0, t]
             lp_r = adapter.project(r[None])[0]
             coef, top, rank = [], [], []
@@ -72,8 +75,9 @@ def reference_dim_mode(
                 rank.append(int((lp > lp[final_top1]).sum()))
                 n_proj += 1
             rows.append({
-                "sentence": k, "position": t, "next_token": int(seq[t + 1]), "layer": layer, "final_top1": final_top1,
-                "residual_top1": int(lp_r.argmax()), "residual_final_rank": int((lp_r > lp_r[final_top1]).sum()),
+                "sentence": k, "position": t, "next_token": int(seq[t + 1]), "layer": layer,
+                "final_top1": final_top1, "residual_top1": int(lp_r.argmax()),
+                "residual_final_rank": int((lp_r > lp_r[final_top1]).sum()),
                 "coefficients": np.asarray(coef, dtype=np.float32), "value_top1": np.asarray(top),
                 "value_final_rank": np.asarray(rank),
             })

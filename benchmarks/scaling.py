@@ -4,16 +4,17 @@ the projected wall time of all of WikiText-103 train on 1 and 8 GPUs.
     python benchmarks/scaling.py [--model_dir runs/demo/fairseq_lm] [--corpus wiki.valid.tokens] \
         [--sentences 600] [--ranks 2] [--batch_tokens 4096] [--gpu_tflops 60]
 
-Each setting runs ``torchrun --nproc_per_node R benchmarks/scaling.py --worker ...``: every rank loads the model,
-then the scan (:func:`fflayers.memories.scan.run_scan` with :class:`TriggerScan`, the code behind
+Each setting runs ``torchrun --nproc_per_node R benchmarks/scaling.py --worker ...``: every rank loads the
+model, then the scan (:func:`fflayers.memories.scan.run_scan` with :class:`TriggerScan`, the code behind
 ``generate_outputs.py --get_trigger_examples``) is timed from a barrier to the merged result on rank 0 (model
 loading and corpus reading are left out). On a machine shared with other work the ratio is a lower bound.
 
 Projection: the measured one-rank cost per token gives this machine's effective rate in model FLOPs
-(``2 L (4 d^2 + 2 d d_ff)`` per token: attention projections and the FF layer; the top-k work is in the measured
-time). WikiText-103's adaptive LM (16 layers, d = 1024, d_ff = 4096: 403 MFLOP per token) over 103M tokens is
-projected at that rate for this machine, and at ``--gpu_tflops`` sustained per GPU (an assumption: about 6% of
-an H100/H200's dense bf16 peak with ``--dtype bf16``) on 1 GPU and on 8 GPUs at the measured N-rank efficiency.
+(``2 L (4 d^2 + 2 d d_ff)`` per token: attention projections and the FF layer; the top-k work is in the
+measured time). WikiText-103's adaptive LM (16 layers, d = 1024, d_ff = 4096: 403 MFLOP per token) over 103M
+tokens is projected at that rate for this machine, and at ``--gpu_tflops`` sustained per GPU (an assumption:
+about 6% of an H100/H200's dense bf16 peak with ``--dtype bf16``) on 1 GPU and on 8 GPUs at the measured
+N-rank efficiency.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def launch(args: argparse.Namespace, ranks: int) -> dict:
         port = s.getsockname()[1]
     torchrun = Path(sys.executable).parent / "torchrun"
     argv = [str(torchrun), "--nproc_per_node", str(ranks), "--master_port", str(port), __file__, "--worker",
-            "--model_dir", args.model_dir, "--sentences", str(args.sentences), "--batch_tokens", str(args.batch_tokens)]
+            "--model_dir", args.model_dir, "--sentences", str(args.sentences), "--batch_tokens",
+            str(args.batch_tokens)]
     if args.corpus:
         argv += ["--corpus", args.corpus]
     proc = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -109,10 +111,10 @@ def main() -> None:
     big = flops_per_token(WIKI103["layers"], WIKI103["d"], WIKI103["d_ff"]) * WIKI103["tokens"]
     eff = ratio / args.ranks
     print(f"measured: {per_token * 1e6:.1f} us per token on 1 rank = {rate / 1e9:.1f} GFLOP/s effective")
-    print(f"projected WikiText-103 train (103M tokens, 16 x 4096 keys, top-50): {big / rate / 3600:.1f} h on one "
-          f"such CPU process; {big / (args.gpu_tflops * 1e12) / 60:.1f} min on 1 GPU, "
-          f"{big / (8 * eff * args.gpu_tflops * 1e12) / 60:.1f} min on 8 GPUs (at {args.gpu_tflops:.0f} TFLOP/s "
-          f"per GPU, {eff:.0%} parallel efficiency as measured here)")
+    print(f"projected WikiText-103 train (103M tokens, 16 x 4096 keys, top-50): {big / rate / 3600:.1f} h on "
+          f"one such CPU process; {big / (args.gpu_tflops * 1e12) / 60:.1f} min on 1 GPU, "
+          f"{big / (8 * eff * args.gpu_tflops * 1e12) / 60:.1f} min on 8 GPUs (at {args.gpu_tflops:.0f} "
+          f"TFLOP/s per GPU, {eff:.0%} parallel efficiency as measured here)")
 
 
 if __name__ == "__main__":

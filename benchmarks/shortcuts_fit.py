@@ -94,13 +94,14 @@ def child(args) -> dict:
     last = (args.states - 1, 0)
     np.save(Path(args.out) / f"{args.child}_first.npy", maps[1, 0])
     np.save(Path(args.out) / f"{args.child}_last.npy", maps[last])
-    return {"method": args.child, "seconds": seconds, "peak_rss_gb": peak, "start_rss_gb": start, "maps": len(maps)}
+    return {"method": args.child, "seconds": seconds, "peak_rss_gb": peak, "start_rss_gb": start,
+            "maps": len(maps)}
 
 
 def in_subprocess(method: str, args, out: str) -> dict:
     cmd = [sys.executable, __file__, "--child", method, "--out", out, "--positions", str(args.positions),
-           "--states", str(args.states), "--d", str(args.d), "--batch", str(args.batch), "--seed", str(args.seed),
-           "--threads", str(args.threads)]
+           "--states", str(args.states), "--d", str(args.d), "--batch", str(args.batch), "--seed",
+           str(args.seed), "--threads", str(args.threads)]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -132,10 +133,12 @@ def main() -> None:
           f"maps float32 {n_pairs * args.d**2 * 4 / 1e9:.2f} GB")
     with tempfile.TemporaryDirectory() as out:
         res = {m: in_subprocess(m, args, out) for m in ("gram", "sklearn")}
-        diff = max(rel(np.load(f"{out}/gram_{k}.npy"), np.load(f"{out}/sklearn_{k}.npy")) for k in ("first", "last"))
+        diff = max(rel(np.load(f"{out}/gram_{k}.npy"), np.load(f"{out}/sklearn_{k}.npy"))
+                   for k in ("first", "last"))
     for r in res.values():
         print(f"{r['method']:>8}: {r['seconds']:7.2f} s, peak RSS {r['peak_rss_gb']:.2f} GB "
-              f"(at start: {r['start_rss_gb']:.2f} GB, so {r['peak_rss_gb'] - r['start_rss_gb']:.2f} GB for the fit)")
+              f"(at start: {r['start_rss_gb']:.2f} GB, so {r['peak_rss_gb'] - r['start_rss_gb']:.2f} GB for "
+              "the fit)")
     g, s = res["gram"], res["sklearn"]
     print(f"gram vs sklearn: {s['seconds'] / g['seconds']:.1f}x faster (goal >= 10x); peak RSS ratio "
           f"{g['peak_rss_gb'] / s['peak_rss_gb']:.2f} (goal <= 0.20), above start "

@@ -3,8 +3,8 @@
 
 The bare forward is ``adapter.run`` on the same length-bucketed batches, stopped after the last layer; mining
 is :func:`fflayers.memories.trigger_examples` (hooks on every layer's keys, max/argmax over positions, top-k
-merge). Repeats alternate between the two so that machine noise hits both alike; medians are compared (wall time;
-the CPU-time ratio is printed too, as a check on machines shared with other work).
+merge). Repeats alternate between the two so that machine noise hits both alike; medians are compared (wall
+time; the CPU-time ratio is printed too, as a check on machines shared with other work).
 
     python benchmarks/trigger_mining.py [--model_dir runs/demo/fairseq_lm] [--corpus wiki.valid.tokens] \
         [--sentences 200] [--smollm2_sentences 32] [--repeats 3] [--min_time 10] [--batch_tokens 4096] \
@@ -37,10 +37,11 @@ from fflayers.hooks import StopForward, hooked  # noqa: E402
 from fflayers.memories import trigger_examples  # noqa: E402
 
 
-def measure(name: str, adapter: LMAdapter, sentences: list[list[int]], repeats: int, batch_tokens: int, k: int,
-            min_time: float = 10.0) -> float:
+def measure(name: str, adapter: LMAdapter, sentences: list[list[int]], repeats: int, batch_tokens: int,
+            k: int, min_time: float = 10.0) -> float:
     limit = adapter.max_positions
-    batches = make_batches(sentences, adapter.vocab.pad_id, batch_tokens=batch_tokens, max_length=limit, truncate=True)
+    batches = make_batches(sentences, adapter.vocab.pad_id, batch_tokens=batch_tokens, max_length=limit,
+                           truncate=True)
     n_tokens = sum(int(b.attention_mask.sum()) for b in batches)
     last = adapter.n_layers - 1
 
@@ -49,7 +50,8 @@ def measure(name: str, adapter: LMAdapter, sentences: list[list[int]], repeats: 
 
     def bare():
         with hooked(adapter, [("resid_post", last, stop)]), torch.inference_mode():
-            for b in make_batches(sentences, adapter.vocab.pad_id, batch_tokens=batch_tokens, max_length=limit, truncate=True):
+            for b in make_batches(sentences, adapter.vocab.pad_id, batch_tokens=batch_tokens,
+                                  max_length=limit, truncate=True):
                 adapter.run(b.input_ids, b.attention_mask)
 
     def mining():
@@ -63,9 +65,10 @@ def measure(name: str, adapter: LMAdapter, sentences: list[list[int]], repeats: 
     t, cpu = interleaved_wall_cpu({"forward": bare, "mining": mining}, repeats)
     ratio = t["mining"] / t["forward"]
     n_keys = adapter.n_layers * adapter.d_ff
-    print(f"{name}: {len(sentences)} sentences, {n_tokens} tokens in {len(batches)} batches, {n_keys} keys, k={k} | "
-          f"forward {t['forward']:.2f} s ({n_tokens / t['forward']:.0f} tok/s) | mining {t['mining']:.2f} s | "
-          f"ratio {ratio:.3f} (goal <= 1.2; median of {repeats}; CPU-time ratio {cpu['mining'] / cpu['forward']:.3f})",
+    print(f"{name}: {len(sentences)} sentences, {n_tokens} tokens in {len(batches)} batches, {n_keys} keys, "
+          f"k={k} | forward {t['forward']:.2f} s ({n_tokens / t['forward']:.0f} tok/s) "
+          f"| mining {t['mining']:.2f} s | ratio {ratio:.3f} (goal <= 1.2; median of {repeats}; "
+          f"CPU-time ratio {cpu['mining'] / cpu['forward']:.3f})",
           flush=True)
     return ratio
 
@@ -85,7 +88,8 @@ def interleaved_wall_cpu(fns: dict, repeats: int) -> tuple[dict[str, float], dic
                 torch.cuda.synchronize()
             wall[name].append(time.perf_counter() - w0)
             cpu[name].append(time.process_time() - c0)
-    return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()})
+    return ({k: statistics.median(v) for k, v in wall.items()},
+            {k: statistics.median(v) for k, v in cpu.items()})
 
 
 def _synthetic_text(path: Path, n_lines: int, seed: int) -> None:
@@ -115,8 +119,10 @@ def train_small_lm(workdir: Path, corpus: str | None) -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_dir", default=None, help="fairseq model dir (default: the demo LM, else train a small one)")
-    p.add_argument("--corpus", default=None, help="WikiText-format .tokens file (default: demo corpus or random ids)")
+    p.add_argument("--model_dir", default=None,
+                   help="fairseq model dir (default: the demo LM, else train a small one)")
+    p.add_argument("--corpus", default=None,
+                   help="WikiText-format .tokens file (default: demo corpus or random ids)")
     p.add_argument("--sentences", type=int, default=200, help="sentences for the fairseq LM")
     p.add_argument("--smollm2_sentences", type=int, default=32, help="sentences for SmolLM2")
     p.add_argument("--repeats", type=int, default=3, help="at least this many timed repeats per model")
@@ -142,12 +148,14 @@ def main() -> None:
             if not Path(model_dir, "dict.txt").is_file():
                 if args.model_dir:
                     sys.exit(f"no fairseq model dir at {args.model_dir}")
-                print("no demo LM at runs/demo/fairseq_lm: training a small one (timing only) ...", flush=True)
+                print("no demo LM at runs/demo/fairseq_lm: training a small one (timing only) ...",
+                      flush=True)
                 model_dir = str(train_small_lm(Path(tmp), args.corpus))
                 name = "fairseq LM (4 layers, d=256, d_ff=1024, adaptive)"
             adapter = load_fairseq_lm(model_dir, device=args.device)
             sents = demo_sentences(adapter, args.sentences, args.corpus)
-            ratios["fairseq"] = measure(name, adapter, sents, args.repeats, args.batch_tokens, args.k, args.min_time)
+            ratios["fairseq"] = measure(name, adapter, sents, args.repeats, args.batch_tokens, args.k,
+                                        args.min_time)
             del adapter
     if not args.skip_smollm2:
         from fflayers.assets import load_smollm2

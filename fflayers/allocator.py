@@ -17,7 +17,8 @@ import sys
 
 __all__ = ["steady_heap", "MMAP_THRESHOLD"]
 
-#: buffers of at least this many bytes are mapped and unmapped on their own (glibc's initial default is 128 KiB)
+#: buffers of at least this many bytes are mapped and unmapped on their own (glibc's initial default is
+#: 128 KiB)
 MMAP_THRESHOLD = 1 << 20
 _M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
 _done = False

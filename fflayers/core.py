@@ -55,7 +55,8 @@ HOOK_POINTS: tuple[str, ...] = ("resid_pre", "attn_in", "attn_out", "mlp_in", "m
                                 "mlp_out", "resid_post")
 
 #: How a block wires its sublayers (``LMAdapter.block_layout``):
-#: ``"pre_norm"``: x + attn(ln1(x)) = m, then m + mlp(ln2(m)) (GPT-2, GPT-Neo, Llama, fairseq normalize_before);
+#: ``"pre_norm"``: x + attn(ln1(x)) = m, then m + mlp(ln2(m)) (GPT-2, GPT-Neo, Llama, fairseq
+#: normalize_before);
 #: ``"post_norm"``: m = ln1(x + attn(x)), then ln2(m + mlp(m)) (BERT, fairseq's default transformer_lm);
 #: ``"parallel"``: x + attn(ln1(x)) + mlp(ln2(x)) (GPT-J with one shared norm, GPT-NeoX/Pythia).
 BLOCK_LAYOUTS: tuple[str, ...] = ("pre_norm", "post_norm", "parallel")

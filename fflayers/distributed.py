@@ -57,8 +57,8 @@ def rank_device(info: DistInfo, device: str | torch.device | None = "auto") -> t
         if ":" in want:
             return torch.device(want)
         if info.local_rank >= n:
-            raise InputError(f"rank {info.rank} has local rank {info.local_rank} but only {n} GPU(s) are visible; "
-                               "start at most one process per GPU (--nproc_per_node)")
+            raise InputError(f"rank {info.rank} has local rank {info.local_rank} but only {n} GPU(s) "
+                             "are visible; start at most one process per GPU (--nproc_per_node)")
         return torch.device("cuda", info.local_rank)
     return torch.device(want)
 
@@ -84,7 +84,8 @@ def init_distributed(device: torch.device, timeout_s: float | None = None) -> Di
 
 
 def parse_shard_spec(spec: str) -> tuple[int, int]:
-    """``"I/N"`` (job I of N, counted from 0) as ``(I, N)``; one-line :class:`~fflayers.core.InputError` otherwise."""
+    """``"I/N"`` (job I of N, counted from 0) as ``(I, N)``; one-line :class:`~fflayers.core.InputError`
+    otherwise."""
     parts = str(spec).split("/")
     try:
         index, count = (int(p) for p in parts)

@@ -1,4 +1,5 @@
-"""Thin wrappers over fairseq's command-line tools (``fairseq-preprocess``, ``fairseq-train``, ``fairseq-eval-lm``).
+"""Thin wrappers over fairseq's command-line tools (``fairseq-preprocess``, ``fairseq-train``,
+``fairseq-eval-lm``).
 
 Each wrapper runs the real CLI in a subprocess (the one installed next to the running Python) and raises
 :class:`FairseqToolError` with the tail of the tool's output when it fails.
@@ -44,7 +45,8 @@ def cli_path(name: str) -> str:
         return str(local)
     found = shutil.which(name)
     if found is None:
-        raise FairseqToolError(f"{name} not found next to {sys.executable} nor on PATH; install fairseq-fixed==0.12.3.1")
+        raise FairseqToolError(f"{name} not found next to {sys.executable} nor on PATH; "
+                               "install fairseq-fixed==0.12.3.1")
     return found
 
 
@@ -82,7 +84,8 @@ def preprocess(
     """
     for label, path in (("train", train), ("valid", valid), ("test", test)):
         if path is not None and not Path(path).is_file():
-            raise FairseqToolError(f"{label} file {path} does not exist; pass an existing tokenized text file")
+            raise FairseqToolError(
+                f"{label} file {path} does not exist; pass an existing tokenized text file")
     args = [
         "--only-source",
         "--trainpref", train,
@@ -189,7 +192,8 @@ def train_lm(
     if adaptive:
         a, b = cutoffs if cutoffs is not None else adaptive_cutoffs(vocab)
         if not 0 < a < b < vocab:
-            raise FairseqToolError(f"adaptive cutoffs {a},{b} must satisfy 0 < A < B < vocabulary size {vocab}")
+            raise FairseqToolError(
+                f"adaptive cutoffs {a},{b} must satisfy 0 < A < B < vocabulary size {vocab}")
         args += [
             "--arch", "transformer_lm_wiki103",
             "--adaptive-input", "--adaptive-input-cutoff", f"{a},{b}",
@@ -218,7 +222,8 @@ def train_lm(
     _run("fairseq-train", args, threads=threads)
     last = save_dir / "checkpoint_last.pt"
     if not last.is_file():
-        raise FairseqToolError(f"fairseq-train finished without writing {last}; check max_update and the data")
+        raise FairseqToolError(f"fairseq-train finished without writing {last}; "
+                               "check max_update and the data")
     _atomic_copy(last, save_dir / "model.pt")
     _atomic_copy(data_bin / "dict.txt", save_dir / "dict.txt")
     return save_dir
@@ -316,7 +321,8 @@ def eval_lm_scores(
 
 
 def eval_lm(data_bin: str | Path, model_dir: str | Path, **kwargs) -> float:
-    """Mean loss in nats/token of ``model_dir`` on a split of ``data_bin``, as ``fairseq-eval-lm`` computes it.
+    """Mean loss in nats/token of ``model_dir`` on a split of ``data_bin``, as ``fairseq-eval-lm`` computes
+    it.
 
     Taken from the per-token log-probs fairseq-eval-lm prints (6 decimals), more precise than its 4-decimal
     base-2 summary line; the two are checked against each other. Keyword arguments as in

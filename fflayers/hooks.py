@@ -36,7 +36,7 @@ class ActivationCache(dict):
         return torch.stack([self[point, layer] for layer in layers])
 
 
-# ----- low-level hook installation ---------------------------------------------------------------------------
+# ----- low-level hook installation --------------------------------------------------------------------------
 
 
 def _check_point(point: str) -> None:
@@ -77,8 +77,8 @@ def _install(site: HookSite, fn: Callable[[torch.Tensor], torch.Tensor | None]):
             if new is None:
                 return None
             new = to_bf(new)
-            # every argument that is the hooked tensor itself gets the replacement (fairseq's attention takes the
-            # same tensor as query, key and value)
+            # every argument that is the hooked tensor itself gets the replacement (fairseq's attention takes
+            # the same tensor as query, key and value)
             args = tuple(new if a is x else a for a in args)
             kwargs = {k: new if v is x else v for k, v in kwargs.items()}
             return args, kwargs
@@ -101,8 +101,10 @@ def _install(site: HookSite, fn: Callable[[torch.Tensor], torch.Tensor | None]):
 
 
 @contextmanager
-def hooked(adapter: LMAdapter, hooks: Iterable[tuple[str, int, Callable[[torch.Tensor], torch.Tensor | None]]]):
-    """Install raw hooks ``(point, layer, fn)``; ``fn`` gets the batch-first tensor, returns a replacement or None."""
+def hooked(adapter: LMAdapter,
+           hooks: Iterable[tuple[str, int, Callable[[torch.Tensor], torch.Tensor | None]]]):
+    """Install raw hooks ``(point, layer, fn)``; ``fn`` gets the batch-first tensor, returns a replacement or
+    None."""
     handles = []
     try:
         for point, layer, fn in hooks:
@@ -133,7 +135,8 @@ def capture(
     Each pass overwrites the previous one's entries.
     """
     points = [points] if isinstance(points, str) else list(points)
-    layers = list(range(adapter.n_layers)) if layers is None else [adapter.check_layer(layer) for layer in layers]
+    layers = (list(range(adapter.n_layers)) if layers is None
+              else [adapter.check_layer(layer) for layer in layers])
     cache = ActivationCache()
 
     def saver(key):
@@ -161,7 +164,8 @@ def capture(
 
 @dataclass
 class Edit:
-    """An edit of hook point ``point`` in block ``layer``: ``fn`` maps the batch-first tensor to its replacement."""
+    """An edit of hook point ``point`` in block ``layer``: ``fn`` maps the batch-first tensor to its
+    replacement."""
 
     point: str
     layer: int
@@ -198,19 +202,27 @@ def _apply(x: torch.Tensor, op: Callable[[torch.Tensor], torch.Tensor], position
     return y if mask is None else torch.where(mask, y, x)
 
 
-def replace(point: str, layer: int, value: torch.Tensor | float, positions: Positions = None, index: Index = None) -> Edit:
+def replace(point: str, layer: int, value: torch.Tensor | float, positions: Positions = None,
+            index: Index = None) -> Edit:
     """Set the selected entries to ``value`` (broadcast against the selection)."""
-    return Edit(point, layer, lambda x: _apply(x, lambda s: torch.as_tensor(value, dtype=s.dtype, device=s.device).expand_as(s), positions, index))
+    return Edit(point, layer, lambda x: _apply(
+        x, lambda s: torch.as_tensor(value, dtype=s.dtype, device=s.device).expand_as(s), positions, index))
 
 
-def scale(point: str, layer: int, factor: torch.Tensor | float, positions: Positions = None, index: Index = None) -> Edit:
+def scale(point: str, layer: int, factor: torch.Tensor | float, positions: Positions = None,
+          index: Index = None) -> Edit:
     """Multiply the selected entries by ``factor`` (0 switches neurons off, 2 doubles them)."""
-    return Edit(point, layer, lambda x: _apply(x, lambda s: s * torch.as_tensor(factor, dtype=s.dtype, device=s.device), positions, index))
+    return Edit(point, layer,
+                lambda x: _apply(x, lambda s: s * torch.as_tensor(factor, dtype=s.dtype, device=s.device),
+                                 positions, index))
 
 
-def add(point: str, layer: int, delta: torch.Tensor | float, positions: Positions = None, index: Index = None) -> Edit:
+def add(point: str, layer: int, delta: torch.Tensor | float, positions: Positions = None,
+        index: Index = None) -> Edit:
     """Add ``delta`` to the selected entries."""
-    return Edit(point, layer, lambda x: _apply(x, lambda s: s + torch.as_tensor(delta, dtype=s.dtype, device=s.device), positions, index))
+    return Edit(point, layer,
+                lambda x: _apply(x, lambda s: s + torch.as_tensor(delta, dtype=s.dtype, device=s.device),
+                                 positions, index))
 
 
 @contextmanager
@@ -235,7 +247,8 @@ def block_attention(adapter: LMAdapter, blocked: Mapping[int, torch.Tensor]):
             module = adapter.attention_module(adapter.check_layer(layer))
             mask = torch.as_tensor(mask, device=adapter.device).bool()
             if mask.dim() not in (2, 3):
-                raise ModelError(f"edge mask for layer {layer} must be [T, S] or [B, T, S], got {tuple(mask.shape)}")
+                raise ModelError(f"edge mask for layer {layer} must be [T, S] or [B, T, S], "
+                                 f"got {tuple(mask.shape)}")
             setattr(module, EDGE_ATTR, mask)
             modules.append(module)
         yield

@@ -20,7 +20,8 @@ from typing import Any
 
 from fflayers.core import InputError
 
-__all__ = ["UnsafePickleError", "RestrictedUnpickler", "restricted_loads", "load_pickle", "torch_load_restricted"]
+__all__ = ["UnsafePickleError", "RestrictedUnpickler", "restricted_loads", "load_pickle",
+           "torch_load_restricted"]
 
 _NUMPY_CORE = ("numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric", "numpy._core.numeric")
 
@@ -28,14 +29,14 @@ _NUMPY_CORE = ("numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.nu
 #: ``numpy.load`` would unpickle a second file without these checks.
 ALLOWED: frozenset[tuple[str, str]] = frozenset(
     [(m, n) for m in _NUMPY_CORE for n in ("_reconstruct", "scalar", "_frombuffer")]
-    + [("numpy", n) for n in ("ndarray", "dtype", "bool_", "int8", "int16", "int32", "int64", "uint8", "uint16",
-                              "uint32", "uint64", "float16", "float32", "float64", "complex64", "complex128",
-                              "str_", "bytes_", "object_", "datetime64", "timedelta64")]
+    + [("numpy", n) for n in ("ndarray", "dtype", "bool_", "int8", "int16", "int32", "int64", "uint8",
+                              "uint16", "uint32", "uint64", "float16", "float32", "float64", "complex64",
+                              "complex128", "str_", "bytes_", "object_", "datetime64", "timedelta64")]
     + [("numpy.dtypes", n) for n in ("BoolDType", "Int8DType", "Int16DType", "Int32DType", "Int64DType",
-                                     "UInt8DType", "UInt16DType", "UInt32DType", "UInt64DType", "Float16DType",
-                                     "Float32DType", "Float64DType", "Complex64DType", "Complex128DType",
-                                     "StrDType", "BytesDType", "ObjectDType", "DateTime64DType",
-                                     "TimeDelta64DType")]
+                                     "UInt8DType", "UInt16DType", "UInt32DType", "UInt64DType",
+                                     "Float16DType", "Float32DType", "Float64DType", "Complex64DType",
+                                     "Complex128DType", "StrDType", "BytesDType", "ObjectDType",
+                                     "DateTime64DType", "TimeDelta64DType")]
     + [
         ("pandas.core.frame", "DataFrame"),
         ("pandas.core.series", "Series"),
@@ -77,14 +78,14 @@ ALLOWED: frozenset[tuple[str, str]] = frozenset(
         ("pandas._libs.properties", "AxisProperty"),
     ]
     + [("pandas", n) for n in ("DataFrame", "Series", "Index", "RangeIndex", "MultiIndex", "CategoricalIndex",
-                               "DatetimeIndex", "TimedeltaIndex", "PeriodIndex", "IntervalIndex", "Categorical",
-                               "CategoricalDtype", "Timestamp", "Timedelta", "NA", "NaT", "StringDtype",
-                               "BooleanDtype", "Int8Dtype", "Int16Dtype", "Int32Dtype", "Int64Dtype", "UInt8Dtype",
-                               "UInt16Dtype", "UInt32Dtype", "UInt64Dtype", "Float32Dtype", "Float64Dtype",
-                               "DatetimeTZDtype", "ArrowDtype", "Flags")]
-    + [("pandas.arrays", n) for n in ("ArrowStringArray", "ArrowExtensionArray", "StringArray", "IntegerArray",
-                                      "FloatingArray", "BooleanArray", "DatetimeArray", "TimedeltaArray",
-                                      "Categorical", "NumpyExtensionArray")]
+                               "DatetimeIndex", "TimedeltaIndex", "PeriodIndex", "IntervalIndex",
+                               "Categorical", "CategoricalDtype", "Timestamp", "Timedelta", "NA", "NaT",
+                               "StringDtype", "BooleanDtype", "Int8Dtype", "Int16Dtype", "Int32Dtype",
+                               "Int64Dtype", "UInt8Dtype", "UInt16Dtype", "UInt32Dtype", "UInt64Dtype",
+                               "Float32Dtype", "Float64Dtype", "DatetimeTZDtype", "ArrowDtype", "Flags")]
+    + [("pandas.arrays", n) for n in ("ArrowStringArray", "ArrowExtensionArray", "StringArray",
+                                      "IntegerArray", "FloatingArray", "BooleanArray", "DatetimeArray",
+                                      "TimedeltaArray", "Categorical", "NumpyExtensionArray")]
     + [("pandas._libs.arrays", "__pyx_unpickle_NDArrayBacked"), ("pandas._libs.missing", "NA"),
        ("pandas._libs.tslibs.nattype", "__nat_unpickle")]
     + [("pyarrow.lib", n) for n in ("_restore_array", "py_buffer", "type_for_alias", "chunked_array", "field",
@@ -96,8 +97,8 @@ ALLOWED: frozenset[tuple[str, str]] = frozenset(
     + [("torch", n) for n in ("Size", "device", "float32", "float64", "float16", "bfloat16", "int64", "int32",
                               "int16", "int8", "uint8", "bool", "complex64")]
     + [("collections", n) for n in ("OrderedDict", "defaultdict", "Counter", "deque")]
-    + [("builtins", n) for n in ("slice", "range", "complex", "set", "frozenset", "bytearray", "object", "list",
-                                 "dict", "tuple", "int", "float", "str", "bytes", "bool")]
+    + [("builtins", n) for n in ("slice", "range", "complex", "set", "frozenset", "bytearray", "object",
+                                 "list", "dict", "tuple", "int", "float", "str", "bytes", "bool")]
     + [("copyreg", "_reconstructor")]
     + [("datetime", n) for n in ("datetime", "date", "time", "timedelta", "timezone")]
 )

@@ -23,7 +23,8 @@ LOOP = textwrap.dedent("""
     keep = []
     torch.set_num_threads(1)
     start = rss_mb()
-    for i in range(120):  # buffers of 2-20 MB with a small survivor between them, as a chunked projection makes
+    for i in range(120):  # buffers of 2-20 MB with a small survivor between them, as a chunked \
+projection makes
         a = torch.ones(int(5e5 + (i % 9) * 5e5))
         b = torch.ones(int(2.5e6 + (i % 7) * 2e5))
         keep.append(torch.ones(64))
@@ -34,8 +35,8 @@ LOOP = textwrap.dedent("""
 
 def growth_mb(mode: str) -> float:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    out = subprocess.run([sys.executable, "-c", LOOP, mode], capture_output=True, text=True, env=env, check=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", LOOP, mode], capture_output=True, text=True, env=env,
+                         check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return float(out.stdout.strip().splitlines()[-1])
 
 

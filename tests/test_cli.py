@@ -41,7 +41,8 @@ def test_good_flags_run_and_return_0(capsys):
     seen: list = []
     assert make_main(seen)(["--hf_model", "m", "--gguf_file", "f.gguf", "--device", "cpu", "--n", "3"]) == 0
     (args,) = seen
-    assert (args.hf_model, args.gguf_file, args.device, args.n, args.model_dir) == ("m", "f.gguf", "cpu", 3, None)
+    assert (args.hf_model, args.gguf_file, args.device, args.n, args.model_dir) == ("m", "f.gguf",
+                                                                                    "cpu", 3, None)
     assert args.trust_checkpoint is False
     assert capsys.readouterr().err == ""
     seen.clear()
@@ -49,7 +50,8 @@ def test_good_flags_run_and_return_0(capsys):
     assert seen[0].trust_checkpoint is True and seen[0].device == "auto"
 
 
-@pytest.mark.parametrize("argv", [["--model_dir", "d", "--bogus"], ["--model_dir", "d", "--n", "x"], ["--hf_model"]])
+@pytest.mark.parametrize("argv",
+                         [["--model_dir", "d", "--bogus"], ["--model_dir", "d", "--n", "x"], ["--hf_model"]])
 def test_bad_flag_is_one_line_and_exit_2(argv, capsys):
     seen: list = []
     assert make_main(seen)(argv) == 2
@@ -142,7 +144,7 @@ def test_verbose_flag():
     assert p.parse_args(["--model_dir", "d"]).verbose is False
 
 
-# ----- the fflayers command -----------------------------------------------------------------------------------
+# ----- the fflayers command ---------------------------------------------------------------------------------
 
 GROUPS = ("memories", "recall", "shortcuts", "neurons", "embedding", "merge")
 #: fflayers command -> (script module in analysis/, the script's arguments before the flags)
@@ -222,7 +224,8 @@ def test_installed_console_script_help():
     from pathlib import Path
 
     exe = Path(sys.executable).parent / "fflayers"
-    assert exe.is_file(), f"{exe} is missing: install the project (pip install -e .) to get the console script"
+    assert exe.is_file(), (f"{exe} is missing: install the project (pip install -e .) "
+                           "to get the console script")
     proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: fflayers ") and all(g in proc.stdout for g in GROUPS)
@@ -233,7 +236,8 @@ def test_installed_console_script_help():
     (["bogus"], "fflayers: error: argument COMMAND: invalid choice: 'bogus'"),
     (["memories"], "fflayers memories: error: "),
     (["memories", "agreement", "--bogus"], "fflayers memories agreement: error: unrecognized arguments"),
-    (["memories", "agreement", "--hf_model", "m"], "fflayers memories agreement: error: --data_dir is required"),
+    (["memories", "agreement", "--hf_model", "m"],
+     "fflayers memories agreement: error: --data_dir is required"),
     (["recall", "knockout", "--hf_model", "m", "--countries"], "fflayers recall knockout: error: "),
     (["shortcuts", "plot"], "fflayers shortcuts plot: error: "),
     (["merge", "--keep"], "fflayers merge: error: "),
@@ -307,7 +311,8 @@ def test_unknown_output_suffix_is_refused_before_the_model_loads(name, tmp_path,
         for argv in argvs:
             assert main(argv) == 2, argv
             line = error_line(capsys)
-            assert line.startswith(f"fflayers {argv[0]}") and f"error: {flag} {out}: unknown table format" in line
+            assert (line.startswith(f"fflayers {argv[0]}")
+                    and f"error: {flag} {out}: unknown table format" in line)
             assert line.endswith(", ".join(TABLE_SUFFIXES)), line
     assert sorted(tmp_path.iterdir()) == before
 
@@ -317,7 +322,8 @@ def test_unknown_input_suffix_is_refused(tmp_path, capsys):
 
     table = tmp_path / "t.xlsx"
     table.write_text("layer\n0\n")
-    assert main(["recall", "plot", "--kind", "knockout", "--input", str(table), "--output", str(tmp_path / "f")]) == 2
+    assert main(["recall", "plot", "--kind", "knockout", "--input", str(table), "--output",
+                 str(tmp_path / "f")]) == 2
     assert f"--input {table}: unknown table format '.xlsx'" in error_line(capsys)
     assert main(["memories", "plot", "--ffn_info", str(table), "--output_dir", str(tmp_path / "figs")]) == 2
     assert f"--ffn_info {table}: unknown table format '.xlsx'" in error_line(capsys)
@@ -341,7 +347,8 @@ def test_write_and_read_table_follow_one_suffix_rule(tmp_path):
     assert len(read_table(tmp_path / "c.parquet")) == len(read_table(tmp_path / "c.tsv")) == 4
     names = sorted(p.name for p in tmp_path.iterdir())
     for bad in ("t.txt", "t.xlsx", "t"):
-        with pytest.raises(InputError, match="unknown table format .* ending in .parquet, .tsv, .csv, .jsonl"):
+        with pytest.raises(InputError,
+                           match="unknown table format .* ending in .parquet, .tsv, .csv, .jsonl"):
             write_table(tmp_path / bad, df)
         with pytest.raises(InputError, match="unknown table format"):
             read_table(tmp_path / bad)

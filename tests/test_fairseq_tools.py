@@ -12,9 +12,11 @@ from fflayers.fairseq_tools import FairseqToolError
 
 
 def test_dict_size_counts_special_symbols(fairseq_plain_lm):
-    assert fairseq_tools.dict_size(fairseq_plain_lm.data_bin) == len(Dictionary.load(str(fairseq_plain_lm.data_bin / "dict.txt")))
+    assert fairseq_tools.dict_size(fairseq_plain_lm.data_bin) == len(
+        Dictionary.load(str(fairseq_plain_lm.data_bin / "dict.txt")))
     # the model dir got a copy of the dictionary it was trained with
-    assert (fairseq_plain_lm.model_dir / "dict.txt").read_bytes() == (fairseq_plain_lm.data_bin / "dict.txt").read_bytes()
+    assert ((fairseq_plain_lm.model_dir / "dict.txt").read_bytes()
+            == (fairseq_plain_lm.data_bin / "dict.txt").read_bytes())
 
 
 def test_adaptive_cutoffs():
@@ -51,7 +53,8 @@ def test_bad_training_options_fail_before_running(fairseq_plain_lm, tmp_path):
 
 
 def test_eval_lm_scores_cover_every_token(fairseq_plain_lm):
-    result = fairseq_tools.eval_lm_scores(fairseq_plain_lm.data_bin, fairseq_plain_lm.model_dir, subset="valid")
+    result = fairseq_tools.eval_lm_scores(fairseq_plain_lm.data_bin, fairseq_plain_lm.model_dir,
+                                          subset="valid")
     lines = fairseq_plain_lm.valid.read_text(encoding="utf-8").splitlines()
     assert sorted(result.samples) == list(range(len(lines)))
     assert sum(len(v) for v in result.samples.values()) == sum(len(line.split()) + 1 for line in lines)

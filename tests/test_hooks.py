@@ -1,4 +1,5 @@
-"""Hook machinery: hooks are always removed, edits select exactly what they name, bad arguments fail clearly."""
+"""Hook machinery: hooks are always removed, edits select exactly what they name, bad arguments fail
+clearly."""
 
 from __future__ import annotations
 

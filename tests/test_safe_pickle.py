@@ -93,8 +93,10 @@ def test_real_tables_load_equal(tmp_path):
         with open(path, "wb") as f:
             pickle.dump(frame, f, protocol=protocol)
         back = load_pickle(path)
-        pd.testing.assert_frame_equal(back.drop(columns=["coefficients"]), frame.drop(columns=["coefficients"]))
-        assert all(np.array_equal(a, b) for a, b in zip(back["coefficients"], frame["coefficients"], strict=True))
+        pd.testing.assert_frame_equal(back.drop(columns=["coefficients"]),
+                                      frame.drop(columns=["coefficients"]))
+        assert all(np.array_equal(a, b)
+                   for a, b in zip(back["coefficients"], frame["coefficients"], strict=True))
         assert back.attrs == {"d_ff": 64}
     frame.to_pickle(tmp_path / "pandas.pkl")
     pd.testing.assert_frame_equal(load_pickle(tmp_path / "pandas.pkl"), frame)

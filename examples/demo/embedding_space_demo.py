@@ -55,8 +55,8 @@ def run_embedding_space(out: Path, corpus: Path, smollm2_dir: Path) -> None:
     layer, neuron = concept_value(pd.read_parquet(values))
     tsne = out / f"tsne_L{layer}_N{neuron}_value.png"
     if not tsne.is_file():
-        _run("embedding_space.py", "tsne", *smol, "--layers", str(layer), "--neuron", str(neuron), "--k", "80",
-             "--output_dir", str(out))
+        _run("embedding_space.py", "tsne", *smol, "--layers", str(layer), "--neuron", str(neuron), "--k",
+             "80", "--output_dir", str(out))
     nvh = out / "smollm2_neurons_vs_hidden.csv"
     if not nvh.is_file():
         _run("embedding_space.py", "neurons-vs-hidden", *smol, "--data_file", str(corpus), "--max_sentences",
@@ -83,7 +83,8 @@ def run_embedding_space(out: Path, corpus: Path, smollm2_dir: Path) -> None:
         toks = export[(export.layer == row.layer) & (export.neuron == row.neuron)].sort_values("rank").token
         print(f"  value {row.neuron} of layer {row.layer}: {' | '.join(repr(t)[1:-1] for t in toks)}")
     summary = pd.read_csv(nvh)
-    print("\nSmolLM2: share of the hidden state's top-10 tokens among its 10 most active values' top-10 tokens")
+    print(
+        "\nSmolLM2: share of the hidden state's top-10 tokens among its 10 most active values' top-10 tokens")
     print("  layer: " + " ".join(f"{int(x) + 1:>5d}" for x in summary.layer))
     print("  active:" + " ".join(f"{100 * x:5.1f}" for x in summary.overlap_active))
     print("  random:" + " ".join(f"{100 * x:5.1f}" for x in summary.overlap_random))

@@ -43,7 +43,8 @@ def _run(script: str, *args: str) -> None:
 def run_memories(name: str, adapter: LMAdapter, corpus: Path, out: Path, n_sentences: int,
                  model_dir: Path | None = None, k: int = 20, info_sentences: int = 100,
                  agreement_layers: list[int] | None = None) -> None:
-    """Trigger examples -> textual files -> key-value agreement (+ random baseline) -> layer-mode info -> figures.
+    """Trigger examples -> textual files -> key-value agreement (+ random baseline) -> layer-mode info ->
+    figures.
 
     ``agreement_layers`` limits the agreement step (every value through the full vocabulary, twice with the
     baseline) to some layers, to keep the demo short on a CPU; the command-line tools default to all layers.
@@ -56,24 +57,26 @@ def run_memories(name: str, adapter: LMAdapter, corpus: Path, out: Path, n_sente
           f"{adapter.n_layers} x {adapter.d_ff} keys", flush=True)
     if not jsonl.is_file():
         _run("generate_outputs.py", "--data_file", str(corpus), *flags, "--get_trigger_examples",
-             "--extract_mode", "layer-raw", "--top_k_trigger_examples", str(k), "--max_sentences", str(n_sentences),
-             "--output_file", str(jsonl), "--quiet")
+             "--extract_mode", "layer-raw", "--top_k_trigger_examples", str(k), "--max_sentences",
+             str(n_sentences), "--output_file", str(jsonl), "--quiet")
     if not textual.is_dir():
-        _run("trigger_examples_jsonl_to_textual.py", "--input_file", str(jsonl), *flags, "--output_dir", str(textual),
-             "--quiet")
+        _run("trigger_examples_jsonl_to_textual.py", "--input_file", str(jsonl), *flags, "--output_dir",
+             str(textual), "--quiet")
     if not Path(f"{base}.tsv").is_file():
         layer_flags = ["--layers", *map(str, agreement_layers)] if agreement_layers else []
         _run("key_value_agreement.py", *flags, "--data_dir", str(textual), "--output_base", str(base),
              *layer_flags, "--random_baseline", "--quiet")
     if not layer_info.is_file():
-        _run("generate_outputs.py", "--data_file", str(corpus), *flags, "--extract_ffn_info", "--extract_mode", "layer",
-             "--max_sentences", str(info_sentences), "--output_file", str(layer_info), "--quiet")
+        _run("generate_outputs.py", "--data_file", str(corpus), *flags, "--extract_ffn_info",
+             "--extract_mode", "layer", "--max_sentences", str(info_sentences), "--output_file",
+             str(layer_info), "--quiet")
     _run("plot_memories.py", "--agreement_tsv", f"{base}.tsv", "--baseline_tsv", f"{base}_random.tsv",
          "--ffn_info", str(layer_info), "--output_dir", str(figures))
     summarize(name, adapter, textual, base, layer_info)
 
 
-def summarize(name: str, adapter: LMAdapter, textual: Path, base: Path, layer_info: Path, n_keys: int = 5) -> None:
+def summarize(name: str, adapter: LMAdapter, textual: Path, base: Path, layer_info: Path,
+              n_keys: int = 5) -> None:
     """Per-layer agreement vs the random baseline and memory statistics, then a few keys with their triggers
     and value tokens."""
     table = pd.read_csv(f"{base}.tsv", sep="\t")
@@ -92,7 +95,8 @@ def summarize(name: str, adapter: LMAdapter, textual: Path, base: Path, layer_in
     examples = read_textual_dir(textual)
     confident = table[table["embedding_token_target_count"] > 0].sort_values("max_prob", ascending=False)
     if len(confident) < n_keys:
-        confident = pd.concat([confident, table.sort_values("max_prob", ascending=False)]).drop_duplicates(["layer", "W2_dim"])
+        confident = pd.concat([confident, table.sort_values("max_prob", ascending=False)]).drop_duplicates(
+            ["layer", "W2_dim"])
     print(f"\n{name}: {n_keys} keys, their top trigger prefixes (*next token*) and their value's top tokens")
     for row in confident.head(n_keys).itertuples():
         layer, dim = int(row.layer), int(row.W2_dim)

@@ -1,7 +1,7 @@
 """Demo step: knowledge neurons of SmolLM2-135M for a few country -> capital facts.
 
-Integrated gradients over the last 6 of its 30 layers (3 steps, 2 paraphrases per fact), refined neurons shared
-by both paraphrases, then the change of the capital's probability when they are suppressed or
+Integrated gradients over the last 6 of its 30 layers (3 steps, 2 paraphrases per fact), refined neurons
+shared by both paraphrases, then the change of the capital's probability when they are suppressed or
 enhanced: on the fact's own prompts, on an unrelated fact (capital -> country), and for as many random neurons
 of the same layers. Settings are small to stay fast on a laptop CPU; analysis/knowledge_neurons.py runs the
 full search.
@@ -20,8 +20,8 @@ TEMPLATES = {
 
 
 def run_neurons(out_dir: Path, adapter=None) -> None:
-    """Find and test the knowledge neurons of SmolLM2 (``adapter``, loaded when None); tables, JSON summary and
-    figure land in ``out_dir``."""
+    """Find and test the knowledge neurons of SmolLM2 (``adapter``, loaded when None); tables, JSON summary
+    and figure land in ``out_dir``."""
     from fflayers.assets import load_smollm2
     from fflayers.io import write_json, write_table
     from fflayers.neurons.evaluate import (
@@ -41,7 +41,8 @@ def run_neurons(out_dir: Path, adapter=None) -> None:
     facts = [f for f in countries_paraphrases(TEMPLATES) if f.uuid.split("-")[-1] in COUNTRIES]
     wanted = [i for i, f in enumerate(facts) if f.relation == "capital"]
     layers = tuple(range(adapter.n_layers - 6, adapter.n_layers))
-    config = SearchConfig(steps=3, batch_size=len(layers) * 3, p=0.5, coarse_adaptive_threshold=0.3, layers=layers)
+    config = SearchConfig(steps=3, batch_size=len(layers) * 3, p=0.5, coarse_adaptive_threshold=0.3,
+                          layers=layers)
     records = evaluate_facts(adapter, facts, config, indices=wanted)
     table = results_table(records)
     summary = summary_table(table)
@@ -49,18 +50,22 @@ def run_neurons(out_dir: Path, adapter=None) -> None:
     write_table(out_dir / "results_summary.tsv", summary)
     result = summarize(records)
     write_json(out_dir / "results.json", {"summary": result, "config": config.to_json(),
-                                          "facts": [{k: r[k] for k in ("uuid", "answer", "neurons")} for r in records]})
-    save_figure(plot_knowledge_neuron_effects(summary, "SmolLM2-135M: knowledge neurons of country -> capital"),
+                                          "facts": [{k: r[k] for k in ("uuid", "answer", "neurons")}
+                                                    for r in records]})
+    save_figure(plot_knowledge_neuron_effects(summary,
+                                              "SmolLM2-135M: knowledge neurons of country -> capital"),
                 out_dir / "knowledge_neurons")
     for r in records:
-        shown = ", ".join(f"L{layer}.{i}" for layer, i in r["neurons"][:8]) + (" ..." if len(r["neurons"]) > 8 else "")
+        shown = ", ".join(f"L{layer}.{i}" for layer, i in r["neurons"][:8]) + (
+            " ..." if len(r["neurons"]) > 8 else "")
         print(f"  {r['uuid']} ({r['answer']}): {len(r['neurons'])} refined neurons: {shown or 'none'}")
     s = result["capital"]
     print("  % change of the capital's probability (mean over facts):")
     for name in ("suppress", "enhance"):
         e = s[name]
         print(f"    {name:<8}  related {e.get('related', float('nan')):+7.1f}   unrelated "
-              f"{e.get('unrelated', float('nan')):+7.1f}   random neurons {e.get('random_related', float('nan')):+7.1f}")
+              f"{e.get('unrelated', float('nan')):+7.1f}   random neurons "
+              f"{e.get('random_related', float('nan')):+7.1f}")
     print(f"  knowledge neurons done in {time.time() - start:.0f} s; outputs in {out_dir}/")
 
 

@@ -1,5 +1,6 @@
-"""Demo step: dissecting factual recall on SmolLM2 with country -> capital facts: the facts the model gets right,
-attention knockout over all layers (figure + table), and a printed summary of where blocking the subject hurts.
+"""Demo step: dissecting factual recall on SmolLM2 with country -> capital facts: the facts the model gets
+right, attention knockout over all layers (figure + table), and a printed summary of where blocking the
+subject hurts.
 
 Runs in one process with one model load (the command line does the same with
 ``analysis/dissect_recall.py facts ... --countries --filter`` then ``knockout ... --facts``).
@@ -30,20 +31,23 @@ N_FACTS = 6
 def _summary(table) -> None:
     mean = table.pivot_table(index="layer", columns="set", values="rel_change_pct", aggfunc="mean")
     worst = mean["subject"].nsmallest(5)
-    print("  mean relative change of the predicted token's probability (%) when blocking last -> set, per layer:")
+    print("  mean relative change of the predicted token's probability (%) when blocking last -> set, "
+          "per layer:")
     print("  layer " + " ".join(f"{s[:22]:>23s}" for s in mean.columns))
     for layer, row in mean.iterrows():
         print(f"  {layer:5d} " + " ".join(f"{x:23.1f}" for x in row))
     print("  blocking the subject hurts most at layers (window centre, 0-based): "
           + ", ".join(f"{layer} ({v:.0f}%)" for layer, v in worst.items()))
     upper = mean.index >= mean.index.max() * 2 // 3
-    print(f"  upper third of the layers: subject {mean['subject'][upper].mean():.1f}% vs non-subject (w/o first) "
-          f"{mean['non_subject_excl_first'][upper].mean():.1f}% vs last {mean['last'][upper].mean():.1f}%")
+    print(f"  upper third of the layers: subject {mean['subject'][upper].mean():.1f}% vs non-subject (w/o "
+          f"first) {mean['non_subject_excl_first'][upper].mean():.1f}% vs last "
+          f"{mean['last'][upper].mean():.1f}%")
 
 
 def _extraction_and_projection(adapter, known, out_dir: Path) -> None:
-    """Attribute extraction events (model as it is, and with the last position's edges to the subject blocked),
-    figure and overview; the vocabulary projections of one fact at the last position, layer by layer."""
+    """Attribute extraction events (model as it is, and with the last position's edges to the subject
+    blocked), figure and overview; the vocabulary projections of one fact at the last position, layer by
+    layer."""
     from fflayers.plots import plot_extraction_rates
     from fflayers.recall import extraction_events, extraction_overview, vocabulary_projections
 
@@ -52,7 +56,8 @@ def _extraction_and_projection(adapter, known, out_dir: Path) -> None:
     save_figure(plot_extraction_rates(events, title="Attribute extraction, SmolLM2-135M (country capitals)"),
                 out_dir / "extraction")
     overview = extraction_overview(events)
-    print("  attribute extraction (attribute = top-1 of the sublayer output at the last position, no final norm):")
+    print("  attribute extraction (attribute = top-1 of the sublayer output at the last position, "
+          "no final norm):")
     for row in overview.itertuples(index=False):
         print(f"    {row.variant:14s} MHSA events {row.attn_events:3d} ({100 * row.attn_any:.0f}% of facts), "
               f"MLP events {row.mlp_events:3d} ({100 * row.mlp_any:.0f}% of facts)")
@@ -65,14 +70,17 @@ def _extraction_and_projection(adapter, known, out_dir: Path) -> None:
 
     fact = known[0]  # hidden states through the final norm (the logit lens), sublayer outputs without it
     table = pd.concat([vocabulary_projections(adapter, [fact], points=["resid_post"], k=5, final_norm=True),
-                       vocabulary_projections(adapter, [fact], points=["attn_out", "mlp_out"], k=5, final_norm=False)],
+                       vocabulary_projections(adapter, [fact], points=["attn_out", "mlp_out"], k=5,
+                                              final_norm=False)],
                       ignore_index=True)
     write_table(out_dir / "projection_one_fact.tsv", table)
-    top1 = table[table["rank"] == 1].pivot_table(index="layer", columns="point", values="token", aggfunc="first")
+    top1 = table[table["rank"] == 1].pivot_table(index="layer", columns="point", values="token",
+                                                 aggfunc="first")
     print(f"  top-1 token at the last position of {fact.fact.prompt!r} (-> {fact.fact.attribute!r}):")
     print("  layer  " + "".join(f"{p:>18s}" for p in ("resid_post (norm)", "attn_out", "mlp_out")))
     for layer, row in top1.iloc[-10:].iterrows():
-        print(f"  {layer:5d}  " + "".join(f"{row[p]!r:>18.18}" for p in ("resid_post", "attn_out", "mlp_out")))
+        print(f"  {layer:5d}  " + "".join(f"{row[p]!r:>18.18}"
+                                          for p in ("resid_post", "attn_out", "mlp_out")))
 
 
 def run_recall(out_dir: Path, adapter=None) -> None:
@@ -82,7 +90,8 @@ def run_recall(out_dir: Path, adapter=None) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     adapter = load_smollm2() if adapter is None else adapter
-    print(f"\n--- dissecting factual recall: SmolLM2-135M ({adapter.n_layers} layers), country -> capital facts")
+    print(f"\n--- dissecting factual recall: SmolLM2-135M ({adapter.n_layers} layers), "
+          "country -> capital facts")
     encoded, skipped = encode_facts(adapter, countries_facts()[:N_COUNTRIES])
     known = filter_facts(adapter, encoded)
     print(f"  {len(known)} of {len(encoded)} countries' capitals predicted correctly"

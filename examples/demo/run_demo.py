@@ -12,10 +12,10 @@
 7. Linear shortcuts between layers: maps A_{j,i} fitted on the demo fairseq LM (r^2, shortcuts to the output,
    early exit, submodule maps and the mat_attn / mat_ffn / mat_ln1_ln2 shortcuts), on SmolLM2 (a small
    sample) and on MiniLM (r^2: it has no MLM head).
-8. Dissecting factual recall on SmolLM2: the country -> capital facts it gets right, attention knockout of five
-   position sets in every layer, attribute extraction, the vocabulary projections of one fact.
-9. Knowledge neurons of a few of those facts on SmolLM2: refined neurons by integrated gradients, the effect of
-   suppressing and enhancing them vs unrelated facts and random neurons.
+8. Dissecting factual recall on SmolLM2: the country -> capital facts it gets right, attention knockout of
+   five position sets in every layer, attribute extraction, the vocabulary projections of one fact.
+9. Knowledge neurons of a few of those facts on SmolLM2: refined neurons by integrated gradients, the effect
+   of suppressing and enhancing them vs unrelated facts and random neurons.
 
 Everything lands in ``runs/demo`` (``--out``); finished steps are reused when the demo runs again.
 
@@ -58,7 +58,8 @@ def show_predictions(adapter: LMAdapter, prompts: list[str], k: int = 5) -> None
             lp = adapter.log_probs(ids)[0, -1]
         top = lp.topk(k)
         tokens = adapter.vocab.id_to_token(top.indices.tolist())
-        shown = ", ".join(f"{t.strip() or repr(t)} ({p:.2f})" for t, p in zip(tokens, top.values.exp().tolist(), strict=True))
+        shown = ", ".join(f"{t.strip() or repr(t)} ({p:.2f})"
+                          for t, p in zip(tokens, top.values.exp().tolist(), strict=True))
         print(f"  {prompt!r} -> {shown}")
 
 
@@ -126,7 +127,8 @@ def main() -> None:
 
     logging.getLogger().setLevel(logging.WARNING)  # importing fairseq sets the root logger to DEBUG
     banner("4. Next-token predictions and FFN value tokens")
-    for name, adapter, prompts in (("fairseq demo LM", fairseq_lm, FAIRSEQ_PROMPTS), ("SmolLM2-135M", smollm2, HF_PROMPTS)):
+    for name, adapter, prompts in (("fairseq demo LM", fairseq_lm, FAIRSEQ_PROMPTS),
+                                   ("SmolLM2-135M", smollm2, HF_PROMPTS)):
         print(f"{name}: next-token predictions")
         show_predictions(adapter, prompts)
         print(f"{name}: most confident values of the last layer")
@@ -137,7 +139,8 @@ def main() -> None:
 
         banner("5. Key-value memories")
         corpus = out / "corpus" / "wiki.train.tokens"
-        run_memories("fairseq demo LM", fairseq_lm, corpus, out / "memories_fairseq", args.sentences, model_dir=model_dir)
+        run_memories("fairseq demo LM", fairseq_lm, corpus, out / "memories_fairseq", args.sentences,
+                     model_dir=model_dir)
         every_third = sorted({*range(0, smollm2.n_layers, 3), smollm2.n_layers - 1})
         run_memories("SmolLM2-135M", smollm2, corpus, out / "memories_smollm2", args.hf_sentences,
                      model_dir=smollm2_dir, agreement_layers=every_third)
@@ -158,7 +161,8 @@ def main() -> None:
         from recall_demo import run_recall
 
         banner("8. Dissecting factual recall")
-        if (out / "recall" / "knockout.parquet").is_file() and (out / "recall" / "extraction.parquet").is_file():
+        if ((out / "recall" / "knockout.parquet").is_file()
+                and (out / "recall" / "extraction.parquet").is_file()):
             print(f"  done before: see {out / 'recall'}/")
         else:
             run_recall(out / "recall", smollm2)

@@ -1,9 +1,10 @@
 """Train a small fairseq transformer LM on a WikiText-style corpus and write a model dir.
 
-Input: a folder holding ``wiki.train.tokens``, ``wiki.valid.tokens`` and ``wiki.test.tokens`` (space-tokenized,
-one paragraph per line, as in WikiText-103 or ``examples/demo/build_corpus.py``). Output: ``OUT_DIR`` with
-``model.pt`` + ``dict.txt`` (loadable by ``fflayers.backends.fairseq_loading.load_fairseq_lm`` and
-``fairseq-eval-lm``) and ``OUT_DIR/data-bin`` (the binarised corpus).
+Input: a folder holding ``wiki.train.tokens``, ``wiki.valid.tokens`` and ``wiki.test.tokens``
+(space-tokenized, one paragraph per line, as in WikiText-103 or ``examples/demo/build_corpus.py``). Output:
+``OUT_DIR`` with ``model.pt`` + ``dict.txt`` (loadable by
+``fflayers.backends.fairseq_loading.load_fairseq_lm`` and ``fairseq-eval-lm``) and ``OUT_DIR/data-bin`` (the
+binarised corpus).
 
 The default model is a miniature of the WikiText-103 LM: adaptive input + adaptive softmax with tied weights,
 pre-LN blocks, 4 layers, 128 dim, FFN 512, 4 heads. Training stops after ``--minutes`` of training time or
@@ -54,14 +55,17 @@ def train_small_lm(
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
         raise fairseq_tools.FairseqToolError(
-            f"missing {', '.join(missing)}; --data_dir must hold wiki.train.tokens, wiki.valid.tokens, wiki.test.tokens"
+            f"missing {', '.join(missing)}; "
+            "--data_dir must hold wiki.train.tokens, wiki.valid.tokens, wiki.test.tokens"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     data_bin = out_dir / "data-bin"
     t0 = time.time()
-    fairseq_tools.preprocess(files["train"], files["valid"], files["test"], data_bin, workers=workers, threshold=threshold)
+    fairseq_tools.preprocess(files["train"], files["valid"], files["test"], data_bin, workers=workers,
+                             threshold=threshold)
     vocab = fairseq_tools.dict_size(data_bin)
-    print(f"preprocessed {data_dir} -> {data_bin} (vocabulary {vocab}) in {time.time() - t0:.0f} s", flush=True)
+    print(f"preprocessed {data_dir} -> {data_bin} (vocabulary {vocab}) in {time.time() - t0:.0f} s",
+          flush=True)
     t0 = time.time()
     fairseq_tools.train_lm(
         data_bin, out_dir, adaptive=adaptive, layers=layers, dim=dim, ffn_dim=ffn_dim, heads=heads,
@@ -77,7 +81,8 @@ def train_small_lm(
             data_bin, out_dir, subset="test", sample_break_mode="none", tokens_per_sample=tokens_per_sample,
             threads=threads,
         )
-        print(f"test loss {loss:.3f} nats/token (perplexity {math.exp(loss):.1f}, blocks of {tokens_per_sample} tokens)", flush=True)
+        print(f"test loss {loss:.3f} nats/token (perplexity {math.exp(loss):.1f}, "
+              f"blocks of {tokens_per_sample} tokens)", flush=True)
     print(f"model dir: {out_dir} (model.pt + dict.txt)", flush=True)
     return out_dir
 
@@ -90,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--ffn_dim", type=int, default=512)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--plain", action="store_true", help="full softmax and plain embeddings instead of adaptive ones")
+    p.add_argument("--plain", action="store_true",
+                   help="full softmax and plain embeddings instead of adaptive ones")
     p.add_argument("--minutes", type=float, default=3.0, help="training-time budget (default 3)")
     p.add_argument("--max_update", type=int, default=100_000)
     p.add_argument("--tokens_per_sample", type=int, default=128)
@@ -108,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             a.data_dir, a.out_dir, layers=a.layers, dim=a.dim, ffn_dim=a.ffn_dim, heads=a.heads,
             adaptive=not a.plain, minutes=a.minutes, max_update=a.max_update,
             tokens_per_sample=a.tokens_per_sample, max_tokens=a.max_tokens, lr=a.lr, threshold=a.threshold,
-            workers=a.workers, threads=a.threads, seed=a.seed, keep_checkpoints=a.keep_checkpoints, evaluate=not a.no_eval,
+            workers=a.workers, threads=a.threads, seed=a.seed, keep_checkpoints=a.keep_checkpoints,
+            evaluate=not a.no_eval,
         )
     except fairseq_tools.FairseqToolError as e:
         print(f"error: {e}", file=sys.stderr)

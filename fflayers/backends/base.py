@@ -55,7 +55,8 @@ class AttentionWeights:
     def __post_init__(self) -> None:
         H, G = self.n_heads, self.n_kv_heads
         if H <= 0 or G <= 0 or H % G:
-            raise ModelError(f"{H} query heads cannot share {G} key/value heads; n_heads must be a multiple of n_kv_heads")
+            raise ModelError(
+                f"{H} query heads cannot share {G} key/value heads; n_heads must be a multiple of n_kv_heads")
         d, dh = self.W_Q.shape[1], self.W_Q.shape[2]
         expected = {
             "W_Q": (H, d, dh), "W_K": (G, d, dh), "W_V": (G, d, dh), "W_O": (H, dh, d),
@@ -75,9 +76,11 @@ class AttentionWeights:
         return int(self.W_Q.shape[2])
 
     def kv_head(self, h: int) -> int:
-        """The key/value head that query head ``h`` reads (grouped-query attention; ``h`` itself otherwise)."""
+        """The key/value head that query head ``h`` reads (grouped-query attention; ``h`` itself
+        otherwise)."""
         if not 0 <= h < self.n_heads:
-            raise ModelError(f"head {h} is out of range: the layer has {self.n_heads} heads (0..{self.n_heads - 1})")
+            raise ModelError(f"head {h} is out of range: the layer has {self.n_heads} heads "
+                             f"(0..{self.n_heads - 1})")
         return h // (self.n_heads // self.n_kv_heads)
 
     @classmethod
@@ -206,13 +209,14 @@ class LMAdapter(ABC):
         return None
 
     def run_cached(self, cache: object, input_ids: torch.Tensor) -> torch.Tensor:
-        """Final residual stream ``[batch, T, d]`` of ``input_ids`` ``[batch, T]`` read after the cached prefix:
-        hooks see only these ``T`` positions (their position 0 is position ``P`` of the whole sequence). A
-        cache serves one call."""
+        """Final residual stream ``[batch, T, d]`` of ``input_ids`` ``[batch, T]`` read after the cached
+        prefix: hooks see only these ``T`` positions (their position 0 is position ``P`` of the whole
+        sequence). A cache serves one call."""
         raise ModelError(f"{type(self).__name__} cannot cache a prefix; run whole sequences")
 
     def log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Next-token log-probabilities ``[B, T, V]`` (masked LMs: log-probs of the token at each position)."""
+        """Next-token log-probabilities ``[B, T, V]`` (masked LMs: log-probs of the token at each
+        position)."""
         h = self.run(input_ids, attention_mask)
         if h is None:
             raise ModelError("the forward pass was stopped early by a hook; log_probs needs the full pass")
@@ -230,8 +234,8 @@ class LMAdapter(ABC):
     # ----- output head -------------------------------------------------------------------------------------
     @abstractmethod
     def _project_rows(self, h: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
-        """Log-probs ``[N, V]`` of residual vectors ``[N, d]`` through the final norm (unless ``final_norm`` is
-        False) and the head."""
+        """Log-probs ``[N, V]`` of residual vectors ``[N, d]`` through the final norm (unless ``final_norm``
+        is False) and the head."""
 
     def project(self, h: torch.Tensor, chunk_size: int = 1024, final_norm: bool = True) -> torch.Tensor:
         """Log-probabilities over the vocabulary of residual-stream vectors ``[..., d]`` -> ``[..., V]``.
@@ -239,8 +243,8 @@ class LMAdapter(ABC):
         Uses the model's own head (final norm where it has one, adaptive softmax in eval mode), chunked
         so that at most ``chunk_size`` rows of full-vocabulary scores are alive at a time.
         ``final_norm=False`` skips the norm applied to the last block's output before the head (fairseq's
-        decoder ``layer_norm``, HF ``ln_f`` / ``norm``): log-softmax of ``h @ E.T`` (+ the head's bias), as when
-        sublayer outputs are read in the vocabulary. Models without such a norm (BERT: its MLM head's own
+        decoder ``layer_norm``, HF ``ln_f`` / ``norm``): log-softmax of ``h @ E.T`` (+ the head's bias), as
+        when sublayer outputs are read in the vocabulary. Models without such a norm (BERT: its MLM head's own
         transform is kept) give the same result either way.
         """
         shape = h.shape[:-1]
@@ -267,12 +271,13 @@ class LMAdapter(ABC):
         view = self.ffn_values(layer)
         idx = torch.as_tensor(list(index), dtype=torch.long).reshape(-1)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= view.shape[0]):
-            raise ModelError(f"value index out of range: layer {layer} has {view.shape[0]} values (0..{view.shape[0] - 1})")
+            raise ModelError(f"value index out of range: layer {layer} has {view.shape[0]} values "
+                             f"(0..{view.shape[0] - 1})")
         rows = torch.as_tensor(rows).reshape(idx.numel(), view.shape[1])
         ptr = view.untyped_storage().data_ptr()
         if not any(p.untyped_storage().data_ptr() == ptr for p in self.model.parameters()):
-            raise ModelError(f"{type(self).__name__}.ffn_values returns a copy, not a view of the model's weights; "
-                               "override write_ffn_values for this backend")
+            raise ModelError(f"{type(self).__name__}.ffn_values returns a copy, not a view of the model's "
+                             "weights; override write_ffn_values for this backend")
         view[idx.to(view.device)] = rows.to(view.device, view.dtype)
 
     @abstractmethod
@@ -297,8 +302,8 @@ class LMAdapter(ABC):
     # ----- hook plumbing (used by fflayers.hooks) ----------------------------------------------------------
     @abstractmethod
     def hook_site(self, point: str, layer: int) -> HookSite:
-        """Module and side that carry hook point ``point`` of block ``layer`` (an adapter without an ``mlp_in``
-        entry gets the input of ``mlp_key``'s module from :func:`fflayers.hooks.site_of`)."""
+        """Module and side that carry hook point ``point`` of block ``layer`` (an adapter without an
+        ``mlp_in`` entry gets the input of ``mlp_key``'s module from :func:`fflayers.hooks.site_of`)."""
 
     @property
     def block_layout(self) -> str:
@@ -310,13 +315,15 @@ class LMAdapter(ABC):
         """The self-attention module of block ``layer`` (edge blocking acts there)."""
 
     def prepare_edge_blocking(self) -> None:
-        """Make the attention modules honour :func:`fflayers.hooks.block_attention` (called before blocking)."""
+        """Make the attention modules honour :func:`fflayers.hooks.block_attention` (called before
+        blocking)."""
         return None
 
     def check_layer(self, layer: int) -> int:
         """Normalise a (possibly negative) layer index, or raise :class:`ModelError`."""
         if not -self.n_layers <= layer < self.n_layers:
-            raise ModelError(f"layer {layer} is out of range: the model has {self.n_layers} layers (0..{self.n_layers - 1})")
+            raise ModelError(f"layer {layer} is out of range: the model has {self.n_layers} layers "
+                             f"(0..{self.n_layers - 1})")
         return layer % self.n_layers
 
     def check_layers(self, layers: Iterable[int] | None = None, *, sort: bool = False) -> list[int]:

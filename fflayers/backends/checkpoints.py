@@ -89,7 +89,8 @@ _UNKNOWN_FN_RE = re.compile(r"(?:unrecognized function|got) <?(?:class |built-in
 
 
 def _offending_global(message: str) -> str | None:
-    """The global a weights-only load refused (``posix.system``, ``mymodule.MyClass``), from torch's message."""
+    """The global a weights-only load refused (``posix.system``, ``mymodule.MyClass``), from torch's
+    message."""
     m = _GLOBAL_RE.search(message) or _UNKNOWN_FN_RE.search(message)
     if m:
         return m.group(1).rstrip(".,;:'")
@@ -117,7 +118,8 @@ def load_checkpoint(path: str | Path, trust_checkpoint: bool = False) -> dict:
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist; pass the path of a fairseq .pt file")
     if path.stat().st_size == 0 or not _looks_like_checkpoint(path):
-        raise ModelError(f"checkpoint {path} is not a torch checkpoint (corrupt or truncated); re-download or re-save it")
+        raise ModelError(f"checkpoint {path} is not a torch checkpoint (corrupt or truncated); "
+                         "re-download or re-save it")
     try:
         if trust_checkpoint:
             state = torch.load(path, map_location="cpu", weights_only=False)
@@ -132,26 +134,31 @@ def load_checkpoint(path: str | Path, trust_checkpoint: bool = False) -> dict:
         offending = _offending_global(msg)
         if not trust_checkpoint and refused and offending is not None:
             raise ModelError(
-                f"checkpoint {path} was refused: it needs {offending}, which is not on fflayers' allow-list for "
-                "safe loading, and nothing in it was executed; if you trust the file, pass --trust-checkpoint "
-                "(trust_checkpoint=True), which unpickles it in full and runs its code"
+                f"checkpoint {path} was refused: it needs {offending}, which is not on fflayers' allow-list "
+                "for safe loading, and nothing in it was executed; if you trust the file, pass "
+                "--trust-checkpoint (trust_checkpoint=True), which unpickles it in full and runs its code"
             ) from None
-        raise ModelError(f"checkpoint {path} could not be read (corrupt or truncated?): {msg[:160]}") from None
+        raise ModelError(f"checkpoint {path} could not be read (corrupt or truncated?): "
+                         f"{msg[:160]}") from None
     except (ImportError, AttributeError) as e:  # full unpickling met a class this environment does not have
         raise ModelError(
-            f"checkpoint {path} refers to Python objects missing here ({str(e)[:120]}); it was saved by another "
-            "fairseq version: load it there and re-save the 'args'/'cfg' and 'model' entries"
+            f"checkpoint {path} refers to Python objects missing here ({str(e)[:120]}); "
+            "it was saved by another fairseq version: load it there and re-save the 'args'/'cfg' "
+            "and 'model' entries"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError, IndexError, KeyError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
-        raise ModelError(f"checkpoint {path} could not be read (corrupt or truncated?): {msg[:200]}") from None
+        raise ModelError(f"checkpoint {path} could not be read (corrupt or truncated?): "
+                         f"{msg[:200]}") from None
     if not isinstance(state, dict) or "model" not in state:
-        raise ModelError(f"checkpoint {path} holds no fairseq model state ('model' key missing); pass a fairseq checkpoint")
+        raise ModelError(f"checkpoint {path} holds no fairseq model state ('model' key missing); "
+                         "pass a fairseq checkpoint")
     return state
 
 
 def namespace_to_config(args: argparse.Namespace):
-    """fairseq config (omegaconf ``DictConfig``) from an old-style ``args`` Namespace, via fairseq's converter."""
+    """fairseq config (omegaconf ``DictConfig``) from an old-style ``args`` Namespace, via fairseq's
+    converter."""
     args = copy.deepcopy(args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fairseq / hydra deprecation chatter
@@ -170,7 +177,8 @@ def split_fused_attention(model_state: dict[str, torch.Tensor]) -> dict[str, tor
             if key == suffix or key.endswith("." + suffix):
                 prefix = key[: -len(suffix)]
                 if value.shape[0] % 3:
-                    raise ModelError(f"fused attention tensor {key} has {value.shape[0]} rows, not a multiple of 3")
+                    raise ModelError(f"fused attention tensor {key} has {value.shape[0]} rows, "
+                                     "not a multiple of 3")
                 for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0), strict=True):
                     out[f"{prefix}{name}.{kind}"] = part
                 break
@@ -196,9 +204,9 @@ def upgrade_checkpoint(state: dict) -> dict:
             import fairseq
 
             raise ModelError(
-                f"fairseq {getattr(fairseq, '__version__', '?')} has no checkpoint_utils._upgrade_state_dict, "
-                "which fflayers uses to convert checkpoints; install the tested fairseq-fixed==0.12.3.1 "
-                "(make install)"
+                f"fairseq {getattr(fairseq, '__version__', '?')} has no "
+                "checkpoint_utils._upgrade_state_dict, which fflayers uses to convert checkpoints; "
+                "install the tested fairseq-fixed==0.12.3.1 (make install)"
             ) from None
 
     if state.get("args") is None and state.get("cfg") is None:
@@ -214,7 +222,8 @@ def upgrade_checkpoint(state: dict) -> dict:
             warnings.simplefilter("ignore")
             state = _upgrade_state_dict(state)
     except Exception as e:  # fairseq raises many kinds of errors for configs it cannot convert
-        raise ModelError(f"cannot convert the checkpoint's configuration: {type(e).__name__}: {str(e)[:150]}") from None
+        raise ModelError(f"cannot convert the checkpoint's configuration: {type(e).__name__}: "
+                         f"{str(e)[:150]}") from None
     state["model"] = split_fused_attention(state["model"])
     return state
 

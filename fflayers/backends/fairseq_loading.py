@@ -74,9 +74,9 @@ def _build_model(state: dict, dict_path: Path):
         model = build_model(cfg.model, task)
     except Exception as e:  # fairseq raises assorted errors for configs it cannot build
         if "cutoff larger than vocab size" in str(e):
-            raise ModelError(f"{dict_path} has {len(dictionary)} symbols, fewer than the checkpoint's adaptive "
-                             "cutoffs need; the dictionary and the checkpoint do not match: use the dict.txt "
-                             "that came with the checkpoint") from None
+            raise ModelError(f"{dict_path} has {len(dictionary)} symbols, fewer than the checkpoint's "
+                             "adaptive cutoffs need; the dictionary and the checkpoint do not match: "
+                             "use the dict.txt that came with the checkpoint") from None
         raise ModelError("fairseq could not build the model from the checkpoint's config: "
                            f"{type(e).__name__}: {str(e)[:150]}") from None
     try:

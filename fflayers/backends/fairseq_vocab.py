@@ -65,9 +65,11 @@ class FairseqVocabulary(Vocabulary):
         ids = [self.dictionary.index(w) for w in self.words(text)]
         return [self.bos_id, *ids] if add_bos else ids
 
-    def tokenize_with_offsets(self, text: str, add_bos: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+    def tokenize_with_offsets(self, text: str,
+                              add_bos: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
         """:meth:`tokenize` plus each word's character span, found left to right in ``text``; the leading
-        ``</s>`` gets ``(0, 0)``. Moses' ``@-@`` / ``@,@`` / ``@.@`` splits get the span of their character."""
+        ``</s>`` gets ``(0, 0)``. Moses' ``@-@`` / ``@,@`` / ``@.@`` splits get the span of their
+        character."""
         words = self.words(text)
         spans: list[tuple[int, int]] = []
         cursor = 0
@@ -89,8 +91,8 @@ class FairseqVocabulary(Vocabulary):
         return [self.dictionary[int(i)] for i in ids]
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        """Space-joined tokens without the leading ``</s>`` and padding; WikiText's ``@-@`` / ``@,@`` / ``@.@``
-        joins are undone."""
+        """Space-joined tokens without the leading ``</s>`` and padding; WikiText's ``@-@`` / ``@,@`` /
+        ``@.@`` joins are undone."""
         ids = [int(i) for i in ids if int(i) != self.pad_id]
         if ids and ids[0] == self.bos_id:
             ids = ids[1:]

@@ -276,8 +276,8 @@ def load_hf_lm(name_or_path: str, device: torch.device | str | None = None,
     if (name_or_path.startswith((".", "/")) or local.exists()) and not local.is_dir():
         raise ModelError(f"model folder {name_or_path} does not exist; give a local folder or a hub id")
     if local.is_dir() and not gguf_file and not (local / "config.json").is_file():
-        raise ModelError(f"model folder {name_or_path} has no config.json; give the folder a HuggingFace model "
-                         "was saved into (save_pretrained), or --gguf_file for a GGUF checkpoint there")
+        raise ModelError(f"model folder {name_or_path} has no config.json; give the folder a HuggingFace "
+                         "model was saved into (save_pretrained), or --gguf_file for a GGUF checkpoint there")
     try:
         config = AutoConfig.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError, KeyError) as err:
@@ -313,8 +313,8 @@ def check_config(config, where: str) -> None:
     """Refuse a config whose sizes cannot describe a model: hidden size not a multiple of the head count."""
     d, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
     if isinstance(d, int) and isinstance(heads, int) and heads > 0 and d % heads:
-        raise ModelError(f"the config of {where!r} has hidden_size {d}, not a multiple of its {heads} attention "
-                         "heads; fix config.json (it does not describe these weights)")
+        raise ModelError(f"the config of {where!r} has hidden_size {d}, not a multiple of its {heads} "
+                         "attention heads; fix config.json (it does not describe these weights)")
 
 
 def check_loading_info(info: dict, where: str, shown: int = 4) -> None:

@@ -26,7 +26,8 @@ class HFVocabulary(Vocabulary):
 
     def _tok(self) -> Any:
         if self.tokenizer is None:
-            raise ModelError("this adapter has no tokenizer; pass tokenizer= when building it, or give token ids")
+            raise ModelError("this adapter has no tokenizer; pass tokenizer= when building it, "
+                             "or give token ids")
         return self.tokenizer
 
     def _tok_id(self, name: str) -> int | None:
@@ -85,12 +86,15 @@ class HFVocabulary(Vocabulary):
         return {i for i in map(self._config_id, names) if i is not None}
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
-        """Token ids; ``add_bos`` adds the tokenizer's own special tokens (BOS for Llama, [CLS]/[SEP] for BERT)."""
+        """Token ids; ``add_bos`` adds the tokenizer's own special tokens (BOS for Llama, [CLS]/[SEP] for
+        BERT)."""
         return list(self._tok()(text, add_special_tokens=add_bos)["input_ids"])
 
-    def tokenize_with_offsets(self, text: str, add_bos: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+    def tokenize_with_offsets(self, text: str,
+                              add_bos: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
         """:meth:`tokenize` plus the fast tokenizer's offset mapping (a byte-level BPE token such as
-        ``" France"`` may or may not include its leading space, depending on the tokenizer's ``trim_offsets``)."""
+        ``" France"`` may or may not include its leading space, depending on the tokenizer's
+        ``trim_offsets``)."""
         tok = self._tok()
         if not getattr(tok, "is_fast", False):
             raise ModelError(f"character offsets need a fast tokenizer; {type(tok).__name__} is a slow one "

@@ -21,7 +21,7 @@ class Vocabulary(ABC):
         self.size = int(size)
         self._tokens: list[str] | None = None
 
-    # ----- special ids -----------------------------------------------------------------------------------------
+    # ----- special ids --------------------------------------------------------------------------------------
     @property
     @abstractmethod
     def pad_id(self) -> int:
@@ -63,7 +63,8 @@ class Vocabulary(ABC):
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of ``text``; ``add_bos`` adds the model's own leading special tokens."""
 
-    def tokenize_with_offsets(self, text: str, add_bos: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+    def tokenize_with_offsets(self, text: str,
+                              add_bos: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
         """:meth:`tokenize` plus each token's character span ``(start, end)`` in ``text``."""
         raise ModelError(f"{type(self).__name__} cannot map tokens to character offsets; "
                          "use a backend with a fast tokenizer")

@@ -23,8 +23,8 @@ from fflayers.core import FflayersError, InputError
 if TYPE_CHECKING:
     from fflayers.backends.base import LMAdapter
 
-__all__ = ["CLIError", "Command", "Parser", "add_model_args", "check_model_args", "check_range", "dispatch", "load_adapter",
-           "prog_name", "quiet_loading", "run_command", "run_main"]
+__all__ = ["CLIError", "Command", "Parser", "add_model_args", "check_model_args", "check_range", "dispatch",
+           "load_adapter", "prog_name", "quiet_loading", "run_command", "run_main"]
 
 
 class CLIError(InputError):

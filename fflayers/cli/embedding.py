@@ -15,7 +15,9 @@ building the V x V matrix), ``tsne`` (a 2-D map of a neuron's top tokens: PNG, P
 interactive HTML), ``neurons-vs-hidden`` (per layer, how many of the hidden state's top tokens its most active
 values also rank high, vs random values), ``export`` (every value's, and with ``--sides key value`` every
 key's, top-k tokens of all layers as one parquet table, the index LM-Debugger kept in Elasticsearch: query it
-with pandas or DuckDB). Projection matrix: the output embedding (the unembedding; fairseq adaptive softmax:
+with pandas or DuckDB; a run of :mod:`fflayers.runs`: ``--resume`` keeps finished blocks of neurons in
+``OUTPUT.ckpt`` and continues an interrupted export from them, and under ``torchrun`` the ranks split the
+blocks). Projection matrix: the output embedding (the unembedding; fairseq adaptive softmax:
 head rows and tail projections), ``--embedding input`` for the input one; the metadata (``OUTPUT.meta.json``)
 says which. Tables print to stdout unless ``--output_file`` is given (:data:`fflayers.io.TABLE_FORMATS`:
 .parquet, .tsv, .csv, .jsonl, .pkl; any other suffix is refused before the model loads). Bad input: one line
@@ -98,6 +100,9 @@ def build_parser(prog: str = PROG, epilog: str | None = None) -> argparse.Argume
     _common(s, output_required=True)
     s.add_argument("--sides", nargs="+", choices=["key", "value"], default=["value"], help="what to export")
     s.add_argument("--k", type=int, default=20, help="tokens per neuron")
+    s.add_argument("--resume", action="store_true",
+                   help="keep finished blocks of neurons in OUTPUT_FILE.ckpt and continue an interrupted "
+                        "export from them")
     return p
 
 
@@ -213,25 +218,42 @@ def run_neurons_vs_hidden(adapter, E, args):
     return summary
 
 
-def run_export(adapter, E, args, output: Path) -> int:
-    """Write the table to ``output`` chunk by chunk (parquet: streamed); returns the row count."""
-    from tqdm.auto import tqdm
+def run_export(adapter, E, args, output: Path) -> int | None:
+    """Write the table to ``output`` (parquet: streamed), a run of :mod:`fflayers.runs` (see
+    :mod:`fflayers.embedding_space.export`); returns the row count on rank 0, None on the other ranks."""
+    from fflayers.distributed import dist_info
+    from fflayers.embedding_space.export import ExportConfig, export_table
 
-    from fflayers.embedding_space import iter_neuron_tokens
-    from fflayers.io import write_table
-
-    layers = _layers(adapter, args)
-    chunks = iter_neuron_tokens(adapter, E, layers, sides=args.sides, k=args.k)
-    total = len(layers) * len(args.sides) * -(-adapter.d_ff // 1024)
-    bar = tqdm(chunks, total=total, desc="export", unit="chunk", disable=args.quiet)
-    return write_table(output, bar, chunked=True)
+    config = ExportConfig(_layers(adapter, args), list(args.sides), args.k, args.embedding)
+    rows, run = export_table(adapter, E, output, config, resume=args.resume, progress=not args.quiet)
+    if not dist_info().is_main:
+        return None
+    print(f"{prog_name()}: export: {run.plan['n_shards']} shards of {run.plan['n_units']} blocks of neurons; "
+          f"computed {run.computed_all}, reused {run.reused} finished shard(s)")
+    return rows
 
 
 def run(args: argparse.Namespace) -> None:
+    from fflayers.distributed import dist_info, finish, init_distributed, rank_device
+
+    check_args(args)
+    info = dist_info()
+    if info.enabled and args.command == "export":
+        args.device = str(rank_device(info, args.device))
+        init_distributed(rank_device(info, args.device), timeout_s=7 * 24 * 3600)
+    elif not info.is_main:
+        return  # under torchrun, ranks split the export; everything else runs on rank 0
+    try:
+        run_subcommand(args)
+    finally:
+        finish()
+
+
+def run_subcommand(args: argparse.Namespace) -> None:
+    """One subcommand (on every rank for the export; the others on rank 0)."""
     from fflayers.embedding_space import embedding_matrix
     from fflayers.io import check_writable, run_metadata, write_json, write_table
 
-    check_args(args)
     start = time.time()
     output = check_writable(args.output_file) if args.output_file else None
     adapter = load_adapter(args)
@@ -242,6 +264,8 @@ def run(args: argparse.Namespace) -> None:
         return
     if args.command == "export":
         n_rows = run_export(adapter, E, args, output)
+        if n_rows is None:
+            return
     else:
         if args.command == "heads":
             table = run_heads(adapter, E, args)

@@ -15,8 +15,11 @@ takes ``--train_sentences`` then ``--val_sentences``, draws one random position 
 prefix up to it; masked LMs: that token replaced by the mask token), writes ``positions.parquet`` (split,
 sentence_index, position, input_ids: anyone can recompute the states) and fits every A_{j,i}, 0 <= i < j <= L,
 by least squares without intercept from Gram matrices accumulated in one pass (``maps.safetensors``, tensor
-``A_{j}_{i}`` applied as ``x_j = A @ x_i``). ``--resume`` continues an interrupted fit from its last finished
-shard of 1,024 positions. ``r2``, ``evaluate`` and ``early-exit`` recompute the validation states from
+``A_{j}_{i}`` applied as ``x_j = A @ x_i``); both are written after the pass. The pass is a run of
+:mod:`fflayers.runs` over blocks of ``--shard_positions`` positions: ``--resume`` keeps the finished blocks in
+``OUTPUT_DIR/maps.safetensors.ckpt`` and continues an interrupted fit from them (``submodules --resume``: in
+``OUTPUT_DIR/submodule_maps.safetensors.ckpt``), and under ``torchrun`` the ranks split the blocks (the maps
+are those of one process). ``r2``, ``evaluate`` and ``early-exit`` recompute the validation states from
 ``positions.parquet`` and write ``r2.tsv``, ``evaluate.tsv``, ``early_exit.tsv`` and figures (PNG + PDF);
 ``submodules`` fits the linear map of every submodule inside each block on the training positions
 (``submodule_maps.safetensors``), scores them (``submodule_r2.tsv``) and compares the five shortcuts id, mat,
@@ -28,6 +31,8 @@ redraws the figures from the tables. Bad input: one line on stderr, exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +52,10 @@ __all__ = ["PROG", "MODEL_COMMANDS", "build_parser", "check_args", "run", "main"
 
 PROG = "linear_shortcuts.py"
 MODEL_COMMANDS = ("fit", "r2", "evaluate", "early-exit", "submodules", "all")
+#: Subcommands with a pass over positions (resumable, split over torchrun ranks); the rest runs on rank 0.
+PASS_COMMANDS = ("fit", "all", "submodules")
+#: The run folder of each pass, beside its output.
+RUN_FOLDERS = {"fit": "maps.safetensors.ckpt", "submodules": "submodule_maps.safetensors.ckpt"}
 DEFAULT_LAMBDAS = [round(0.1 * x, 2) for x in range(11)]
 
 
@@ -81,6 +90,7 @@ def build_parser(prog: str = PROG, epilog: str | None = None) -> argparse.Argume
             s.add_argument("--eval_positions", type=int, default=None,
                            help="validation positions for the five shortcuts (default all; each costs 3 L "
                                 "forward passes)")
+            _resume_args(s, "submodule_maps.safetensors.ckpt")
     for s in sub.choices.values():
         s.add_argument("--output_dir", type=str, required=True,
                        help="folder of the run (positions, maps, tables)")
@@ -102,9 +112,15 @@ def _fit_args(s: argparse.ArgumentParser) -> None:
                    help="ridge penalty relative to the mean diagonal of X_i^T X_i, e.g. 1e-3 "
                         "(needed when positions < d or a state's Gram matrix is singular)")
     s.add_argument("--raw_wikitext", action="store_true", help="subword models read .tokens text as it is")
+    _resume_args(s, "maps.safetensors.ckpt")
+
+
+def _resume_args(s: argparse.ArgumentParser, folder: str) -> None:
     s.add_argument("--resume", action="store_true",
-                   help="continue an interrupted fit from OUTPUT_DIR/fit.ckpt")
-    s.add_argument("--shard_positions", type=int, default=1024, help="positions between two checkpoints")
+                   help=f"keep finished blocks of positions in OUTPUT_DIR/{folder} and continue an "
+                        "interrupted pass from them")
+    s.add_argument("--shard_positions", type=int, default=1024,
+                   help="positions per block of the pass (a shard of the run folder)")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -112,6 +128,8 @@ def check_args(args: argparse.Namespace) -> None:
         check_model_args(args)
         if args.batch_size < 1:
             raise CLIError(f"--batch_size {args.batch_size} must be >= 1")
+    if args.command in PASS_COMMANDS and args.shard_positions < 1:
+        raise CLIError(f"--shard_positions {args.shard_positions} must be >= 1")
     if args.command in ("fit", "all"):
         if not Path(args.data_file).is_file():
             raise CLIError(f"--data_file {args.data_file} does not exist; pass a corpus file")
@@ -126,76 +144,66 @@ def check_args(args: argparse.Namespace) -> None:
 # ----- fit --------------------------------------------------------------------------------------------------
 
 
-def _sentences(adapter, args) -> tuple[list[list[int]], list[list[int]]]:
-    from fflayers.data import model_sentences
+def run_fit_pass(task, config, args, out: Path, name: str, fingerprints: dict, desc: str):
+    """The pass ``task`` (run folder with ``--resume``); on rank 0 its report printed, ``(run, run folder)``
+    returned; None elsewhere."""
+    from fflayers.distributed import dist_info
+    from fflayers.shortcuts.passes import FIT_KIND, SUBMODULES_KIND, run_pass
 
-    wanted = args.train_sentences + args.val_sentences
-    texts = model_sentences(adapter, args.data_file, args.seed, wanted, args.raw_wikitext)
-    limit = adapter.max_positions or 10**9
-    ids = [seq[:limit] for seq in (adapter.vocab.tokenize(t) for t in texts) if len(seq) > 1]
-    if len(ids) < 2:
-        raise CLIError(f"the corpus yields {len(ids)} usable sentences; pass a larger corpus")
-    n_train = min(args.train_sentences, len(ids) - 1) if len(ids) < wanted else args.train_sentences
-    return ids[:n_train], ids[n_train:wanted]
+    run_dir = out / RUN_FOLDERS[name] if args.resume else None
+    kind = FIT_KIND if name == "fit" else SUBMODULES_KIND
+    done = run_pass(task, config, kind, run_dir, fingerprints, progress=not args.quiet, desc=desc)
+    if not dist_info().is_main:
+        return None
+    plan = done.plan
+    print(f"{prog_name()}: {name}: {plan['n_shards']} shards of {plan['n_units']} blocks of positions; "
+          f"computed {done.computed_all}, reused {done.reused} finished shard(s)")
+    return done, run_dir
 
 
-def run_fit(adapter, args, out: Path) -> None:
-    import torch
-    from tqdm.auto import tqdm
-
-    from fflayers.io import atomic_write, file_sha256, run_metadata, write_json, write_table
-    from fflayers.shortcuts import (
-        GramAccumulator,
-        fit_maps,
-        iter_state_batches,
-        maps_metadata,
-        positions_frame,
-        sample_positions,
-        save_maps,
-    )
-
-    train_ids, val_ids = _sentences(adapter, args)
-    train = sample_positions(adapter, train_ids, seed=args.seed)
-    val = sample_positions(adapter, val_ids, seed=args.seed + 1)
+def run_fit(adapter, args, out: Path) -> bool:
+    """Sample the positions, run the pass and solve the maps; rank 0 then writes ``positions.parquet``,
+    ``maps.safetensors`` and ``fit.meta.json``. Returns whether this process wrote them (rank 0)."""
     import pandas as pd
 
+    from fflayers.io import file_sha256, run_metadata, write_json, write_table
+    from fflayers.runs import file_digest
+    from fflayers.shortcuts import fit_maps, maps_metadata, positions_frame, sample_positions, save_maps
+    from fflayers.shortcuts.passes import FitConfig, StatesPass, positions_digest
+    from fflayers.shortcuts.positions import corpus_sentences
+
+    train_ids, val_ids = corpus_sentences(adapter, args.data_file, args.train_sentences,
+                                          args.val_sentences, args.seed, args.raw_wikitext)
+    train = sample_positions(adapter, train_ids, seed=args.seed)
+    val = sample_positions(adapter, val_ids, seed=args.seed + 1)
+    _check_determined(len(train), adapter.d_model, args.ridge)
+    config = FitConfig(args.train_sentences, args.val_sentences, args.seed, args.raw_wikitext,
+                       args.batch_size, args.shard_positions, len(train))
+    task = StatesPass(adapter, train, args.shard_positions, args.batch_size)
+    prints = {"data_file": file_digest(args.data_file), "positions": positions_digest(train)}
+    ran = run_fit_pass(task, config, args, out, "fit", prints, desc="fit: states")
+    if ran is None:
+        return False
+    done, run_dir = ran
+    maps = fit_maps(task.result(done.result), ridge=args.ridge)
     table = pd.concat([positions_frame(train, "train"), positions_frame(val, "val")], ignore_index=True)
     write_table(out / "positions.parquet", table)
     print(f"{prog_name()}: {len(train)} training and {len(val)} validation positions -> "
           f"{out / 'positions.parquet'}")
-    S, d = adapter.n_layers + 1, adapter.d_model
-    ckpt = out / "fit.ckpt"
-    key = (f"{file_sha256(out / 'positions.parquet')}|{adapter.d_model}|{adapter.n_layers}|"
-           f"{args.shard_positions}")
-    acc = GramAccumulator(S, d, device=adapter.device)
-    done = 0
-    if args.resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if state.get("key") != key:
-            raise CLIError(f"{ckpt} was made with another model, corpus, seed or shard size; "
-                           "rerun without --resume")
-        for block, saved in zip(acc.blocks, state["blocks"], strict=True):
-            block.copy_(saved)
-        acc.n, done = int(state["n"]), int(state["done"])
-        print(f"{prog_name()}: resuming after {done} of {len(train)} positions")
-    shard = max(1, args.shard_positions)
-    bar = tqdm(total=len(train), initial=done, unit="pos", desc="fit: states", disable=args.quiet)
-    for start in range(done, len(train), shard):
-        part = train[start : start + shard]
-        for states in iter_state_batches(adapter, part, batch_size=args.batch_size):
-            acc.update(states)
-            bar.update(states.shape[0])
-        with atomic_write(ckpt, "wb") as f:
-            torch.save({"key": key, "done": start + len(part), "n": acc.n,
-                        "blocks": [b.cpu() for b in acc.blocks]}, f)
-    bar.close()
-    maps = fit_maps(acc, ridge=args.ridge)
     meta = maps_metadata(adapter, data_hash=file_sha256(out / "positions.parquet"), seed=args.seed,
                          n_positions=len(train), ridge=args.ridge)
     save_maps(out / "maps.safetensors", maps, meta)
-    ckpt.unlink(missing_ok=True)
     write_json(out / "fit.meta.json", run_metadata(dict(vars(args)), inputs={"data_file": args.data_file}))
+    if run_dir is not None:
+        shutil.rmtree(run_dir, ignore_errors=True)
     print(f"{prog_name()}: {len(maps)} maps A_(j,i) -> {out / 'maps.safetensors'}")
+    return True
+
+
+def _check_determined(n: int, d: int, ridge: float) -> None:
+    """Refuse, before the pass, a fit without ridge on fewer positions than dimensions."""
+    if ridge == 0 and n < d:
+        raise CLIError(f"underdetermined: {n} positions for d = {d} dims; use more sentences or pass --ridge")
 
 
 # ----- validation analyses ----------------------------------------------------------------------------------
@@ -221,12 +229,14 @@ def run_submodules(adapter, args, out: Path) -> None:
     import pandas as pd
 
     from fflayers.io import file_sha256, read_table, run_metadata, write_json, write_table
+    from fflayers.runs import file_digest
     from fflayers.shortcuts import collect_states, evaluate_shortcuts, load_maps, positions_from_frame
+    from fflayers.shortcuts.evaluate import has_output_head
     from fflayers.shortcuts.linear_maps import model_id
+    from fflayers.shortcuts.passes import PointsPass, SubmodulesConfig
     from fflayers.shortcuts.submodules import (
         SUBMODULE_MAPPINGS,
         evaluate_submodule_shortcuts,
-        fit_submodule_maps,
         save_submodule_maps,
         submodule_r2,
     )
@@ -243,8 +253,15 @@ def run_submodules(adapter, args, out: Path) -> None:
     if not train or len(val) < 2:
         raise CLIError(f"{path} needs training positions and at least 2 validation positions; rerun fit")
     layers = None if args.layers is None else [adapter.check_layer(x) for x in args.layers]
-    maps = fit_submodule_maps(adapter, train, layers, batch_size=args.batch_size, ridge=args.ridge,
-                              progress=not args.quiet)
+    _check_determined(len(train), adapter.d_model, args.ridge)
+    task = PointsPass(adapter, train, layers, args.shard_positions, args.batch_size)
+    config = SubmodulesConfig(task.layers, args.batch_size, task.block, len(train))
+    ran = run_fit_pass(task, config, args, out, "submodules", {"positions_file": file_digest(path)},
+                   desc="submodule maps")
+    if ran is None:
+        return
+    done, run_dir = ran
+    maps = task.result(done.result).fit(args.ridge)
     save_submodule_maps(out / "submodule_maps.safetensors", maps,
                         {"model": model_id(adapter), "data_hash": file_sha256(path), "ridge": str(args.ridge),
                          "layout": adapter.block_layout, "positions": str(len(train))})
@@ -271,50 +288,32 @@ def run_submodules(adapter, args, out: Path) -> None:
         write_table(out / "submodule_evaluate.tsv", table)
         print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     write_json(out / "submodules.meta.json", run_metadata(dict(vars(args))))
-
-
-def has_output_head(adapter) -> bool:
-    """False for encoders without an LM/MLM head (their states can be mapped, not decoded)."""
-    from fflayers.core import ModelError
-
-    try:
-        adapter.output_embeddings()
-    except ModelError:
-        return False
-    return True
-
-
-def draw_figures(out: Path) -> list[Path]:
-    from fflayers.io import read_table
-    from fflayers.plots import (
-        plot_early_exit,
-        plot_r2_heatmap,
-        plot_shortcut_precision,
-        plot_submodule_r2,
-        save_figure,
-    )
-
-    written: list[Path] = []
-    for name, plot in (("r2", plot_r2_heatmap), ("evaluate", plot_shortcut_precision),
-                       ("early_exit", plot_early_exit), ("submodule_r2", plot_submodule_r2),
-                       ("submodule_evaluate", _plot_submodule_evaluate)):
-        path = out / f"{name}.tsv"
-        if path.is_file():
-            written += save_figure(plot(read_table(path)), out / name)
-    return written
-
-
-def _plot_submodule_evaluate(table):
-    from fflayers.plots import plot_shortcut_precision
-
-    return plot_shortcut_precision(table[["layer", "mapping", "precision@1", "surprisal"]],
-                                   title="Shortcuts with one kind of submodule replaced by its linear map")
+    if run_dir is not None:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def run(args: argparse.Namespace) -> None:
-    from fflayers.io import write_table
+    from fflayers.distributed import dist_info, finish, init_distributed, rank_device
 
     check_args(args)
+    info = dist_info()
+    if info.enabled and args.command in PASS_COMMANDS:
+        args.device = str(rank_device(info, args.device))
+        init_distributed(rank_device(info, args.device), timeout_s=7 * 24 * 3600)
+    elif not info.is_main:
+        return  # under torchrun, ranks split the passes; everything else runs on rank 0
+    try:
+        run_subcommand(args)
+    finally:
+        finish()
+
+
+def run_subcommand(args: argparse.Namespace) -> None:
+    """One subcommand (on every rank for a pass; rank 0 does the rest)."""
+    from fflayers.distributed import dist_info
+    from fflayers.io import write_table
+    from fflayers.shortcuts.figures import draw_figures
+
     start = time.time()
     out = Path(args.output_dir)
     if args.command == "plot":
@@ -327,15 +326,24 @@ def run(args: argparse.Namespace) -> None:
     if args.command in ("fit", "all"):
         from fflayers.io import check_folder_writable
 
-        if not out.is_dir():
+        created = not out.is_dir()
+        if created:
             try:
-                out.mkdir()
+                out.mkdir(exist_ok=True)
             except OSError as err:
                 raise CLIError(f"cannot create --output_dir {out} ({err.strerror}); "
                                "choose another folder") from None
-        check_folder_writable(out)
-        adapter = load_adapter(args)
-        run_fit(adapter, args, out)
+        try:
+            check_folder_writable(out)
+            adapter = load_adapter(args)
+            wrote = run_fit(adapter, args, out)
+        except BaseException:
+            if created:  # a failed fit leaves no empty folder behind
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+            raise
+        if not wrote:
+            return
         if args.command == "fit":
             print(f"{prog_name()}: fit done in {time.time() - start:.1f} s ({out})")
             return
@@ -343,9 +351,13 @@ def run(args: argparse.Namespace) -> None:
         adapter = load_adapter(args)
     if args.command == "submodules":
         run_submodules(adapter, args, out)
+        if not dist_info().is_main:
+            return
         draw_figures(out)
         print(f"{prog_name()}: submodules done in {time.time() - start:.1f} s ({out})")
         return
+    from fflayers.shortcuts.evaluate import has_output_head
+
     states, maps = validation_states(adapter, args, out)
     analyses = [args.command] if args.command != "all" else ["r2", "evaluate", "early-exit"]
     if args.command == "all" and not has_output_head(adapter):

@@ -73,6 +73,17 @@ def _is_integer_dtype(dtype: torch.dtype | np.dtype) -> bool:
     return np.issubdtype(dtype, np.integer)
 
 
+#: a corpus scan plans at least this many batches when it has that many sequences (see :func:`scan_batch_cap`)
+MIN_SCAN_BATCHES = 64
+
+
+def scan_batch_cap(n_sequences: int, min_batches: int = MIN_SCAN_BATCHES) -> int:
+    """Most sequences per batch of a corpus scan: at most ``n / min_batches`` (rounded up), so that a scan of
+    a few hundred sentences still has enough units for every torchrun rank and job; fixed by the data alone
+    (large corpora are limited by ``batch_tokens`` first)."""
+    return max(1, -(-int(n_sequences) // max(1, int(min_batches))))
+
+
 def plan_batches(
     lengths: Sequence[int],
     batch_tokens: int = 4096,

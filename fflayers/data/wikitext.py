@@ -52,7 +52,8 @@ def detokenize_wikitext(text: str) -> str:
     return "".join(out)
 
 
-def text_for_model(adapter, sentences: list[str], pretokenized: bool, raw_wikitext: bool = False) -> list[str]:
+def text_for_model(adapter, sentences: list[str], pretokenized: bool,
+                   raw_wikitext: bool = False) -> list[str]:
     """The sentences as ``adapter`` should read them: WikiText token text is detokenized for subword models
     (trained on ordinary text) unless ``raw_wikitext``; word-level models (the fairseq LMs, which have a
     ``words`` method) read it as it is, and so does text that was never WikiText-tokenized."""
@@ -62,9 +63,10 @@ def text_for_model(adapter, sentences: list[str], pretokenized: bool, raw_wikite
     return [detokenize_wikitext(s) for s in sentences]
 
 
-def model_sentences(adapter, path, seed: int, max_sentences: int = -1, raw_wikitext: bool = False) -> list[str]:
-    """The corpus at ``path`` (WikiText ``.tokens``, text or ``.jsonl``) as shuffled sentences (``seed``, first
-    ``max_sentences``; -1: all), in the form ``adapter`` reads (:func:`text_for_model`)."""
+def model_sentences(adapter, path, seed: int, max_sentences: int = -1,
+                    raw_wikitext: bool = False) -> list[str]:
+    """The corpus at ``path`` (WikiText ``.tokens``, text or ``.jsonl``) as shuffled sentences (``seed``,
+    first ``max_sentences``; -1: all), in the form ``adapter`` reads (:func:`text_for_model`)."""
     from pathlib import Path
 
     from fflayers.data.readers import read_corpus

@@ -17,8 +17,8 @@ __all__ = ["token_map", "write_token_map_html"]
 
 def token_map(E: Embedding, tokens: list[str], vector: torch.Tensor, k: int = 100, seed: int = 0,
               perplexity: float | None = None) -> pd.DataFrame:
-    """Top-``k`` tokens of ``vector @ E^T`` placed in 2-D by t-SNE of their (unit-normalised) embedding vectors:
-    columns ``rank, token_id, token, score, x, y``. Deterministic for a given ``seed``."""
+    """Top-``k`` tokens of ``vector @ E^T`` placed in 2-D by t-SNE of their (unit-normalised) embedding
+    vectors: columns ``rank, token_id, token, score, x, y``. Deterministic for a given ``seed``."""
     from sklearn.manifold import TSNE
 
     V = E.matrix.shape[0]
@@ -30,7 +30,8 @@ def token_map(E: Embedding, tokens: list[str], vector: torch.Tensor, k: int = 10
         vecs = E.matrix[top.indices].double()
         vecs = vecs / vecs.norm(dim=1, keepdim=True).clamp_min(1e-12)
     perplexity = perplexity or float(min(30.0, (k - 1) / 3))
-    xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(vecs.numpy())
+    xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
+        vecs.numpy())
     ids = top.indices.tolist()
     return pd.DataFrame({"rank": np.arange(k), "token_id": ids, "token": [tokens[i] for i in ids],
                          "score": top.values.double().numpy(), "x": xy[:, 0], "y": xy[:, 1]})
@@ -45,8 +46,9 @@ def write_token_map_html(table: pd.DataFrame, path: str | os.PathLike, title: st
 
     fig = go.Figure(go.Scatter(
         x=table["x"], y=table["y"], mode="markers+text", text=[repr(t)[1:-1] for t in table["token"]],
-        textposition="top center", marker={"color": table["score"], "colorscale": "Viridis", "showscale": True,
-                                           "colorbar": {"title": "score"}},
+        textposition="top center",
+        marker={"color": table["score"], "colorscale": "Viridis", "showscale": True,
+                "colorbar": {"title": "score"}},
         customdata=np.stack([table["rank"], table["score"]], axis=1),
         hovertemplate="%{text}<br>rank %{customdata[0]}<br>score %{customdata[1]:.3f}<extra></extra>",
     ))

@@ -57,7 +57,8 @@ def neurons_vs_hidden(
             hidden = hidden.topk(k, dim=1).indices.cpu()  # [L, k]
             m = torch.stack([cache["mlp_coef", layer][0, pos] for layer in layers]).float()  # [L, d_ff]
             active = (m.abs() * norms).topk(n_neurons, dim=1).indices  # [L, n]
-            random = torch.as_tensor(np.stack([rng.choice(adapter.d_ff, n_neurons, replace=False) for _ in layers]),
+            random = torch.as_tensor(np.stack([rng.choice(adapter.d_ff, n_neurons, replace=False)
+                                               for _ in layers]),
                                      device=m.device)
             chosen = torch.cat([active, random])  # [2L, n]
             li = torch.arange(L, device=m.device).repeat(2)[:, None]

@@ -48,7 +48,8 @@ def pair_block_rows(n_cols: int, max_elements: int = 1 << 24) -> int:
 
 
 def _block_best(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """Flat indices of the ``n`` best finite entries of ``scores`` (larger first; ties: smaller index first)."""
+    """Flat indices of the ``n`` best finite entries of ``scores`` (larger first; ties: smaller index
+    first)."""
     flat = scores.reshape(-1)
     finite = torch.isfinite(flat)
     n = min(n, int(finite.sum()))
@@ -80,8 +81,8 @@ def top_pairs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ``n`` largest (or smallest) entries of ``R @ W @ C.T``: ``(scores, rows, cols)``, best first.
 
-    ``R [Vr, d]``, ``W [d, d']``, ``C [Vc, d']``; computed in float32 (float64 stays float64) on ``W``'s device.
-    Fewer than ``n`` results only when fewer entries pass ``filt``.
+    ``R [Vr, d]``, ``W [d, d']``, ``C [Vc, d']``; computed in float32 (float64 stays float64) on ``W``'s
+    device. Fewer than ``n`` results only when fewer entries pass ``filt``.
     """
     Vr, Vc = R.shape[0], C.shape[0]
     if n < 1:
@@ -96,8 +97,10 @@ def top_pairs(
     sign = 1.0 if largest else -1.0
     # rows / columns a filter leaves out are never computed: work on the allowed ones (order kept, so the
     # tie order by original index is unchanged) and map back at the end
-    row_ids = torch.arange(Vr, device=device) if filt.rows is None else filt.rows.to(device).nonzero().squeeze(1)
-    col_ids = torch.arange(Vc, device=device) if filt.cols is None else filt.cols.to(device).nonzero().squeeze(1)
+    row_ids = (torch.arange(Vr, device=device) if filt.rows is None
+               else filt.rows.to(device).nonzero().squeeze(1))
+    col_ids = (torch.arange(Vc, device=device) if filt.cols is None
+               else filt.cols.to(device).nonzero().squeeze(1))
     Wd = W.to(dtype) * sign
     Ct = C.to(device)[col_ids].to(dtype).T
     groups = None if filt.groups is None else filt.groups.to(device)

@@ -23,7 +23,7 @@ from fflayers.embedding_space.pairs import PairFilter, top_pairs
 from fflayers.embedding_space.vocabulary import Embedding
 
 __all__ = ["TOKEN_COLUMNS", "PAIR_COLUMNS", "neuron_vectors", "neuron_tokens", "iter_neuron_tokens",
-           "head_matrix", "head_factors", "head_pairs"]
+           "neuron_token_chunk", "head_matrix", "head_factors", "head_pairs"]
 
 TOKEN_COLUMNS = ["layer", "neuron", "side", "rank", "token_id", "token", "score"]
 PAIR_COLUMNS = ["layer", "head", "kv_head", "kind", "rank", "row_token_id", "row_token", "col_token_id",
@@ -72,21 +72,30 @@ def iter_neuron_tokens(
         for side in sides:
             vecs = neuron_vectors(adapter, layer, side)
             for start in range(0, len(idx), chunk):
-                sel = torch.as_tensor(idx[start : start + chunk], dtype=torch.long)
-                with torch.no_grad():
-                    scores = vecs[sel.to(vecs.device)].float() @ Et.to(vecs.device)
-                    top = scores.topk(k, dim=1, largest=largest)
-                ids = top.indices.cpu().numpy()
-                n = len(sel)
-                yield pd.DataFrame({
-                    "layer": np.full(n * k, layer, dtype=np.int64),
-                    "neuron": np.repeat(sel.numpy(), k),
-                    "side": side,
-                    "rank": np.tile(np.arange(k, dtype=np.int64), n),
-                    "token_id": ids.reshape(-1).astype(np.int64),
-                    "token": tokens[ids.reshape(-1)],
-                    "score": top.values.cpu().double().numpy().reshape(-1),
-                })
+                neurons = idx[start : start + chunk]
+                yield neuron_token_chunk(vecs, Et, tokens, layer, side, neurons, k, largest)
+
+
+def neuron_token_chunk(vecs: torch.Tensor, Et: torch.Tensor, tokens: np.ndarray, layer: int, side: str,
+                       neurons: Sequence[int], k: int, largest: bool = True) -> pd.DataFrame:
+    """The table of :func:`iter_neuron_tokens` for ``neurons`` of ``vecs`` (:func:`neuron_vectors` of
+    ``layer`` and ``side``); ``Et``: the embedding matrix as float32, transposed ``[d, V]``; ``tokens``: the
+    vocabulary as an object array."""
+    sel = torch.as_tensor(neurons, dtype=torch.long)
+    with torch.no_grad():
+        scores = vecs[sel.to(vecs.device)].float() @ Et.to(vecs.device)
+        top = scores.topk(k, dim=1, largest=largest)
+    ids = top.indices.cpu().numpy()
+    n = len(sel)
+    return pd.DataFrame({
+        "layer": np.full(n * k, layer, dtype=np.int64),
+        "neuron": np.repeat(sel.numpy(), k),
+        "side": side,
+        "rank": np.tile(np.arange(k, dtype=np.int64), n),
+        "token_id": ids.reshape(-1).astype(np.int64),
+        "token": tokens[ids.reshape(-1)],
+        "score": top.values.cpu().double().numpy().reshape(-1),
+    })
 
 
 def neuron_tokens(adapter: LMAdapter, E: Embedding, layers: Sequence[int], sides: Sequence[str] = SIDES,

@@ -164,7 +164,7 @@ class FfnInfoScan:
                  layers: Iterable[int] | None = None, dims: Iterable[int] | None = None, seed: int = 0,
                  batch_tokens: int = 4096, block_sentences: int = 512, max_chunk_elements: int = 1 << 24,
                  head_shortcut: bool | None = None, dtype: torch.dtype | None = None) -> None:
-        from fflayers.data.batching import plan_batches
+        from fflayers.data.batching import plan_batches, scan_batch_cap
         from fflayers.memories.scan import group_units
 
         if mode not in ("layer", "dim"):
@@ -196,7 +196,8 @@ class FfnInfoScan:
                                "or bias); pass head_shortcut=None")
         self.post_ln = _is_post_ln(adapter)
         self.max_chunk_elements = max_chunk_elements
-        self.batches = plan_batches([len(p) for p in self.prefixes], batch_tokens)
+        self.batches = plan_batches([len(p) for p in self.prefixes], batch_tokens,
+                                    max_batch_size=scan_batch_cap(len(self.prefixes)))
         # blocks of at least `block` sentences: at least 8 of them when there are a few hundred sentences, so
         # that a sharded run has work for every worker; fixed by the data only, so any sharding computes the
         # same blocks

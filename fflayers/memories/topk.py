@@ -26,7 +26,8 @@ _EMPTY = 0  # composite key of an empty slot: below every real candidate (whose 
 
 
 def encode(values: torch.Tensor, sentence_ids: torch.Tensor) -> torch.Tensor:
-    """Composite int64 keys of candidates (``sentence_ids`` broadcast against ``values``); 0 where value <= 0."""
+    """Composite int64 keys of candidates (``sentence_ids`` broadcast against ``values``); 0 where
+    value <= 0."""
     values = values.to(torch.float32).contiguous()
     high = values.view(torch.int32).to(torch.int64) << 32
     return torch.where(values > 0, high + (_MAX_ID - sentence_ids), _EMPTY)
@@ -80,8 +81,8 @@ class StreamingTopK:
         return decode(self.keys)[1]
 
     def _merge(self, keys: torch.Tensor, positions: torch.Tensor) -> None:
-        self.keys, self.positions = merge_topk(torch.cat([self.keys, keys], 1), torch.cat([self.positions, positions], 1),
-                                               self.k)
+        self.keys, self.positions = merge_topk(torch.cat([self.keys, keys], 1),
+                                               torch.cat([self.positions, positions], 1), self.k)
 
     def update(self, batch_max: torch.Tensor, batch_argmax: torch.Tensor, sentence_ids: torch.Tensor) -> None:
         """Merge one batch: per key and sentence, the max activation ``[n_keys, B]`` and its position
@@ -89,7 +90,8 @@ class StreamingTopK:
         if batch_max.dim() != 2 or batch_max.shape[0] != self.n_keys:
             raise InputError(f"batch_max has shape {tuple(batch_max.shape)}, expected [{self.n_keys}, batch]")
         if batch_argmax.shape != batch_max.shape:
-            raise InputError(f"batch_argmax has shape {tuple(batch_argmax.shape)}, expected {tuple(batch_max.shape)}")
+            raise InputError(f"batch_argmax has shape {tuple(batch_argmax.shape)}, "
+                             f"expected {tuple(batch_max.shape)}")
         dev = self.device
         sid = torch.as_tensor(sentence_ids).reshape(-1)
         if sid.numel() != batch_max.shape[1]:
@@ -103,8 +105,8 @@ class StreamingTopK:
         """Fold another top-k over disjoint sentences (a shard, another rank) into this one; returns self."""
         if other.n_keys != self.n_keys or other.k != self.k:
             raise InputError(
-                f"cannot merge a top-{other.k} of {other.n_keys} keys into a top-{self.k} of {self.n_keys} keys; "
-                "mine both with the same layers, dims and k"
+                f"cannot merge a top-{other.k} of {other.n_keys} keys into a top-{self.k} of {self.n_keys} "
+                "keys; mine both with the same layers, dims and k"
             )
         self._merge(other.keys.to(self.device), other.positions.to(self.device))
         return self
@@ -123,7 +125,8 @@ class StreamingTopK:
         """Restore a state saved by :meth:`state_dict` (onto this object's device)."""
         if int(state["n_keys"]) != self.n_keys or int(state["k"]) != self.k:
             raise InputError(
-                f"saved top-k has {state['n_keys']} keys and k={state['k']}, expected {self.n_keys} and {self.k}"
+                f"saved top-k has {state['n_keys']} keys and k={state['k']}, "
+                f"expected {self.n_keys} and {self.k}"
             )
         dev = self.device
         ids = state["sentence_ids"].to(dev, torch.int64)

@@ -236,7 +236,7 @@ class TriggerScan:
 
     def __init__(self, adapter: LMAdapter, sentences: Sequence[Sequence[int]], k: int, layers: list[int],
                  dims: list[int], batch_tokens: int, dtype: torch.dtype | None = None) -> None:
-        from fflayers.data.batching import plan_batches
+        from fflayers.data.batching import plan_batches, scan_batch_cap
 
         for i, s in enumerate(sentences):
             if len(s) == 0:
@@ -245,7 +245,7 @@ class TriggerScan:
         self.layers, self.dims, self.dtype = layers, dims, dtype
         self.max_len = adapter.max_positions
         lengths = [min(len(s), self.max_len) if self.max_len else len(s) for s in sentences]
-        self.batches = plan_batches(lengths, batch_tokens)
+        self.batches = plan_batches(lengths, batch_tokens, max_batch_size=scan_batch_cap(len(lengths)))
         self.n_units = len(self.batches)
 
     def unit_sentences(self, unit: int) -> int:

@@ -45,7 +45,8 @@ def attributed_point(adapter: LMAdapter, convention: str) -> str:
 
 
 def alpha_grid(steps: int, convention: str) -> torch.Tensor:
-    """Scaling factors: ``k / m`` for ``k = 1..m`` (``"paper"``) or ``linspace(0, 1, m)`` (``"kn-package"``)."""
+    """Scaling factors: ``k / m`` for ``k = 1..m`` (``"paper"``) or ``linspace(0, 1, m)``
+    (``"kn-package"``)."""
     steps = check_steps(steps)
     if check_convention(convention) == "paper":
         return torch.arange(1, steps + 1, dtype=torch.float64) / steps
@@ -66,7 +67,8 @@ def check_batch_size(batch_size: int) -> int:
 
 @contextmanager
 def frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
-    """Parameters do not require gradients in the body (no graph below the first scaled layer); restored after."""
+    """Parameters do not require gradients in the body (no graph below the first scaled layer); restored
+    after."""
     params = [p for p in model.parameters() if p.requires_grad]
     try:
         for p in params:
@@ -83,10 +85,12 @@ def _baseline(baseline: float | torch.Tensor, n_layers: int, d_ff: int, device) 
         return b.expand(n_layers, d_ff)
     except RuntimeError:
         raise InputError(f"baseline of shape {tuple(b.shape)} does not broadcast to [layers, d_ff] = "
-                           f"[{n_layers}, {d_ff}]; give a number, a [d_ff] or a [layers, d_ff] tensor") from None
+                         f"[{n_layers}, {d_ff}]; "
+                         "give a number, a [d_ff] or a [layers, d_ff] tensor") from None
 
 
-def target_activations(adapter: LMAdapter, target: TargetInput, point: str, layers: Sequence[int]) -> torch.Tensor:
+def target_activations(adapter: LMAdapter, target: TargetInput, point: str,
+                       layers: Sequence[int]) -> torch.Tensor:
     """``[len(layers), n_targets, d_ff]`` activations at the target positions in an ordinary forward pass."""
     with torch.no_grad(), capture(adapter, point, layers, stop_early=True) as cache:
         adapter.run(target.ids)
@@ -104,9 +108,10 @@ def integrated_gradients(
     baseline: float | torch.Tensor = 0.0,
     quiet: bool = True,
 ) -> torch.Tensor:
-    """Attributions ``[len(layers), d_ff]`` (detached, float32, on the adapter's device) of hook point ``point``
-    at the target positions, averaged over the target tokens: ``(a - b) * sum_k grad(b + alpha_k (a - b)) / m``
-    with ``m = len(alphas)``. ``baseline``: a number, ``[d_ff]`` or ``[layers, d_ff]`` (all model layers)."""
+    """Attributions ``[len(layers), d_ff]`` (detached, float32, on the adapter's device) of hook point
+    ``point`` at the target positions, averaged over the target tokens:
+    ``(a - b) * sum_k grad(b + alpha_k (a - b)) / m`` with ``m = len(alphas)``. ``baseline``: a number,
+    ``[d_ff]`` or ``[layers, d_ff]`` (all model layers)."""
     batch_size = check_batch_size(batch_size)
     adapter.model.eval()
     layers = list(range(adapter.n_layers)) if layers is None else [adapter.check_layer(x) for x in layers]
@@ -118,7 +123,8 @@ def integrated_gradients(
     alphas = alphas.to(dev, torch.float32)
     n_tok, m = target.n_targets, alphas.numel()
     # rows in (layer, token, alpha) order: a chunk holds few layers, so its backward pass stops early
-    li, ti, ki = torch.meshgrid(torch.arange(len(layers)), torch.arange(n_tok), torch.arange(m), indexing="ij")
+    li, ti, ki = torch.meshgrid(torch.arange(len(layers)), torch.arange(n_tok), torch.arange(m),
+                                indexing="ij")
     rows = torch.stack([li.flatten(), ti.flatten(), ki.flatten()], dim=1).to(dev)
     pos_of = torch.as_tensor(target.positions, device=dev)
     tok_of = torch.as_tensor(target.target_ids, device=dev)
@@ -132,7 +138,8 @@ def integrated_gradients(
 
 
 def _accumulate(adapter, target, point, layers, chunk, base, delta, alphas, pos_of, tok_of, grads) -> None:
-    """One forward + backward pass over a chunk of rows; adds each row's gradient to ``grads[layer, token]``."""
+    """One forward + backward pass over a chunk of rows; adds each row's gradient to
+    ``grads[layer, token]``."""
     R = chunk.shape[0]
     lrow, trow, krow = chunk.unbind(1)
     leaves, hooks = [], []
@@ -154,7 +161,8 @@ def _accumulate(adapter, target, point, layers, chunk, base, delta, alphas, pos_
     with torch.enable_grad(), hooked(adapter, hooks):
         h = adapter.run(ids) if cache is None else adapter.run_cached(cache, ids)
         if h is None:
-            raise InputError("the forward pass was stopped early by a hook; integrated gradients needs the full pass")
+            raise InputError(
+                "the forward pass was stopped early by a hook; integrated gradients needs the full pass")
         rix = torch.arange(R, device=h.device)
         lp = adapter.project(h[rix, pos_of[trow] - shift])
         prob = lp.float()[rix, tok_of[trow]].exp().sum()

@@ -40,7 +40,8 @@ ROW_COLUMNS = ["uuid", "relation", "intervention", "prompts", "neurons", "n_neur
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """How refined neurons are found (:meth:`KnowledgeNeurons.get_refined_neurons`) and the baseline seeded."""
+    """How refined neurons are found (:meth:`KnowledgeNeurons.get_refined_neurons`) and the baseline
+    seeded."""
 
     steps: int = 20
     batch_size: int = 10
@@ -64,7 +65,8 @@ def _rng(seed: int, fact: ParaphraseFact, purpose: str) -> random.Random:
     return random.Random(f"{seed}:{purpose}:{fact.uuid}")
 
 
-def pick_unrelated(facts: Sequence[ParaphraseFact], fact: ParaphraseFact, seed: int = 0) -> ParaphraseFact | None:
+def pick_unrelated(facts: Sequence[ParaphraseFact], fact: ParaphraseFact,
+                   seed: int = 0) -> ParaphraseFact | None:
     """A fact of another relation (else one with another answer), chosen by ``seed`` and ``fact.uuid``."""
     others = [f for f in facts if f.relation != fact.relation]
     if not others:
@@ -103,9 +105,10 @@ def measure(adapter: LMAdapter, fact: ParaphraseFact, neurons: list[list[int]], 
             except FflayersError as err:
                 raise InputError(f"fact {fact.uuid}: {err}") from None
             before, after = results["before"]["gt_prob"], results["after"]["gt_prob"]
-            rows.append({"uuid": owner.uuid, "relation": owner.relation, "intervention": name, "prompts": prompts,
-                         "neurons": kind, "n_neurons": len(neurons), "prompt": prompt, "answer": fact.answer,
-                         "before": before, "after": after, "change_pct": change_pct(before, after)})
+            rows.append({"uuid": owner.uuid, "relation": owner.relation, "intervention": name,
+                         "prompts": prompts, "neurons": kind, "n_neurons": len(neurons), "prompt": prompt,
+                         "answer": fact.answer, "before": before, "after": after,
+                         "change_pct": change_pct(before, after)})
     return rows
 
 
@@ -118,14 +121,16 @@ def find_neurons(adapter: LMAdapter, fact: ParaphraseFact, config: SearchConfig)
             "percentile": config.coarse_percentile}
     try:
         if config.layers is None:
-            return kn.get_refined_neurons(list(fact.prompts), fact.answer, p=config.p, batch_size=config.batch_size,
-                                          steps=config.steps, quiet=True, **{f"coarse_{k}": v for k, v in cuts.items()})
+            return kn.get_refined_neurons(list(fact.prompts), fact.answer, p=config.p,
+                                          batch_size=config.batch_size, steps=config.steps, quiet=True,
+                                          **{f"coarse_{k}": v for k, v in cuts.items()})
         return _refined_in_layers(adapter, kn, fact, config, cuts)
     except FflayersError as err:
         raise InputError(f"fact {fact.uuid}: {err}") from None
 
 
-def _refined_in_layers(adapter: LMAdapter, kn, fact: ParaphraseFact, config: SearchConfig, cuts: dict) -> list[list[int]]:
+def _refined_in_layers(adapter: LMAdapter, kn, fact: ParaphraseFact, config: SearchConfig,
+                       cuts: dict) -> list[list[int]]:
     """Refined neurons with attribution (and the coarse cuts) restricted to ``config.layers``."""
     from fflayers.neurons.attribution import alpha_grid, integrated_gradients
     from fflayers.neurons.selection import coarse_neurons, refine_neurons
@@ -144,27 +149,31 @@ def _refined_in_layers(adapter: LMAdapter, kn, fact: ParaphraseFact, config: Sea
     return refine_neurons(found, config.p)
 
 
-def evaluate_fact(adapter: LMAdapter, fact: ParaphraseFact, facts: Sequence[ParaphraseFact], config: SearchConfig,
-                  neurons: list[list[int]] | None = None) -> dict:
+def evaluate_fact(adapter: LMAdapter, fact: ParaphraseFact, facts: Sequence[ParaphraseFact],
+                  config: SearchConfig, neurons: list[list[int]] | None = None) -> dict:
     """One fact's record (JSON-ready): its refined neurons (found unless given), the random baseline set, the
     unrelated fact, and the measured rows (see :data:`ROW_COLUMNS`)."""
-    neurons = find_neurons(adapter, fact, config) if neurons is None else [[int(x) for x in n] for n in neurons]
+    neurons = (find_neurons(adapter, fact, config) if neurons is None
+               else [[int(x) for x in n] for n in neurons])
     unrelated = pick_unrelated(facts, fact, config.seed)
     rows = measure(adapter, fact, neurons, "related", "refined", fact)
     if unrelated is not None:
         rows += measure(adapter, unrelated, neurons, "unrelated", "refined", fact)
-    baseline = random_neurons(neurons, adapter.d_ff, _rng(config.seed, fact, "random")) if config.random_baseline else []
+    baseline = (random_neurons(neurons, adapter.d_ff, _rng(config.seed, fact, "random"))
+                if config.random_baseline else [])
     if baseline:
         rows += measure(adapter, fact, baseline, "related", "random", fact)
     return {"uuid": fact.uuid, "relation": fact.relation, "answer": fact.answer, "neurons": neurons,
-            "random_neurons": baseline, "unrelated_uuid": None if unrelated is None else unrelated.uuid, "rows": rows}
+            "random_neurons": baseline, "unrelated_uuid": None if unrelated is None else unrelated.uuid,
+            "rows": rows}
 
 
 def evaluate_facts(adapter: LMAdapter, facts: Sequence[ParaphraseFact], config: SearchConfig | None = None,
                    indices: Iterable[int] | None = None, progress: bool = True,
                    on_record: Callable[[int, dict], None] | None = None) -> list[dict]:
-    """Records of ``facts[i]`` for each ``i`` in ``indices`` (default: all); unrelated facts are drawn from all of
-    ``facts``. ``on_record(i, record)`` is called after each fact (e.g. to save it for ``--resume``)."""
+    """Records of ``facts[i]`` for each ``i`` in ``indices`` (default: all); unrelated facts are drawn from
+    all of ``facts``. ``on_record(i, record)`` is called after each fact (e.g. to save it for
+    ``--resume``)."""
     from tqdm.auto import tqdm
 
     config = config or SearchConfig()
@@ -201,7 +210,8 @@ def summary_table(table: pd.DataFrame) -> pd.DataFrame:
 
 def summarize(records: Sequence[dict]) -> dict:
     """JSON summary per relation (and ``all``): ``{relation: {"suppress": {"related": %, "unrelated": %,
-    "random_related": %}, "enhance": {...}, "n_facts": ..., "n_facts_with_neurons": ..., "mean_neurons": ...}}``."""
+    "random_related": %}, "enhance": {...}, "n_facts": ..., "n_facts_with_neurons": ...,
+    "mean_neurons": ...}}``."""
     table = results_table(records)
     summary = summary_table(table)
     out: dict[str, dict] = {}

@@ -1,9 +1,10 @@
 """Fact files: PARAREL-like jsonl, one fact a line, several paraphrased prompts each.
 
-``{"uuid": "capital-FRA", "relation": "capital", "prompts": ["The capital of France is", ...], "answer": "Paris"}``
+``{"uuid": "capital-FRA", "relation": "capital", "prompts": ["The capital of France is", ...],
+"answer": "Paris"}``
 
-For causal LMs the answer follows each prompt; for masked LMs each prompt holds the mask token where the answer
-goes. :func:`countries_paraphrases` builds such a file offline from the countries list
+For causal LMs the answer follows each prompt; for masked LMs each prompt holds the mask token where the
+answer goes. :func:`countries_paraphrases` builds such a file offline from the countries list
 (:func:`fflayers.data.countries.read_countries`).
 """
 
@@ -52,12 +53,14 @@ class ParaphraseFact:
 
 
 def fact_from_row(row: Mapping, where: str = "fact") -> ParaphraseFact:
-    """A :class:`ParaphraseFact` from a parsed jsonl row; one-line :class:`~fflayers.core.InputError` naming what is wrong."""
+    """A :class:`ParaphraseFact` from a parsed jsonl row; one-line :class:`~fflayers.core.InputError` naming
+    what is wrong."""
     if not isinstance(row, Mapping):
         raise InputError(f"{where}: expected a JSON object with fields {', '.join(FIELDS)}")
     missing = [f for f in FIELDS if f not in row]
     if missing:
-        raise InputError(f"{where}: missing field(s) {', '.join(missing)}; each fact needs {', '.join(FIELDS)}")
+        raise InputError(f"{where}: missing field(s) {', '.join(missing)}; "
+                         f"each fact needs {', '.join(FIELDS)}")
     prompts = row["prompts"]
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
         raise InputError(f"{where}: 'prompts' must be a non-empty list of strings")
@@ -74,7 +77,8 @@ def read_facts(path: str | Path) -> list[ParaphraseFact]:
     """Facts of a jsonl file, in file order (blank lines skipped); uuids must be unique."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"fact file {path} does not exist; pass a jsonl file of facts (uuid, relation, prompts, answer)")
+        raise InputError(f"fact file {path} does not exist; pass a jsonl file of facts (uuid, relation, "
+                         "prompts, answer)")
     facts: list[ParaphraseFact] = []
     seen: set[str] = set()
     try:
@@ -94,7 +98,8 @@ def read_facts(path: str | Path) -> list[ParaphraseFact]:
         seen.add(fact.uuid)
         facts.append(fact)
     if not facts:
-        raise InputError(f"fact file {path} holds no facts; one JSON object per line with {', '.join(FIELDS)}")
+        raise InputError(f"fact file {path} holds no facts; one JSON object per line with "
+                         f"{', '.join(FIELDS)}")
     return facts
 
 
@@ -128,11 +133,14 @@ def countries_paraphrases(
     templates = COUNTRY_TEMPLATES if templates is None else templates
     unknown = sorted(set(templates) - set(COUNTRY_TEMPLATES))
     if unknown:
-        raise InputError(f"unknown relation(s) {', '.join(unknown)}; choose from {', '.join(COUNTRY_TEMPLATES)}")
+        raise InputError(f"unknown relation(s) {', '.join(unknown)}; "
+                         f"choose from {', '.join(COUNTRY_TEMPLATES)}")
     for relation, temps in templates.items():
         if not temps or any(t.count("{}") != 1 for t in temps):
-            raise InputError(f"templates of {relation!r} must be a non-empty list, each with exactly one '{{}}'")
-    countries = [c for c in read_countries(countries_file or COUNTRIES_FILE) if _simple(c.name) and _simple(c.capital)]
+            raise InputError(f"templates of {relation!r} must be a non-empty list, "
+                             f"each with exactly one '{{}}'")
+    countries = [c for c in read_countries(countries_file or COUNTRIES_FILE)
+                 if _simple(c.name) and _simple(c.capital)]
     if limit is not None:
         countries = countries[: max(0, limit)]
     suffix = f" {mask_token}." if mask_token else ""

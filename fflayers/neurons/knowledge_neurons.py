@@ -33,12 +33,14 @@ class KnowledgeNeurons:
     """Find the FFN neurons that express a fact, and switch or edit them.
 
     ``convention="paper"``: attribute the FFN coefficients (post-activation; Llama ``act(gate) * up``) with
-    ``alpha = k / m, k = 1..m``. ``convention="kn-package"``: reproduce the knowledge-neurons package's numbers
-    (pre-activation ``fc`` output for causal LMs, post-activation for BERT; ``alpha = linspace(0, 1, m)``).
-    Both: ``Attr = (a - baseline) * sum_k dP(target)/dx / m``, ``baseline`` 0 unless given.
+    ``alpha = k / m, k = 1..m``. ``convention="kn-package"``: reproduce the knowledge-neurons package's
+    numbers (pre-activation ``fc`` output for causal LMs, post-activation for BERT;
+    ``alpha = linspace(0, 1, m)``). Both: ``Attr = (a - baseline) * sum_k dP(target)/dx / m``, ``baseline`` 0
+    unless given.
     """
 
-    def __init__(self, adapter: LMAdapter, convention: str = "paper", baseline: float | torch.Tensor = 0.0) -> None:
+    def __init__(self, adapter: LMAdapter, convention: str = "paper",
+                 baseline: float | torch.Tensor = 0.0) -> None:
         self.adapter = adapter
         self.convention = check_convention(convention)
         self.baseline = baseline
@@ -52,7 +54,8 @@ class KnowledgeNeurons:
     # ----- attribution ---------------------------------------------------------------------------------
     def get_scores(self, prompt: TextOrIds, ground_truth: TextOrIds, batch_size: int = 10, steps: int = 20,
                    quiet: bool = True, layers: Sequence[int] | None = None) -> torch.Tensor:
-        """Integrated-gradients attributions ``[n_layers, d_ff]`` (detached) of the ground truth's probability.
+        """Integrated-gradients attributions ``[n_layers, d_ff]`` (detached) of the ground truth's
+        probability.
 
         ``batch_size`` is the number of (layer, alpha) rows per forward/backward pass: any positive number; a
         larger one is faster where memory allows (``n_layers * steps`` does every layer in one pass).
@@ -62,36 +65,38 @@ class KnowledgeNeurons:
         target = encode_target(self.adapter, prompt, ground_truth)
         chosen = list(range(self.adapter.n_layers)) if layers is None else sorted(
             {self.adapter.check_layer(int(x)) for x in layers})
-        part = integrated_gradients(self.adapter, target, self.point, alphas, batch_size=batch_size, layers=chosen,
-                                    baseline=self.baseline, quiet=quiet)
+        part = integrated_gradients(self.adapter, target, self.point, alphas, batch_size=batch_size,
+                                    layers=chosen, baseline=self.baseline, quiet=quiet)
         if len(chosen) == self.adapter.n_layers:
             return part
         scores = part.new_zeros(self.adapter.n_layers, part.shape[1])
         scores[chosen] = part
         return scores
 
-    def get_coarse_neurons(self, prompt: TextOrIds, ground_truth: TextOrIds, batch_size: int = 10, steps: int = 20,
-                           threshold: float | None = None, adaptive_threshold: float | None = None,
-                           percentile: float | None = None, quiet: bool = True,
-                           layers: Sequence[int] | None = None) -> list[Neuron]:
+    def get_coarse_neurons(self, prompt: TextOrIds, ground_truth: TextOrIds, batch_size: int = 10,
+                           steps: int = 20, threshold: float | None = None,
+                           adaptive_threshold: float | None = None, percentile: float | None = None,
+                           quiet: bool = True, layers: Sequence[int] | None = None) -> list[Neuron]:
         """Neurons whose attribution exceeds exactly one of: ``threshold`` (absolute), ``adaptive_threshold``
         times the largest attribution, the ``percentile``-th percentile of all attributions (``layers``: see
         :meth:`get_scores`)."""
         check_threshold(threshold, adaptive_threshold, percentile)
         check_batch_size(batch_size)
         check_steps(steps)
-        scores = self.get_scores(prompt, ground_truth, batch_size=batch_size, steps=steps, quiet=quiet, layers=layers)
+        scores = self.get_scores(prompt, ground_truth, batch_size=batch_size, steps=steps, quiet=quiet,
+                                 layers=layers)
         return coarse_neurons(scores, threshold, adaptive_threshold, percentile)
 
     def get_refined_neurons(self, prompts: Sequence[TextOrIds], ground_truth: TextOrIds,
                             negative_examples: Sequence[Example] | None = None, p: float = 0.5,
-                            batch_size: int = 10, steps: int = 20, coarse_adaptive_threshold: float | None = 0.3,
+                            batch_size: int = 10, steps: int = 20,
+                            coarse_adaptive_threshold: float | None = 0.3,
                             coarse_threshold: float | None = None, coarse_percentile: float | None = None,
                             quiet: bool = False, layers: Sequence[int] | None = None) -> list[Neuron]:
-        """Neurons in the coarse sets of more than ``p`` of the prompts, minus every neuron in the coarse set of a
-        negative example (a prompt for the same ground truth, or a ``(prompt, ground_truth)`` pair, expressing a
-        different fact). The coarse threshold is exactly one of the three ``coarse_*`` (set the default
-        ``coarse_adaptive_threshold=None`` to use another). ``layers``: see :meth:`get_scores`."""
+        """Neurons in the coarse sets of more than ``p`` of the prompts, minus every neuron in the coarse set
+        of a negative example (a prompt for the same ground truth, or a ``(prompt, ground_truth)`` pair,
+        expressing a different fact). The coarse threshold is exactly one of the three ``coarse_*`` (set the
+        default ``coarse_adaptive_threshold=None`` to use another). ``layers``: see :meth:`get_scores`."""
         if isinstance(prompts, str) or not prompts:
             raise InputError("prompts must be a non-empty list of prompts expressing the same fact")
         if isinstance(negative_examples, str):
@@ -117,7 +122,8 @@ class KnowledgeNeurons:
 
     # ----- modifications (fflayers.neurons.modify) -----------------------------------------------------
     def suppress_knowledge(self, *args, **kwargs):
-        """Set the neurons' activations to 0 and measure the ground truth; see :func:`modify.suppress_knowledge`."""
+        """Set the neurons' activations to 0 and measure the ground truth; see
+        :func:`modify.suppress_knowledge`."""
         from fflayers.neurons import modify
 
         return modify.suppress_knowledge(self.adapter, *args, **kwargs)

@@ -4,12 +4,12 @@ Neurons are ``[layer, neuron]`` pairs. Two kinds of change:
 
 * activation edits (:func:`suppress_knowledge`: coefficient ``m_i`` set to 0; :func:`enhance_knowledge`:
   doubled), made with :func:`fflayers.hooks.intervene` at hook point ``mlp_coef`` and only at the positions
-  that predict the answer (causal LMs: the last prompt position and, for a multi-token answer, the teacher-forced
-  positions after it; masked LMs: the mask positions);
+  that predict the answer (causal LMs: the last prompt position and, for a multi-token answer, the
+  teacher-forced positions after it; masked LMs: the mask positions);
 * weight edits of the neurons' value vectors ``v_i`` (:func:`erase_knowledge`: ``v_i <- 0`` or the output
-  embedding of the unknown token; :func:`edit_knowledge`: ``v_i <- v_i - 2 e(old) + 2 e(new)``, ``e`` the output
-  embedding), in place through :meth:`LMAdapter.write_ffn_values`, with an exact undo (the original rows are
-  saved and written back).
+  embedding of the unknown token; :func:`edit_knowledge`: ``v_i <- v_i - 2 e(old) + 2 e(new)``, ``e`` the
+  output embedding), in place through :meth:`LMAdapter.write_ffn_values`, with an exact undo (the original
+  rows are saved and written back).
 
 Each function measures the answer before and after the change and returns a :class:`Modification`, which is a
 ``(results, undo)`` pair::
@@ -18,8 +18,8 @@ Each function measures the answer before and after the change and returns a :cla
     results["before"]["gt_prob"], results["after"]["gt_prob"]
 
 ``undo_modification=True`` (the default) undoes the change right after measuring (``undo`` is then a no-op);
-``False`` leaves it in place until ``undo()`` is called. As a context manager the change holds inside the block
-(re-applied if it was already undone) and is undone on exit, also when the body raises::
+``False`` leaves it in place until ``undo()`` is called. As a context manager the change holds inside the
+block (re-applied if it was already undone) and is undone on exit, also when the body raises::
 
     with enhance_knowledge(adapter, prompt, "Paris", neurons) as results:
         ...  # forward passes here see the doubled activations
@@ -41,7 +41,8 @@ from fflayers.core import InputError
 from fflayers.hooks import intervene, scale
 
 Neurons = Iterable[Sequence[int]]
-#: prompts and answers are text, or token-id lists for models without a tokenizer (see fflayers.neurons.targets)
+#: prompts and answers are text, or token-id lists for models without a tokenizer (see
+#: fflayers.neurons.targets)
 TextOrIds = str | Sequence[int]
 
 __all__ = [
@@ -101,8 +102,8 @@ class Modification(tuple):
 
 
 def neurons_by_layer(adapter: LMAdapter, neurons: Neurons) -> dict[int, list[int]]:
-    """``{layer: [neuron, ...]}`` of ``[layer, neuron]`` pairs (duplicates dropped, order kept), checked against
-    the model's size; one-line :class:`~fflayers.core.InputError` for a pair out of range."""
+    """``{layer: [neuron, ...]}`` of ``[layer, neuron]`` pairs (duplicates dropped, order kept), checked
+    against the model's size; one-line :class:`~fflayers.core.InputError` for a pair out of range."""
     out: dict[int, list[int]] = {}
     for pair in neurons:
         try:
@@ -110,11 +111,11 @@ def neurons_by_layer(adapter: LMAdapter, neurons: Neurons) -> dict[int, list[int
         except (TypeError, ValueError):
             raise InputError(f"neuron {pair!r} is not a [layer, neuron] pair of integers") from None
         if not 0 <= layer < adapter.n_layers:
-            raise InputError(f"neuron [{layer}, {neuron}] is out of range: the model has {adapter.n_layers} layers "
-                               f"(0..{adapter.n_layers - 1})")
+            raise InputError(f"neuron [{layer}, {neuron}] is out of range: the model has {adapter.n_layers} "
+                             f"layers (0..{adapter.n_layers - 1})")
         if not 0 <= neuron < adapter.d_ff:
-            raise InputError(f"neuron [{layer}, {neuron}] is out of range: layers have {adapter.d_ff} neurons "
-                               f"(0..{adapter.d_ff - 1})")
+            raise InputError(f"neuron [{layer}, {neuron}] is out of range: layers have {adapter.d_ff} "
+                             f"neurons (0..{adapter.d_ff - 1})")
         row = out.setdefault(layer, [])
         if neuron not in row:
             row.append(neuron)
@@ -128,7 +129,8 @@ def _measure(adapter: LMAdapter, target, with_gt: bool = True) -> dict:
         log_probs = adapter.log_probs(target.ids)
         text, prob = argmax_completion(adapter, log_probs, target)
         gt = target_probability(adapter, log_probs, target) if with_gt else None
-    return {"gt_prob": None if gt is None else float(gt), "argmax_completion": text, "argmax_prob": float(prob)}
+    return {"gt_prob": None if gt is None else float(gt), "argmax_completion": text,
+            "argmax_prob": float(prob)}
 
 
 def _run(adapter: LMAdapter, target, apply, revert, undo_modification: bool, with_gt: bool = True,
@@ -213,7 +215,8 @@ def erase_knowledge(adapter: LMAdapter, prompt: TextOrIds, neurons: Neurons, era
     """Set the neurons' value vectors to zero (``erase_value="zero"``) or to the output embedding of the
     unknown token (``"unk"``; the input embedding where input and output are tied, never a position
     embedding). With ``target`` its probability is measured (``gt_prob``); without, ``gt_prob`` is None and
-    the prediction is read where the prompt's answer would go (causal: after the prompt; masked: the masks)."""
+    the prediction is read where the prompt's answer would go (causal: after the prompt; masked: the
+    masks)."""
     if erase_value not in ("zero", "unk"):
         raise InputError(f"erase_value {erase_value!r} is not supported; use 'zero' or 'unk'")
     groups = neurons_by_layer(adapter, neurons)
@@ -274,7 +277,8 @@ def _prompt_target(adapter: LMAdapter, prompt: TextOrIds):
             raise InputError("this masked LM has no mask token id; load its tokenizer")
         positions = (ids[0] == mask_id).nonzero().flatten().tolist()
         if not positions:
-            raise InputError(f"masked-LM prompt {prompt!r} holds no mask token; put one where the answer goes")
+            raise InputError(f"masked-LM prompt {prompt!r} holds no mask token; "
+                             "put one where the answer goes")
         with torch.no_grad():
             greedy = adapter.log_probs(ids)[0, positions].argmax(-1).tolist()
         return TargetInput(ids=ids, positions=positions, target_ids=greedy)

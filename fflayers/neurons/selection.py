@@ -19,8 +19,9 @@ Neuron = list[int]
 
 def check_threshold(threshold: float | None, adaptive_threshold: float | None, percentile: float | None,
                     prefix: str = "") -> tuple[str, float]:
-    """The one threshold kind given, as ``(kind, value)``; :class:`~fflayers.core.InputError` for none, several, or a value out
-    of range (``adaptive_threshold`` in [0, 1], ``percentile`` in [0, 100], ``threshold`` finite)."""
+    """The one threshold kind given, as ``(kind, value)``; :class:`~fflayers.core.InputError` for none,
+    several, or a value out of range (``adaptive_threshold`` in [0, 1], ``percentile`` in [0, 100],
+    ``threshold`` finite)."""
     given = {k: v for k, v in (("threshold", threshold), ("adaptive_threshold", adaptive_threshold),
                                ("percentile", percentile)) if v is not None}
     names = ", ".join(prefix + k for k in ("threshold", "adaptive_threshold", "percentile"))
@@ -32,7 +33,8 @@ def check_threshold(threshold: float | None, adaptive_threshold: float | None, p
         value = float(value)
     except (TypeError, ValueError):
         raise InputError(f"{prefix}{kind} must be a number, got {value!r}") from None
-    ranges = {"threshold": (-math.inf, math.inf), "adaptive_threshold": (0.0, 1.0), "percentile": (0.0, 100.0)}
+    ranges = {"threshold": (-math.inf, math.inf), "adaptive_threshold": (0.0, 1.0),
+              "percentile": (0.0, 100.0)}
     lo, hi = ranges[kind]
     if not (math.isfinite(value) and lo <= value <= hi):
         where = "a finite number" if kind == "threshold" else f"in [{lo:g}, {hi:g}]"
@@ -40,8 +42,8 @@ def check_threshold(threshold: float | None, adaptive_threshold: float | None, p
     return kind, value
 
 
-def coarse_neurons(scores: torch.Tensor, threshold: float | None = None, adaptive_threshold: float | None = None,
-                   percentile: float | None = None) -> list[Neuron]:
+def coarse_neurons(scores: torch.Tensor, threshold: float | None = None,
+                   adaptive_threshold: float | None = None, percentile: float | None = None) -> list[Neuron]:
     """Neurons whose score exceeds the cut: ``threshold`` (absolute), ``adaptive_threshold * max(scores)``, or
     the ``percentile``-th percentile of all scores. Exactly one of the three."""
     kind, value = check_threshold(threshold, adaptive_threshold, percentile)

@@ -1,9 +1,9 @@
 """The input a knowledge-neuron query runs on: a prompt, its ground truth, and where the model predicts it.
 
-Causal LMs: the ground truth follows the prompt (joined by one space by default) and is teacher-forced: the model reads the prompt and every target token but the
-last, and target token ``i`` is predicted at the position just before it. Masked LMs (BERT): the prompt holds the
-mask token where the ground truth goes; a single mask is widened to one mask per wordpiece, and piece ``i`` is
-predicted at mask ``i``.
+Causal LMs: the ground truth follows the prompt (joined by one space by default) and is teacher-forced: the
+model reads the prompt and every target token but the last, and target token ``i`` is predicted at the
+position just before it. Masked LMs (BERT): the prompt holds the mask token where the ground truth goes; a
+single mask is widened to one mask per wordpiece, and piece ``i`` is predicted at mask ``i``.
 
 Prompts and ground truths are text, or lists of token ids for models without a tokenizer (then nothing is
 joined: the prompt ids are used as given, BOS included if wanted).
@@ -56,8 +56,9 @@ def _squash(text: str) -> str:
 
 
 def check_spelling(adapter: LMAdapter, ground_truth: str, ids: Sequence[int]) -> None:
-    """Raise :class:`~fflayers.core.InputError` unless ``ids`` spell ``ground_truth`` back (whitespace ignored; case ignored
-    only where the tokenizer lowercases): an unknown word must never become a silent ``[UNK]``."""
+    """Raise :class:`~fflayers.core.InputError` unless ``ids`` spell ``ground_truth`` back (whitespace
+    ignored; case ignored only where the tokenizer lowercases): an unknown word must never become a silent
+    ``[UNK]``."""
     if not ids:
         raise InputError(f"ground truth {ground_truth!r} has no tokens; give a non-empty answer")
     back = adapter.vocab.detokenize(list(ids))
@@ -66,11 +67,13 @@ def check_spelling(adapter: LMAdapter, ground_truth: str, ids: Sequence[int]) ->
         return
     raise InputError(
         f"the tokenizer cannot represent ground truth {ground_truth!r}: it becomes {back!r} "
-        f"(tokens {adapter.vocab.id_to_token(list(ids))}); use an answer the model's vocabulary spells as given"
+        f"(tokens {adapter.vocab.id_to_token(list(ids))}); "
+        "use an answer the model's vocabulary spells as given"
     )
 
 
-def _causal(adapter: LMAdapter, prompt: TextOrIds, ground_truth: TextOrIds, sep: str) -> tuple[list[int], list[int]]:
+def _causal(adapter: LMAdapter, prompt: TextOrIds, ground_truth: TextOrIds,
+            sep: str) -> tuple[list[int], list[int]]:
     if _is_text(prompt) != _is_text(ground_truth):
         raise InputError("give prompt and ground truth both as text or both as token ids")
     if not _is_text(prompt):
@@ -82,8 +85,8 @@ def _causal(adapter: LMAdapter, prompt: TextOrIds, ground_truth: TextOrIds, sep:
     full = adapter.vocab.tokenize(head + sep + ground_truth.strip())
     if full[: len(prompt_ids)] != prompt_ids:
         raise InputError(
-            f"the prompt {head!r} is tokenized differently once the ground truth {ground_truth!r} follows it; "
-            "end the prompt at a word boundary"
+            f"the prompt {head!r} is tokenized differently once the ground truth {ground_truth!r} follows "
+            "it; end the prompt at a word boundary"
         )
     target = full[len(prompt_ids):]
     check_spelling(adapter, ground_truth, target)
@@ -123,7 +126,8 @@ def _masked(adapter: LMAdapter, prompt: TextOrIds, ground_truth: TextOrIds, mask
         )
     positions = [i for i, t in enumerate(ids) if t == mask_id]
     if len(positions) != n:
-        raise InputError(f"{mask_text} did not tokenize to the mask token id {mask_id}; write it exactly as {mask_text!r}")
+        raise InputError(f"{mask_text} did not tokenize to the mask token id {mask_id}; "
+                         f"write it exactly as {mask_text!r}")
     return ids, positions, target
 
 
@@ -135,8 +139,9 @@ def encode_target(
     Causal text: the model reads ``prompt.rstrip() + sep + ground_truth.strip()`` (``sep=""`` glues them).
     ``mask_id``: the mask token of a masked LM given token ids without a tokenizer.
 
-    :class:`~fflayers.core.InputError` for a ground truth the tokenizer cannot spell as given, an empty prompt or answer,
-    a masked-LM prompt without the mask token or with a number of masks that does not match the answer.
+    :class:`~fflayers.core.InputError` for a ground truth the tokenizer cannot spell as given, an empty prompt
+    or answer, a masked-LM prompt without the mask token or with a number of masks that does not match the
+    answer.
     """
     adapter.model.eval()
     if adapter.is_masked_lm:
@@ -144,7 +149,8 @@ def encode_target(
     else:
         prompt_ids, target = _causal(adapter, prompt, ground_truth, sep)
         if not prompt_ids:
-            raise InputError("prompt has no tokens; a causal LM needs at least one token before the ground truth")
+            raise InputError(
+                "prompt has no tokens; a causal LM needs at least one token before the ground truth")
         if not target:
             raise InputError("ground truth has no tokens; give the answer that should follow the prompt")
         ids = prompt_ids + target[:-1]

@@ -1,4 +1,5 @@
-"""Dissecting factual recall (Geva et al., 2023): facts, attention knockout, projections, extraction, enrichment.
+"""Dissecting factual recall (Geva et al., 2023): facts, attention knockout, projections, extraction,
+enrichment.
 
 Facts are ROME's known_1000 records (:mod:`fflayers.recall.facts`); :func:`encode_facts` turns them into the
 token ids a model reads, with the subject's positions and the attribute's tokens; :func:`fact_batches` pads

@@ -1,4 +1,5 @@
-"""Subject enrichment (Geva et al., 2023, section 5): how many subject-related attributes a hidden state encodes.
+"""Subject enrichment (Geva et al., 2023, section 5): how many subject-related attributes a hidden state
+encodes.
 
 The *attributes rate* of a vector ``h`` for a subject:
 
@@ -12,8 +13,8 @@ The *attributes rate* of a vector ``h`` for a subject:
 
 A paragraph is *about* the subject when it mentions it: the subject string occurs in the paragraph as a whole
 word sequence (case-sensitive; not preceded or followed by a letter or digit). Paragraphs are the lines of a
-corpus file read with :func:`fflayers.data.readers.read_corpus` (WikiText lines are detokenized for matching and
-for subword models). The tokens of a paragraph are the model's own tokens of it.
+corpus file read with :func:`fflayers.data.readers.read_corpus` (WikiText lines are detokenized for matching
+and for subword models). The tokens of a paragraph are the model's own tokens of it.
 
 The baseline reads the subject's input embedding (of the token at the same position) the same way.
 """
@@ -132,7 +133,8 @@ class AttributeScorer:
                 if i not in token_cache:
                     token_cache[i] = self.adapter.vocab.tokenize(paragraphs[i], add_bos=False)
                 ids += token_cache[i]
-            groups = self.groups[torch.tensor(sorted(set(ids)), dtype=torch.long)] if ids else torch.zeros(0).long()
+            groups = (self.groups[torch.tensor(sorted(set(ids)), dtype=torch.long)] if ids
+                      else torch.zeros(0).long())
             self.subject_groups[subject] = groups.unique()
             self.subject_paragraphs[subject] = len(found)
 
@@ -150,7 +152,8 @@ class AttributeScorer:
             groups = self.subject_groups.get(subject)
             if groups is None:
                 raise InputError(f"no paragraphs were looked up for subject {subject!r}; call add_paragraphs")
-            hits = int(torch.isin(self.groups[torch.tensor(kept, dtype=torch.long)], groups).sum()) if kept else 0
+            hits = (int(torch.isin(self.groups[torch.tensor(kept, dtype=torch.long)], groups).sum())
+                    if kept else 0)
             out.append((len(kept), hits))
         return out
 
@@ -198,7 +201,8 @@ def attributes_rate(
         subjects = [item.fact.subject for item in batch.items]
         for pos in positions:
             index = batch_positions(batch, pos)
-            sources = [("resid_post", layer, gather_rows(cache["resid_post", layer], index)) for layer in layers]
+            sources = [("resid_post", layer, gather_rows(cache["resid_post", layer], index))
+                       for layer in layers]
             if embeddings is not None:
                 token_ids = gather_rows(batch.ids[..., None], index)[:, 0]
                 sources.insert(0, ("embedding", -1, embeddings[token_ids.to(embeddings.device)]))
@@ -208,9 +212,10 @@ def attributes_rate(
                 for b, item in enumerate(batch.items):
                     n_kept, n_found = scores[si * len(batch) + b]
                     n_par = scorer.subject_paragraphs[item.fact.subject]
-                    rows.append((offset + b, {"known_id": item.fact.known_id, "subject": item.fact.subject, "source": source,
-                                 "layer": layer, "position": str(pos), "token_position": int(index[b]),
-                                 "n_paragraphs": n_par, "n_kept": n_kept, "n_found": n_found,
+                    rows.append((offset + b, {"known_id": item.fact.known_id, "subject": item.fact.subject,
+                                 "source": source, "layer": layer, "position": str(pos),
+                                 "token_position": int(index[b]), "n_paragraphs": n_par, "n_kept": n_kept,
+                                 "n_found": n_found,
                                  "rate": n_found / n_kept if n_par and n_kept else float("nan")}))
     return pd.DataFrame(rows_by_fact(rows), columns=COLUMNS)
 

@@ -1,21 +1,22 @@
 """Attribute extraction events (Geva et al., 2023, section 6): which sublayer writes the attribute at the last
 position.
 
-An *extraction event* of sublayer ``s`` (``"attn"``: the attention output ``attn_out``; ``"mlp"``: ``mlp_out``)
-at layer ``l`` happens when the attribute's first token is the top-1 token of that sublayer's output at the
-prompt's last position, read in the vocabulary (by default without the final norm: ``h @ E.T``).
+An *extraction event* of sublayer ``s`` (``"attn"``: the attention output ``attn_out``; ``"mlp"``:
+``mlp_out``) at layer ``l`` happens when the attribute's first token is the top-1 token of that sublayer's
+output at the prompt's last position, read in the vocabulary (by default without the final norm: ``h @ E.T``).
 
 Variants (the same measurement in an edited forward pass):
 
 * ``"none"``: the model as it is;
 * ``"block_subject"`` / ``"block_non_subject"`` / ``"block_last"``: in every layer the last position may not
   attend to the subject's tokens / to the tokens that are neither subject nor last (the first token included)
-  / to itself (:func:`fflayers.hooks.block_attention`; a row left without edges gives a zero attention output);
+  / to itself (:func:`fflayers.hooks.block_attention`; a row left without edges gives a zero attention
+  output);
 * ``"patch_subject"``: the subject's representations stop evolving after block ``patch_layer``: at every
-  block ``l > patch_layer`` the output (``resid_post``) at the subject's positions is replaced by that of block
-  ``patch_layer`` in the same pass (which is still the unedited one, as no edit acts before it). Later positions
-  thus read a subject representation from an early layer, without the enrichment the blocks above it would add.
-  The events are counted in all layers.
+  block ``l > patch_layer`` the output (``resid_post``) at the subject's positions is replaced by that of
+  block ``patch_layer`` in the same pass (which is still the unedited one, as no edit acts before it). Later
+  positions thus read a subject representation from an early layer, without the enrichment the blocks above it
+  would add. The events are counted in all layers.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def target_ranks(adapter: LMAdapter, vectors: torch.Tensor, targets: torch.Tenso
     return torch.cat(top), torch.cat(rank), torch.cat(logprob)
 
 
-def _variant_context(adapter: LMAdapter, batch: FactBatch, variant: str, patch_layer: int) -> AbstractContextManager:
+def _variant_context(adapter: LMAdapter, batch: FactBatch, variant: str,
+                     patch_layer: int) -> AbstractContextManager:
     from fflayers.hooks import Edit, block_attention, intervene
 
     if variant == "none":
@@ -122,7 +124,8 @@ def extraction_events(
 
     for v in variants:
         if v not in EXTRACTION_VARIANTS:
-            raise InputError(f"unknown extraction variant {v!r}; choose from {', '.join(EXTRACTION_VARIANTS)}")
+            raise InputError(f"unknown extraction variant {v!r}; "
+                             f"choose from {', '.join(EXTRACTION_VARIANTS)}")
     patch_layer = adapter.check_layer(patch_layer)
     L = adapter.n_layers
     rows: list[tuple[int, dict]] = []  # (fact index, row): rows come out fact by fact
@@ -141,14 +144,16 @@ def extraction_events(
             for si, sublayer in enumerate(SUBLAYERS):
                 for layer in range(L):
                     for b, item in enumerate(batch.items):
-                        rows.append((offset + b, {"known_id": item.fact.known_id, "subject": item.fact.subject,
-                                     "variant": variant, "sublayer": sublayer, "layer": layer,
-                                     "top1_id": int(top[si, layer, b]), "attribute_id": item.attribute_id,
+                        rows.append((offset + b, {"known_id": item.fact.known_id,
+                                     "subject": item.fact.subject, "variant": variant, "sublayer": sublayer,
+                                     "layer": layer, "top1_id": int(top[si, layer, b]),
+                                     "attribute_id": item.attribute_id,
                                      "attribute_rank": int(rank[si, layer, b]),
                                      "attribute_logprob": float(lp[si, layer, b]),
                                      "event": bool(rank[si, layer, b] == 0)}))
-    return pd.DataFrame(rows_by_fact(rows), columns=["known_id", "subject", "variant", "sublayer", "layer", "top1_id",
-                                       "attribute_id", "attribute_rank", "attribute_logprob", "event"])
+    return pd.DataFrame(rows_by_fact(rows),
+                        columns=["known_id", "subject", "variant", "sublayer", "layer", "top1_id",
+                                 "attribute_id", "attribute_rank", "attribute_logprob", "event"])
 
 
 def extraction_rates(events: pd.DataFrame) -> pd.DataFrame:

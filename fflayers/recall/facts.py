@@ -22,7 +22,8 @@ REQUIRED_FIELDS = ("known_id", "subject", "attribute", "prompt")
 
 @dataclass
 class KnownFact:
-    """One known_1000 record: ``prompt`` contains ``subject``; the model should continue it with ``attribute``."""
+    """One known_1000 record: ``prompt`` contains ``subject``; the model should continue it with
+    ``attribute``."""
 
     known_id: int | str
     subject: str
@@ -57,9 +58,9 @@ def _fact_from_record(record: Any, index: int) -> KnownFact:
 def load_facts(path: str | Path, skipped: list[str] | None = None) -> list[KnownFact]:
     """Facts of a known_1000 JSON file, in file order.
 
-    A file that is missing, empty, not JSON or not a list is a one-line :class:`~fflayers.core.InputError`. A bad entry
-    (not an object, a missing or empty field) raises too, naming the fact, unless ``skipped`` is given: then
-    its message is appended there and the entry skipped. Duplicate ``known_id``\\ s are an error.
+    A file that is missing, empty, not JSON or not a list is a one-line :class:`~fflayers.core.InputError`. A
+    bad entry (not an object, a missing or empty field) raises too, naming the fact, unless ``skipped`` is
+    given: then its message is appended there and the entry skipped. Duplicate ``known_id``\\ s are an error.
     """
     path = Path(path)
     if not path.is_file():
@@ -99,12 +100,14 @@ def save_facts(facts: Sequence[KnownFact], path: str | Path) -> None:
         json.dump([fact.to_json() for fact in facts], f, indent=1, ensure_ascii=False)
 
 
-def countries_facts(path: str | Path = COUNTRIES_FILE, template: str = "The capital of {} is") -> list[KnownFact]:
+def countries_facts(path: str | Path = COUNTRIES_FILE,
+                    template: str = "The capital of {} is") -> list[KnownFact]:
     """One fact per country of the Debian countries list: subject = country, attribute = capital (verbatim),
     prompt = ``template.format(country)``; ``known_id`` counts from 0 in file order."""
     if template.count("{}") != 1:
         raise InputError(f"template {template!r} must contain exactly one '{{}}' for the subject")
-    return [KnownFact(i, c.name, c.capital, template.format(c.name), {"template": template, "relation_id": "capital"})
+    return [KnownFact(i, c.name, c.capital, template.format(c.name),
+                      {"template": template, "relation_id": "capital"})
             for i, c in enumerate(read_countries(path))]
 
 
@@ -141,7 +144,8 @@ def _name(fact: KnownFact) -> str:
 
 
 def subject_span(fact: KnownFact) -> tuple[int, int]:
-    """Character span of the subject's first occurrence in the prompt; :class:`~fflayers.core.InputError` if absent."""
+    """Character span of the subject's first occurrence in the prompt; :class:`~fflayers.core.InputError` if
+    absent."""
     start = fact.prompt.find(fact.subject)
     if start < 0:
         raise InputError(f"{_name(fact)}: subject {fact.subject!r} is not in the prompt {fact.prompt!r}; "
@@ -150,12 +154,13 @@ def subject_span(fact: KnownFact) -> tuple[int, int]:
 
 
 def encode_fact(adapter: LMAdapter, fact: KnownFact) -> EncodedFact:
-    """Token ids, subject positions and attribute tokens of one fact, or a one-line :class:`~fflayers.core.InputError`.
+    """Token ids, subject positions and attribute tokens of one fact, or a one-line
+    :class:`~fflayers.core.InputError`.
 
     Attribute tokens: ``tokenize(prompt + " " + attribute)`` minus the prompt's tokens where the prompt's
-    tokens are an exact prefix of it (``attribute_split="joint"``: the tokens the model would really read next),
-    else ``tokenize(" " + attribute)`` alone, without BOS (``"alone"``; e.g. when the tokenizer merges across
-    the boundary or appends an end token).
+    tokens are an exact prefix of it (``attribute_split="joint"``: the tokens the model would really read
+    next), else ``tokenize(" " + attribute)`` alone, without BOS (``"alone"``; e.g. when the tokenizer merges
+    across the boundary or appends an end token).
     """
     if adapter.is_masked_lm:
         raise InputError("facts need a causal LM (the attribute is predicted after the prompt); "
@@ -182,7 +187,8 @@ def encode_fact(adapter: LMAdapter, fact: KnownFact) -> EncodedFact:
     return EncodedFact(fact, list(ids), subject, list(attribute_ids), split)
 
 
-def encode_facts(adapter: LMAdapter, facts: Sequence[KnownFact], skip_bad: bool = True) -> tuple[list[EncodedFact], list[str]]:
+def encode_facts(adapter: LMAdapter, facts: Sequence[KnownFact],
+                 skip_bad: bool = True) -> tuple[list[EncodedFact], list[str]]:
     """Encode facts in order; with ``skip_bad`` a fact that cannot be encoded is left out and its one-line
     message returned in the second list, otherwise its :class:`~fflayers.core.InputError` is raised."""
     encoded: list[EncodedFact] = []

@@ -15,8 +15,8 @@ token on the unmodified prompt and ``p_new`` that token's probability with the e
 blocks nothing: its ``p_new`` is ``p`` itself.
 
 Many (layer, set) combinations run in one forward pass: the facts are repeated once per combination, and each
-row carries its own blocked-edge mask in every layer (:func:`fflayers.hooks.block_attention` takes ``[B, T, S]``
-masks), so rows of one batch knock out different sets in different windows.
+row carries its own blocked-edge mask in every layer (:func:`fflayers.hooks.block_attention` takes
+``[B, T, S]`` masks), so rows of one batch knock out different sets in different windows.
 """
 
 from __future__ import annotations
@@ -83,8 +83,8 @@ def _predictions(adapter: LMAdapter, batch: FactBatch) -> tuple[torch.Tensor, to
 
 
 @torch.inference_mode()
-def _knocked_out(adapter: LMAdapter, batch: FactBatch, rows: torch.Tensor, keys: torch.Tensor, lo: torch.Tensor,
-                 hi: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _knocked_out(adapter: LMAdapter, batch: FactBatch, rows: torch.Tensor, keys: torch.Tensor,
+                 lo: torch.Tensor, hi: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Probability of ``target`` for rows ``rows`` of ``batch``, each row blocking last -> ``keys[r]`` (bool
     ``[R, T]``) in layers ``lo[r]..hi[r]``; one forward pass."""
     T = int(batch.last[rows].max()) + 1
@@ -152,15 +152,15 @@ def attention_knockout(
         fact_idx, combo_idx = fact_idx[nonempty], combo_idx[nonempty]
         for r0 in range(0, len(fact_idx), batch_size):
             fi, ci = fact_idx[r0 : r0 + batch_size], combo_idx[r0 : r0 + batch_size]
-            p_new[fi, ci] = _knocked_out(adapter, batch, fi, keys[fi, combo_set[ci]], combo_lo[ci], combo_hi[ci],
-                                         target[fi])
+            p_new[fi, ci] = _knocked_out(adapter, batch, fi, keys[fi, combo_set[ci]], combo_lo[ci],
+                                         combo_hi[ci], target[fi])
         p_cpu, p_new_cpu = p.tolist(), p_new.tolist()
         for b, item in enumerate(items):
             fact = item.fact
             for c, (layer, name) in enumerate(combos):
                 pn = p_new_cpu[b][c]
-                records.append((fact.known_id, fact.subject, fact.attribute, name, layer, windows[c][0], windows[c][1],
-                                p_cpu[b], pn, 100.0 * (pn - p_cpu[b]) / p_cpu[b]))
+                records.append((fact.known_id, fact.subject, fact.attribute, name, layer, windows[c][0],
+                                windows[c][1], p_cpu[b], pn, 100.0 * (pn - p_cpu[b]) / p_cpu[b]))
         if on_facts_done is not None:
             on_facts_done(len(items))
     return pd.DataFrame.from_records(records, columns=COLUMNS)

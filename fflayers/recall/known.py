@@ -1,4 +1,5 @@
-"""The facts a model knows: its top-1 next token after each prompt, and the facts whose top-1 is the attribute."""
+"""The facts a model knows: its top-1 next token after each prompt, and the facts whose top-1 is the
+attribute."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from fflayers.recall.facts import EncodedFact
 
 
 @torch.inference_mode()
-def top1_predictions(adapter: LMAdapter, encoded: Sequence[EncodedFact], batch_size: int = 32) -> tuple[list[int], list[float]]:
+def top1_predictions(adapter: LMAdapter, encoded: Sequence[EncodedFact],
+                     batch_size: int = 32) -> tuple[list[int], list[float]]:
     """The model's top-1 next token after each prompt and its probability."""
     tokens: list[int] = []
     probs: list[float] = []
@@ -25,7 +27,8 @@ def top1_predictions(adapter: LMAdapter, encoded: Sequence[EncodedFact], batch_s
     return tokens, probs
 
 
-def filter_facts(adapter: LMAdapter, encoded: Sequence[EncodedFact], batch_size: int = 32) -> list[EncodedFact]:
+def filter_facts(adapter: LMAdapter, encoded: Sequence[EncodedFact],
+                 batch_size: int = 32) -> list[EncodedFact]:
     """The facts whose top-1 next token is the attribute's first token (ROME's "known" facts), in order."""
     tokens, _ = top1_predictions(adapter, encoded, batch_size)
     return [e for e, t in zip(encoded, tokens, strict=True) if t == e.attribute_id]

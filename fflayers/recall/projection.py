@@ -29,14 +29,16 @@ PROJECTABLE_POINTS = ("resid_pre", "attn_out", "mlp_in", "mlp_out", "resid_post"
 
 
 def position_index(item: EncodedFact, position: str | int) -> int:
-    """Token index of a named position (:data:`POSITION_NAMES`) or of an integer index in one fact's prompt."""
+    """Token index of a named position (:data:`POSITION_NAMES`) or of an integer index in one fact's
+    prompt."""
     n = len(item.ids)
     if isinstance(position, str) and position.lstrip("-").isdigit():
         position = int(position)
     if isinstance(position, int):
         if not -n <= position < n:
             raise InputError(f"position {position} is out of range for fact {item.fact.known_id!r} "
-                               f"({n} tokens); use a smaller index or a named position ({', '.join(POSITION_NAMES)})")
+                             f"({n} tokens); use a smaller index or a named position "
+                             f"({', '.join(POSITION_NAMES)})")
         return position % n
     table = {
         "first": 0,
@@ -46,7 +48,8 @@ def position_index(item: EncodedFact, position: str | int) -> int:
         "last": n - 1,
     }
     if position not in table:
-        raise InputError(f"unknown position {position!r}; use one of {', '.join(POSITION_NAMES)} or a token index")
+        raise InputError(
+            f"unknown position {position!r}; use one of {', '.join(POSITION_NAMES)} or a token index")
     return table[position]
 
 
@@ -62,8 +65,8 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def project_topk(adapter: LMAdapter, vectors: torch.Tensor, k: int, final_norm: bool = True,
                  chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` log-probabilities and token ids ``[N, k]`` of vectors ``[N, d]`` read through the model's head
-    (``final_norm``: with the final norm), ``chunk_size`` rows of full-vocabulary scores at a time."""
+    """Top-``k`` log-probabilities and token ids ``[N, k]`` of vectors ``[N, d]`` read through the model's
+    head (``final_norm``: with the final norm), ``chunk_size`` rows of full-vocabulary scores at a time."""
     if k < 1:
         raise InputError(f"k={k} must be >= 1")
     k = min(k, adapter.vocab_size)
@@ -78,7 +81,8 @@ def project_topk(adapter: LMAdapter, vectors: torch.Tensor, k: int, final_norm: 
     return torch.cat(values), torch.cat(ids)
 
 
-def numbered_batches(adapter: LMAdapter, encoded: Sequence[EncodedFact], batch_size: int) -> Iterator[tuple[int, FactBatch]]:
+def numbered_batches(adapter: LMAdapter, encoded: Sequence[EncodedFact],
+                     batch_size: int) -> Iterator[tuple[int, FactBatch]]:
     """:func:`fflayers.recall.batching.fact_batches` with the index of each batch's first fact."""
     offset = 0
     for batch in fact_batches(adapter, encoded, batch_size):
@@ -137,7 +141,8 @@ def vocabulary_projections(
             adapter.run(batch.ids, batch.mask)
         index = {pos: batch_positions(batch, pos) for pos in positions}
         keys = [(p, layer, pos) for p in points for layer in layers for pos in positions]
-        vectors = torch.stack([gather_rows(cache[p, layer], index[pos]) for p, layer, pos in keys])  # [K, B, d]
+        vectors = torch.stack([gather_rows(cache[p, layer], index[pos])
+                               for p, layer, pos in keys])  # [K, B, d]
         values, ids = project_topk(adapter, vectors.reshape(-1, vectors.shape[-1]), k, final_norm)
         B = len(batch)
         values = values.reshape(len(keys), B, -1).cpu()
@@ -146,11 +151,13 @@ def vocabulary_projections(
             for b, item in enumerate(batch.items):
                 tpos = int(index[pos][b])
                 for r in range(ids.shape[-1]):
-                    rows.append((offset + b, {"known_id": item.fact.known_id, "subject": item.fact.subject, "point": p,
-                                 "layer": layer, "position": str(pos), "token_position": tpos, "rank": r + 1,
-                                 "token_id": int(ids[ki, b, r]), "logprob": float(values[ki, b, r])}))
-    table = pd.DataFrame(rows_by_fact(rows), columns=["known_id", "subject", "point", "layer", "position", "token_position",
-                                        "rank", "token_id", "logprob"])
+                    rows.append((offset + b, {"known_id": item.fact.known_id, "subject": item.fact.subject,
+                                 "point": p, "layer": layer, "position": str(pos), "token_position": tpos,
+                                 "rank": r + 1, "token_id": int(ids[ki, b, r]),
+                                 "logprob": float(values[ki, b, r])}))
+    table = pd.DataFrame(rows_by_fact(rows),
+                         columns=["known_id", "subject", "point", "layer", "position", "token_position",
+                                  "rank", "token_id", "logprob"])
     tokens = _token_strings(adapter, table["token_id"].tolist()) if with_tokens else [""] * len(table)
     table.insert(7, "token", tokens)
     return table

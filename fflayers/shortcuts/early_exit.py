@@ -44,7 +44,8 @@ def _check_lambdas(lambdas: Iterable[float]) -> list[float]:
 
 
 def _shortcut_stats(
-    adapter: LMAdapter, states: torch.Tensor, names: tuple[str, ...], mats: dict[int, torch.Tensor], chunk: int
+    adapter: LMAdapter, states: torch.Tensor, names: tuple[str, ...],
+    mats: dict[int, torch.Tensor], chunk: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Confidence gaps ``p1 - p2`` ``[n, M, L-1]`` of the shortcuts from states ``1..L-1`` and top-1 tokens
     ``[n, M, L]`` of states ``1..L`` (the last one the model's own), on CPU."""

@@ -148,3 +148,14 @@ def precision_table(layers: Iterable[int], names: Sequence[str], ks: Sequence[in
             row["surprisal"] = float(bits[li, mi] / n)
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def has_output_head(adapter: LMAdapter) -> bool:
+    """False for encoders without an LM/MLM head (their states can be mapped, not decoded)."""
+    from fflayers.core import ModelError
+
+    try:
+        adapter.output_embeddings()
+    except ModelError:
+        return False
+    return True

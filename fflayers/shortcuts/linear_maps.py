@@ -32,14 +32,16 @@ class GramAccumulator:
     filled by one matrix product per state and batch. Memory: ``n_states * (n_states + 1) / 2 * d^2`` doubles.
     """
 
-    def __init__(self, n_states: int, d: int, device: torch.device | str | None = None) -> None:
+    def __init__(self, n_states: int, d: int, device: torch.device | str | None = None,
+                 allocate: bool = True) -> None:
         if n_states < 2 or d < 1:
             raise InputError(f"need at least 2 states and d >= 1 for linear maps, got n_states={n_states}, d={d}")
         self.n_states = int(n_states)
         self.d = int(d)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.n = 0
-        self.blocks = [torch.zeros(d, (n_states - i) * d, dtype=torch.float64, device=self.device)
+        width = d if allocate else 0  # not allocated: for load_state_dict
+        self.blocks = [torch.zeros(width, (n_states - i) * width, dtype=torch.float64, device=self.device)
                        for i in range(n_states)]
 
     def update(self, states: torch.Tensor) -> None:
@@ -55,6 +57,33 @@ class GramAccumulator:
         for i in range(S):
             self.blocks[i].addmm_(x[:, i].T, x[:, i:].reshape(b, (S - i) * d))
         self.n += b
+
+    def add(self, states: torch.Tensor) -> None:
+        """:meth:`update` (the name of the state protocol of :mod:`fflayers.runs.accumulators`)."""
+        self.update(states)
+
+    def merge(self, other: GramAccumulator) -> None:
+        """Add the sums of ``other`` (same ``n_states`` and ``d``). The same sums as one accumulator fed all
+        the rows up to float rounding; the fit folds rows in order instead
+        (:mod:`fflayers.shortcuts.passes`)."""
+        if (other.n_states, other.d) != (self.n_states, self.d):
+            raise InputError(f"cannot merge Gram sums of [{other.n_states}, {other.d}] states into "
+                             f"[{self.n_states}, {self.d}]")
+        for mine, theirs in zip(self.blocks, other.blocks, strict=True):
+            mine += theirs.to(self.device)
+        self.n += other.n
+
+    def state_dict(self) -> dict:
+        """The sums and count (the tensors themselves, on :attr:`device`: not a copy)."""
+        return {"n_states": self.n_states, "d": self.d, "n": self.n, "blocks": list(self.blocks)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Take the sums of :meth:`state_dict` (of an accumulator of the same ``n_states`` and ``d``)."""
+        if (int(state["n_states"]), int(state["d"])) != (self.n_states, self.d):
+            raise InputError(f"a Gram state of [{state['n_states']}, {state['d']}] states does not fit "
+                             f"[{self.n_states}, {self.d}]")
+        self.blocks = [b.to(self.device, torch.float64) for b in state["blocks"]]
+        self.n = int(state["n"])
 
     def gram(self, i: int) -> torch.Tensor:
         """``G_i = X_i^T X_i`` ``[d, d]``."""
@@ -188,7 +217,22 @@ def save_maps(path: str | os.PathLike, maps: Mapping[tuple[int, int], torch.Tens
     meta.setdefault("n_states", str(max(j for j, _ in maps) + 1))
     tensors = {f"A_{int(j)}_{int(i)}": A.detach().to("cpu", torch.float32).contiguous() for (j, i), A in maps.items()}
     with atomic_write(path, "wb") as f:
-        f.write(save(tensors, metadata=meta))
+        f.write(sorted_metadata(save(tensors, metadata=meta)))
+
+
+def sorted_metadata(payload: bytes) -> bytes:
+    """A safetensors file's bytes with the metadata keys in sorted order (the writer orders them at random),
+    so that the same maps and metadata make the same file."""
+    import json
+
+    size = int.from_bytes(payload[:8], "little")
+    header = json.loads(payload[8 : 8 + size])
+    meta = header.pop("__metadata__", None)
+    ordered = ({} if meta is None else {"__metadata__": dict(sorted(meta.items()))}) | header
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > size:  # another JSON spelling than the writer's: keep its bytes
+        return payload
+    return payload[:8] + text.ljust(size, b" ") + payload[8 + size :]
 
 
 def read_safetensors(path: Path, what: str, missing_hint: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

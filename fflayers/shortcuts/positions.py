@@ -100,3 +100,20 @@ def positions_from_frame(table, split: str) -> list[Position]:
     rows = table[table["split"] == split]
     return [Position(int(r.sentence_index), int(r.position), tuple(int(t) for t in r.input_ids), int(r.position))
             for r in rows.itertuples(index=False)]
+
+
+def corpus_sentences(adapter: LMAdapter, data_file: str, n_train: int, n_val: int, seed: int = 0,
+                     raw_wikitext: bool = False) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of ``n_train`` training then ``n_val`` validation sentences of a corpus (shuffled with
+    ``seed``; sentences of one token dropped, long ones cut to the model's window). A short corpus gives fewer
+    (at least one validation sentence); :class:`~fflayers.core.InputError` below two usable sentences."""
+    from fflayers.data import model_sentences
+
+    wanted = n_train + n_val
+    texts = model_sentences(adapter, data_file, seed, wanted, raw_wikitext)
+    limit = adapter.max_positions or 10**9
+    ids = [seq[:limit] for seq in (adapter.vocab.tokenize(t) for t in texts) if len(seq) > 1]
+    if len(ids) < 2:
+        raise InputError(f"the corpus yields {len(ids)} usable sentences; pass a larger corpus")
+    n = min(n_train, len(ids) - 1) if len(ids) < wanted else n_train
+    return ids[:n], ids[n:wanted]

@@ -37,7 +37,8 @@ def _sum_sq(y: torch.Tensor, pred_fn) -> torch.Tensor:
 
 def r2_scores(states: torch.Tensor, maps: Mapping[tuple[int, int], torch.Tensor]):
     """R^2 of predicting state j from state i, per map key ``(j, i)``: a DataFrame with columns i, j, mapping,
-    r2; mapping ``"mat"`` predicts ``X_i @ A.T``, ``"id"`` predicts ``X_i`` itself. Rows sorted by i, j, mapping.
+    r2; mapping ``"mat"`` predicts ``X_i @ A.T``, ``"id"`` predicts ``X_i`` itself. Rows sorted by i, j,
+    mapping.
     """
     import pandas as pd
 

@@ -20,7 +20,8 @@ from fflayers.shortcuts.positions import Position
 
 
 def check_positions(positions: Sequence[Position], batch_size: int) -> None:
-    """:class:`~fflayers.core.InputError` unless ``batch_size`` is positive and every position reads a row of its input."""
+    """:class:`~fflayers.core.InputError` unless ``batch_size`` is positive and every position reads a row of
+    its input."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size={batch_size!r} must be a positive integer")
     if len(positions) == 0:
@@ -31,14 +32,17 @@ def check_positions(positions: Sequence[Position], batch_size: int) -> None:
                                "build positions with sample_positions")
 
 
-def collate_positions(batch: Sequence[Position], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids ``[b, T]``, attention mask ``[b, T]`` and read rows ``[b]`` (CPU) of a batch of positions."""
+def collate_positions(batch: Sequence[Position],
+                      pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids ``[b, T]``, attention mask ``[b, T]`` and read rows ``[b]`` (CPU) of a batch of
+    positions."""
     ids, mask = pad_right([p.input_ids for p in batch], pad_id)
     read_at = torch.tensor([p.read_at for p in batch], dtype=torch.long)
     return ids, mask, read_at
 
 
-def _read_states(adapter: LMAdapter, ids: torch.Tensor, mask: torch.Tensor, read_at: torch.Tensor) -> torch.Tensor:
+def _read_states(adapter: LMAdapter, ids: torch.Tensor, mask: torch.Tensor,
+                 read_at: torch.Tensor) -> torch.Tensor:
     """Run one padded batch and keep row ``read_at[r]`` of sequence ``r`` at every state: ``[b, L+1, d]``."""
     dev = adapter.device
     rows = torch.arange(ids.shape[0], device=dev)
@@ -52,13 +56,15 @@ def _read_states(adapter: LMAdapter, ids: torch.Tensor, mask: torch.Tensor, read
 
         return fn
 
-    hooks = [("resid_pre", 0, keeper(0))] + [("resid_post", layer, keeper(layer + 1)) for layer in range(adapter.n_layers)]
+    hooks = [("resid_pre", 0, keeper(0))] + [("resid_post", layer, keeper(layer + 1))
+                                             for layer in range(adapter.n_layers)]
     with hooked(adapter, hooks), torch.inference_mode():
         adapter.run(ids, mask)
     return out
 
 
-def iter_state_batches(adapter: LMAdapter, positions: Sequence[Position], batch_size: int = 32) -> Iterator[torch.Tensor]:
+def iter_state_batches(adapter: LMAdapter, positions: Sequence[Position],
+                       batch_size: int = 32) -> Iterator[torch.Tensor]:
     """States ``[b, L+1, d]`` (float32, on the adapter's device) of consecutive chunks of ``positions``."""
     check_positions(positions, batch_size)
     pad_id = adapter.vocab.pad_id

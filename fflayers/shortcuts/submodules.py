@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -39,36 +38,17 @@ import torch
 from fflayers.backends.base import LMAdapter
 from fflayers.core import InputError
 from fflayers.hooks import hooked
+from fflayers.shortcuts.chains import CAPTURED, CHAINS, Step, SubmoduleGram, chain, iter_submodule_points
 from fflayers.shortcuts.evaluate import precision_table
-from fflayers.shortcuts.linear_maps import read_safetensors, solve_least_squares
+from fflayers.shortcuts.linear_maps import read_safetensors, sorted_metadata
 from fflayers.shortcuts.positions import Position
 from fflayers.shortcuts.r2 import r2_from_sums
 from fflayers.shortcuts.states import check_positions, collate_positions
 
-#: Points captured from the model (hook points); the rest of a chain is derived from them.
-CAPTURED: tuple[str, ...] = ("resid_pre", "attn_in", "attn_out", "mlp_in", "mlp_out", "resid_post")
-
-
-@dataclass(frozen=True)
-class Step:
-    """One submodule: ``name`` maps point ``source`` to point ``target``."""
-
-    name: str
-    source: str
-    target: str
-
-
-#: layout -> the submodules of one block, in order.
-CHAINS: dict[str, tuple[Step, ...]] = {
-    "pre_norm": (Step("ln1", "resid_pre", "attn_in"), Step("attn", "attn_in", "attn_out"),
-                 Step("res1", "attn_out", "attn_res"), Step("ln2", "attn_res", "mlp_in"),
-                 Step("mlp", "mlp_in", "mlp_out"), Step("res2", "mlp_out", "resid_post")),
-    "post_norm": (Step("attn", "resid_pre", "attn_out"), Step("res1", "attn_out", "attn_res"),
-                  Step("ln1", "attn_res", "mlp_in"), Step("mlp", "mlp_in", "mlp_out"),
-                  Step("res2", "mlp_out", "mlp_res"), Step("ln2", "mlp_res", "resid_post")),
-    "parallel": (Step("ln1", "resid_pre", "attn_in"), Step("attn", "attn_in", "attn_out"),
-                 Step("ln2", "resid_pre", "mlp_in"), Step("mlp", "mlp_in", "mlp_out")),
-}
+__all__ = ["CAPTURED", "CHAINS", "SUBMODULE_MAPPINGS", "Step", "SubMaps", "SubmoduleGram", "chain",
+           "check_submodule_mappings", "evaluate_submodule_shortcuts", "fit_submodule_maps",
+           "iter_submodule_points", "load_submodule_maps", "save_submodule_maps", "submodule_log_probs",
+           "submodule_r2"]
 
 #: Submodule shortcuts -> the submodules they replace.
 SUBMODULE_MAPPINGS: dict[str, tuple[str, ...]] = {"mat_attn": ("attn",), "mat_ffn": ("mlp",),
@@ -76,95 +56,6 @@ SUBMODULE_MAPPINGS: dict[str, tuple[str, ...]] = {"mat_attn": ("attn",), "mat_ff
 
 #: Key of a submodule map: (layer, submodule name).
 SubMaps = Mapping[tuple[int, str], torch.Tensor]
-
-
-def chain(adapter: LMAdapter) -> tuple[Step, ...]:
-    """The submodules of one block of this model."""
-    layout = adapter.block_layout
-    if layout not in CHAINS:
-        raise InputError(f"block layout {layout!r} has no submodule chain; known: {', '.join(CHAINS)}")
-    return CHAINS[layout]
-
-
-def _points(captured: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Captured points plus the derived sums ``attn_res`` and ``mlp_res``."""
-    pts = dict(captured)
-    pts["attn_res"] = pts["resid_pre"] + pts["attn_out"]
-    pts["mlp_res"] = pts["mlp_in"] + pts["mlp_out"]
-    return pts
-
-
-def iter_submodule_points(
-    adapter: LMAdapter, positions: Sequence[Position], layers: Iterable[int] | None = None, batch_size: int = 32
-):
-    """Per batch of positions: ``{(layer, point): [b, d]}`` (float32) at each position's read row, for every
-    point of the chain (captured and derived)."""
-    check_positions(positions, batch_size)
-    layers = adapter.check_layers(layers, sort=True)
-    dev = adapter.device
-    for start in range(0, len(positions), batch_size):
-        ids, mask, read_at = collate_positions(positions[start : start + batch_size], adapter.vocab.pad_id)
-        rows, read_at = torch.arange(ids.shape[0], device=dev), read_at.to(dev)
-        got: dict[tuple[int, str], torch.Tensor] = {}
-
-        def keeper(key, got=got, rows=rows, read_at=read_at):
-            def fn(x: torch.Tensor):
-                got[key] = x[rows, read_at].float()
-                return None
-
-            return fn
-
-        hooks = [(p, layer, keeper((layer, p))) for layer in layers for p in CAPTURED]
-        with hooked(adapter, hooks), torch.inference_mode():
-            adapter.run(ids.to(dev), mask.to(dev))
-        out = {}
-        for layer in layers:
-            for p, value in _points({p: got[layer, p] for p in CAPTURED}).items():
-                out[layer, p] = value
-        yield out
-
-
-class SubmoduleGram:
-    """Running ``X^T X`` per (layer, source point) and ``X^T Y`` per (layer, submodule), float64 on ``device``."""
-
-    def __init__(self, adapter: LMAdapter, layers: Iterable[int] | None = None, device=None) -> None:
-        self.layers = adapter.check_layers(layers, sort=True)
-        self.steps = chain(adapter)
-        self.d = adapter.d_model
-        self.device = torch.device(device) if device is not None else adapter.device
-        self.n = 0
-        z = lambda: torch.zeros(self.d, self.d, dtype=torch.float64, device=self.device)  # noqa: E731
-        self.gram = {(layer, s.source): z() for layer in self.layers for s in self.steps}
-        self.cross = {(layer, s.name): z() for layer in self.layers for s in self.steps}
-
-    def update(self, points: Mapping[tuple[int, str], torch.Tensor]) -> None:
-        """Add one batch from :func:`iter_submodule_points`."""
-        x = {}  # each point once in float64 (a point is the source or target of up to three steps)
-        for layer in self.layers:
-            for s in self.steps:
-                for p in (s.source, s.target):
-                    if (layer, p) not in x:
-                        x[layer, p] = points[layer, p].to(self.device, torch.float64)
-        for (layer, src), G in self.gram.items():
-            if not torch.isfinite(x[layer, src]).all():
-                raise InputError(f"layer {layer} {src} holds NaN or inf values; check the model's dtype")
-            G.addmm_(x[layer, src].T, x[layer, src])
-        for layer in self.layers:
-            for s in self.steps:
-                self.cross[layer, s.name].addmm_(x[layer, s.source].T, x[layer, s.target])
-        self.n += next(iter(x.values())).shape[0]
-
-    def fit(self, ridge: float = 0.0) -> dict[tuple[int, str], torch.Tensor]:
-        """Maps ``{(layer, name): A}`` (``[d, d]`` float32, CPU), ``target ≈ A @ source``."""
-        if self.n == 0:
-            raise InputError("no positions accumulated; call update() first")
-        out = {}
-        for layer in self.layers:
-            for s in self.steps:
-                G = self.gram[layer, s.source]
-                what = f"layer {layer} {s.source} (input of {s.name})"
-                out[layer, s.name] = solve_least_squares(G, self.cross[layer, s.name], self.n, ridge, what)
-        return out
 
 
 def fit_submodule_maps(
@@ -371,7 +262,7 @@ def save_submodule_maps(path: str | os.PathLike, maps: SubMaps, metadata: Mappin
         raise InputError("no submodule maps to save; fit them first (fit_submodule_maps)")
     tensors = {f"S_{int(layer)}_{name}": A.detach().to("cpu", torch.float32).contiguous() for (layer, name), A in maps.items()}
     with atomic_write(path, "wb") as f:
-        f.write(save(tensors, metadata={str(k): str(v) for k, v in metadata.items()}))
+        f.write(sorted_metadata(save(tensors, metadata={str(k): str(v) for k, v in metadata.items()})))
 
 
 def load_submodule_maps(path: str | os.PathLike, adapter: LMAdapter | None = None) -> tuple[dict, dict[str, str]]:

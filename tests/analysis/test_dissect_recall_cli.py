@@ -1,5 +1,5 @@
-"""analysis/dissect_recall.py end to end on a tiny GPT-2 with the real BPE vocabulary: facts, knockout, resume,
-plot, and bad input (one line on stderr, exit code 2, the run going on without the bad facts)."""
+"""analysis/dissect_recall.py end to end on a tiny GPT-2 with the real BPE vocabulary: facts, knockout,
+resume, plot, and bad input (one line on stderr, exit code 2, the run going on without the bad facts)."""
 
 from __future__ import annotations
 
@@ -60,13 +60,13 @@ def test_knockout_writes_table_meta_and_skips_bad_facts(suffix, tiny_gpt2_dir, f
     assert "fact 8 has no field attribute" in err and "fact 7: subject 'Spain' is not in the prompt" in err
     assert "1 fact(s) skipped: cannot be read" in err and "1 fact(s) skipped: cannot be encoded" in err
     table = dr.read_table(out)
-    assert list(table.columns) == ["known_id", "subject", "attribute", "set", "layer", "window_start", "window_end",
-                                   "p", "p_new", "rel_change_pct"]
+    assert list(table.columns) == ["known_id", "subject", "attribute", "set", "layer", "window_start",
+                                   "window_end", "p", "p_new", "rel_change_pct"]
     assert len(table) == 3 * 2 * 4 and table["known_id"].drop_duplicates().tolist() == [0, 1, 2]
     meta = json.loads((tmp_path / f"knockout{suffix}.meta.json").read_text())
     assert meta["config"]["window"] == 1 and "facts" in meta["inputs"]
-    assert table[table.known_id == 0]["p"].iloc[0] == pytest.approx(top1_probability(tiny_gpt2_dir, FACTS[0]["prompt"]),
-                                                                     rel=1e-5)
+    assert table[table.known_id == 0]["p"].iloc[0] == pytest.approx(
+        top1_probability(tiny_gpt2_dir, FACTS[0]["prompt"]), rel=1e-5)
     assert "mean relative change" in stdout and sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["known.json", f"knockout{suffix}", f"knockout{suffix}.meta.json"])
 
@@ -128,8 +128,10 @@ def test_facts_filter_keeps_what_the_model_predicts(tiny_gpt2_dir, tmp_path, cap
 
 def test_plot_knockout(tiny_gpt2_dir, facts_file, tmp_path, capsys):
     out = tmp_path / "k.csv"
-    assert run_cli(["knockout", *model_args(tiny_gpt2_dir), "--facts", facts_file, "--output", out], capsys)[0] == 0
-    rc, stdout, err = run_cli(["plot", "--kind", "knockout", "--input", out, "--output", tmp_path / "fig"], capsys)
+    assert run_cli(["knockout", *model_args(tiny_gpt2_dir), "--facts", facts_file, "--output", out],
+                   capsys)[0] == 0
+    rc, stdout, err = run_cli(["plot", "--kind", "knockout", "--input", out, "--output",
+                               tmp_path / "fig"], capsys)
     assert rc == 0, err
     assert (tmp_path / "fig.png").stat().st_size > 1000 and (tmp_path / "fig.pdf").is_file()
 
@@ -143,8 +145,8 @@ def test_plot_knockout(tiny_gpt2_dir, facts_file, tmp_path, capsys):
 def test_bad_fact_files_are_one_line_errors(content, message, tiny_gpt2_dir, tmp_path, capsys):
     path = tmp_path / "bad.json"
     path.write_text(content)
-    rc, _, err = run_cli(["knockout", *model_args(tiny_gpt2_dir), "--facts", path, "--output", tmp_path / "k.csv"],
-                         capsys)
+    rc, _, err = run_cli(["knockout", *model_args(tiny_gpt2_dir), "--facts", path, "--output",
+                          tmp_path / "k.csv"], capsys)
     lines = [line for line in err.splitlines() if "error:" in line]
     assert rc == 2 and len(lines) == 1 and message in lines[0]
     assert not (tmp_path / "k.csv").exists()
@@ -152,10 +154,12 @@ def test_bad_fact_files_are_one_line_errors(content, message, tiny_gpt2_dir, tmp
 
 def test_bad_options_are_one_line_errors(tiny_gpt2_dir, facts_file, tmp_path, capsys):
     cases = [
-        (["facts", *model_args(tiny_gpt2_dir), "--facts", facts_file, "--output", tmp_path / "f.csv"], ".json name"),
-        (["knockout", *model_args(tiny_gpt2_dir), "--facts", facts_file, "--output", tmp_path / "k.txt"], "table file"),
-        (["knockout", *model_args(tiny_gpt2_dir), "--facts", tmp_path / "none.json", "--output", tmp_path / "k.csv"],
-         "does not exist"),
+        (["facts", *model_args(tiny_gpt2_dir), "--facts", facts_file, "--output", tmp_path / "f.csv"],
+         ".json name"),
+        (["knockout", *model_args(tiny_gpt2_dir), "--facts", facts_file, "--output", tmp_path / "k.txt"],
+         "table file"),
+        (["knockout", *model_args(tiny_gpt2_dir), "--facts", tmp_path / "none.json", "--output",
+          tmp_path / "k.csv"], "does not exist"),
         (["knockout", *model_args(tiny_gpt2_dir), "--output", tmp_path / "k.csv"], "--facts"),
         (["plot", "--kind", "nothing", "--input", tmp_path / "k.csv", "--output", tmp_path / "f"], "unknown"),
     ]

@@ -1,5 +1,6 @@
-"""analysis/dissect_recall.py project / extraction / enrichment / sublayer-knockout / their plots, end to end on a
-tiny GPT-2 with the real BPE vocabulary: tables equal the library on the same facts, bad input is one line."""
+"""analysis/dissect_recall.py project / extraction / enrichment / sublayer-knockout / their plots, end to end
+on a tiny GPT-2 with the real BPE vocabulary: tables equal the library on the same facts, bad input is one
+line."""
 
 from __future__ import annotations
 
@@ -62,8 +63,8 @@ def test_project_and_extraction(tiny_gpt2_dir, inputs, tmp_path, capsys, adapter
     assert rc == 0, err
     assert "top-1 token per layer" in stdout
     got = pd.read_csv(out, sep="\t", keep_default_na=False)
-    expected = vocabulary_projections(adapter, encoded(adapter, facts), layers=[1], positions=["subject_last", "last"],
-                                      k=3, final_norm=False)
+    expected = vocabulary_projections(adapter, encoded(adapter, facts), layers=[1],
+                                      positions=["subject_last", "last"], k=3, final_norm=False)
     assert len(got) == 3 * 3 * 2 * 3
     assert got["token_id"].tolist() == expected["token_id"].tolist()
     assert got["logprob"].tolist() == pytest.approx(expected["logprob"].tolist(), abs=1e-5)
@@ -77,10 +78,12 @@ def test_project_and_extraction(tiny_gpt2_dir, inputs, tmp_path, capsys, adapter
     assert "attn_events" in stdout
     got = pd.read_parquet(out)
     expected = extraction_events(adapter, encoded(adapter, facts), variants=["none", "block_last"])
-    pd.testing.assert_frame_equal(got.sort_values(["known_id", "variant", "sublayer", "layer"]).reset_index(drop=True),
-                                  expected.sort_values(["known_id", "variant", "sublayer", "layer"]).reset_index(drop=True),
-                                  check_dtype=False)
-    rc, stdout, err = run_cli(["plot", "--kind", "extraction", "--input", out, "--output", tmp_path / "ext"], capsys)
+    pd.testing.assert_frame_equal(
+        got.sort_values(["known_id", "variant", "sublayer", "layer"]).reset_index(drop=True),
+        expected.sort_values(["known_id", "variant", "sublayer", "layer"]).reset_index(drop=True),
+        check_dtype=False)
+    rc, stdout, err = run_cli(["plot", "--kind", "extraction", "--input", out, "--output",
+                               tmp_path / "ext"], capsys)
     assert rc == 0, err
     assert (tmp_path / "ext.png").is_file() and (tmp_path / "ext.pdf").is_file()
 
@@ -100,19 +103,22 @@ def test_enrichment_and_sublayer_knockout(tiny_gpt2_dir, inputs, tmp_path, capsy
     assert len(lines) == 3
     expected = attributes_rate(adapter, encoded(adapter, facts), lines, top=100, keep=20)
     pd.testing.assert_frame_equal(got, expected, check_dtype=False)
-    rc, _, err = run_cli(["plot", "--kind", "enrichment", "--input", out, "--output", tmp_path / "enr"], capsys)
+    rc, _, err = run_cli(["plot", "--kind", "enrichment", "--input", out, "--output",
+                          tmp_path / "enr"], capsys)
     assert rc == 0, err
 
     out = tmp_path / "sub.csv"
-    rc, stdout, err = run_cli(["sublayer-knockout", *model, "--paragraphs", paragraphs, "--top", 100, "--keep", 20,
-                               "--window", 0, "--kinds", "mlp", "--output", out], capsys)
+    rc, stdout, err = run_cli(["sublayer-knockout", *model, "--paragraphs", paragraphs, "--top", 100,
+                               "--keep", 20, "--window", 0, "--kinds", "mlp", "--output", out], capsys)
     assert rc == 0, err
     got = pd.read_csv(out)
-    expected = sublayer_knockout(adapter, encoded(adapter, facts), lines, kinds=["mlp"], window=0, top=100, keep=20)
+    expected = sublayer_knockout(adapter, encoded(adapter, facts), lines, kinds=["mlp"], window=0,
+                                 top=100, keep=20)
     assert len(got) == 3 * (1 + 2)
     assert got["attribute_prob"].tolist() == pytest.approx(expected["attribute_prob"].tolist(), rel=1e-5)
     assert got["rate"].fillna(-1).tolist() == pytest.approx(expected["rate"].fillna(-1).tolist())
-    rc, _, err = run_cli(["plot", "--kind", "sublayer-knockout", "--input", out, "--output", tmp_path / "sub"], capsys)
+    rc, _, err = run_cli(["plot", "--kind", "sublayer-knockout", "--input", out, "--output",
+                          tmp_path / "sub"], capsys)
     assert rc == 0, err
     assert (tmp_path / "sub.pdf").is_file()
 

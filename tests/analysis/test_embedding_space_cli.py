@@ -49,7 +49,8 @@ def test_values_heads_export(tiny_gpt2_dir, tmp_path, capsys):
     assert meta["config"]["embedding_kind"]
 
     export = tmp_path / "values.parquet"
-    rc, out, err = run_cli(["export", *model, "--sides", "key", "value", "--k", 3, "--output_file", export], capsys)
+    rc, out, err = run_cli(["export", *model, "--sides", "key", "value", "--k", 3, "--output_file",
+                            export], capsys)
     assert rc == 0, err
     table = pd.read_parquet(export)
     assert len(table) == 2 * 2 * 32 * 3  # layers x sides x neurons x k
@@ -59,7 +60,8 @@ def test_values_heads_export(tiny_gpt2_dir, tmp_path, capsys):
 
 def test_tsne_and_neurons_vs_hidden(tiny_gpt2_dir, tmp_path, capsys):
     model = ["--hf_model", tiny_gpt2_dir, "--device", "cpu", "--quiet"]
-    rc, out, err = run_cli(["tsne", *model, "--layers", 1, "--neuron", 5, "--k", 30, "--output_dir", tmp_path], capsys)
+    rc, out, err = run_cli(["tsne", *model, "--layers", 1, "--neuron", 5, "--k", 30, "--output_dir",
+                            tmp_path], capsys)
     assert rc == 0, err
     for ext in ("png", "pdf", "html", "tsv"):
         assert (tmp_path / f"tsne_L1_N5_value.{ext}").stat().st_size > 0

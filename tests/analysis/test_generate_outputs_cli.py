@@ -52,7 +52,8 @@ def brute_force(run_one, sentences: list[list[int]], fc_in: list[torch.nn.Module
     per_sentence = []
     for seq in sentences:
         acts = {}
-        handles = [m.register_forward_hook(lambda _m, _a, out, i=i, acts=acts: acts.__setitem__(i, out.detach()))
+        handles = [m.register_forward_hook(
+                       lambda _m, _a, out, i=i, acts=acts: acts.__setitem__(i, out.detach()))
                    for i, m in enumerate(fc_in)]
         try:
             with torch.no_grad():
@@ -84,7 +85,7 @@ def run_cli(argv, capsys) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
-# ----- HuggingFace --------------------------------------------------------------------------------------------
+# ----- HuggingFace ------------------------------------------------------------------------------------------
 
 
 def test_hf_trigger_examples_end_to_end(tiny_gpt2_dir, corpus, tmp_path, capsys):
@@ -179,7 +180,7 @@ def test_script_runs_as_a_program(tiny_gpt2_dir, corpus, tmp_path):
     assert isinstance(df, pd.DataFrame) and len(df) > 0
 
 
-# ----- bad input ---------------------------------------------------------------------------------------------
+# ----- bad input --------------------------------------------------------------------------------------------
 
 
 def bad_cases(model: Path, corpus: Path, tmp: Path) -> dict[str, list]:
@@ -203,7 +204,8 @@ def bad_cases(model: Path, corpus: Path, tmp: Path) -> dict[str, list]:
         "both models": [*trig, "--model_dir", tmp],
         "bad mode": [*base, "--extract_ffn_info", "--extract_mode", "neuron"],
         "max_sentences 0": [*trig, "--max_sentences", 0],
-        "missing model folder": ["--data_file", corpus, "--hf_model", tmp / "no_model", "--get_trigger_examples"],
+        "missing model folder": ["--data_file", corpus, "--hf_model", tmp / "no_model",
+                                 "--get_trigger_examples"],
     }
 
 
@@ -271,7 +273,7 @@ def test_subword_pipeline_through_the_clis_maps_no_target_to_unk(tiny_gpt2_dir, 
     assert "exact token ids stored by the textual step; 0 not in the vocabulary" in out, out
 
 
-# ----- fairseq ------------------------------------------------------------------------------------------------
+# ----- fairseq ----------------------------------------------------------------------------------------------
 
 
 def test_fairseq_model_dir_end_to_end(fairseq_adaptive_lm, tmp_path, capsys):
@@ -289,7 +291,8 @@ def test_fairseq_model_dir_end_to_end(fairseq_adaptive_lm, tmp_path, capsys):
     d = adapter.dictionary
     ids = [[d.eos(), *(d.index(w) for w in s.split())] for s in sentences]
     model = adapter.model
-    columns = brute_force(lambda seq: model(torch.tensor([seq])), ids, keys_of_model(model, "fairseq"), [3, 100, 255])
+    columns = brute_force(lambda seq: model(torch.tensor([seq])), ids, keys_of_model(model, "fairseq"),
+                          [3, 100, 255])
     check_jsonl(out, columns, [" ".join(s.split()) for s in sentences], [3, 100, 255], adapter.n_layers, k=5)
 
     rc = to_textual.main(["--input_file", str(out), "--model_dir", str(lm.model_dir), "--output_dir",
@@ -301,14 +304,15 @@ def test_fairseq_model_dir_end_to_end(fairseq_adaptive_lm, tmp_path, capsys):
     sid = [" ".join(s.split()) for s in sentences].index(top["text"])
     words = sentences[sid].split()
     nxt = words[pos] if pos < len(words) else "</s>"
-    assert read_textual_dir(tmp_path / "txt")[0, 100][0] == (pytest.approx(value, rel=1e-5), " ".join(words[:pos]), nxt)
+    assert read_textual_dir(tmp_path / "txt")[0, 100][0] == (pytest.approx(value, rel=1e-5),
+                                                             " ".join(words[:pos]), nxt)
 
 
 def test_fairseq_corpus_outside_dictionary(fairseq_adaptive_lm, tmp_path, capsys):
     data = tmp_path / "alien.tokens"
     data.write_text(" zqx vrok plimb the gnarf wuzz .\n qorp zindle flarb snerk .\n", encoding="utf-8")
     out = tmp_path / "top.jsonl"
-    rc, err = run_cli(["--data_file", data, "--model_dir", fairseq_adaptive_lm.model_dir, "--get_trigger_examples",
-                       "--output_file", out, "--device", "cpu"], capsys)
+    rc, err = run_cli(["--data_file", data, "--model_dir", fairseq_adaptive_lm.model_dir,
+                       "--get_trigger_examples", "--output_file", out, "--device", "cpu"], capsys)
     assert rc == 2 and "unknown" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()

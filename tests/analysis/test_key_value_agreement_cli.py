@@ -1,5 +1,6 @@
-"""analysis/key_value_agreement.py end to end on the tiny adaptive-softmax fairseq LM, checked against fairseq's
-own output layer (``get_normalized_probs``) and a direct sort; bad inputs exit 2 with one line and no files."""
+"""analysis/key_value_agreement.py end to end on the tiny adaptive-softmax fairseq LM, checked against
+fairseq's own output layer (``get_normalized_probs``) and a direct sort; bad inputs exit 2 with one line and
+no files."""
 
 from __future__ import annotations
 
@@ -35,10 +36,12 @@ def setup(fairseq_adaptive_lm, tmp_path_factory):
     adapter = load_fairseq_lm(fairseq_adaptive_lm.model_dir, device="cpu")
     words = [adapter.dictionary[i] for i in range(adapter.dictionary.nspecial, len(adapter.dictionary))]
     data = tmp_path_factory.mktemp("textual")
-    keys = {(0, 3): ["the", "city", "and", "the"], (1, 10): ["river", "qqqnotaword", "</s>"], (1, 255): words[:40]}
+    keys = {(0, 3): ["the", "city", "and", "the"], (1, 10): ["river", "qqqnotaword", "</s>"],
+            (1, 255): words[:40]}
     # the value's own top-1 as a target of key (1, 7), so that the count is exercised
     with torch.no_grad():
-        lp = adapter.model.get_normalized_probs((adapter.layers[1].fc2.weight[:, 7][None, None], None), log_probs=True)
+        lp = adapter.model.get_normalized_probs((adapter.layers[1].fc2.weight[:, 7][None, None], None),
+                                                log_probs=True)
     keys[1, 7] = [adapter.dictionary[int(lp[0, 0].argmax())], "the"]
     for (layer, dim), targets in keys.items():
         lines = [format_line(10.0 - j, f"w{j} prefix", t) for j, t in enumerate(targets)]
@@ -57,8 +60,8 @@ def test_end_to_end(setup, tmp_path, capsys):
     adapter, data, keys, model_dir = setup
     base = tmp_path / "out" / "kv"
     base.parent.mkdir()
-    rc, out, err = run_cli(["--model_dir", model_dir, "--data_dir", data, "--output_base", base, "--device", "cpu",
-                            "--chunk_values", 50, "--random_baseline", "--quiet"], capsys)
+    rc, out, err = run_cli(["--model_dir", model_dir, "--data_dir", data, "--output_base", base, "--device",
+                            "cpu", "--chunk_values", 50, "--random_baseline", "--quiet"], capsys)
     assert rc == 0, err
     assert "1 not in the vocabulary" in out
     table = pd.read_csv(f"{base}.tsv", sep="\t", keep_default_na=False)
@@ -71,7 +74,8 @@ def test_end_to_end(setup, tmp_path, capsys):
         if row.W2_dim % 37 and (row.layer, row.W2_dim) not in keys:
             continue
         lp = direct(adapter, row.layer, row.W2_dim)
-        # float32 head: batched and single-row runs may differ in the last bits, so near-ties (TOL) go either way
+        # float32 head: batched and single-row runs may differ in the last bits, so near-ties (TOL) go
+        # either way
         assert lp[row.embedding_index] >= lp.max() - TOL and row.embedding_token == d[row.embedding_index]
         assert row.max_prob == pytest.approx(float(lp.max().exp()), rel=1e-5)
         assert max_probs[row.layer][row.W2_dim] == pytest.approx(row.max_prob, rel=1e-9)
@@ -115,21 +119,27 @@ def _bad_cases(tmp: Path, data: Path, model_dir: Path):
     return {
         "missing data_dir": ([*common, "--data_dir", tmp / "nope", "--output_base", out], "does not exist"),
         "empty data_dir": ([*common, "--data_dir", empty, "--output_base", out], "no {dim}_{layer}.txt"),
-        "missing output folder": ([*common, "--data_dir", data, "--output_base", tmp / "nodir" / "kv"], "does not exist"),
-        "output parent is a file": ([*common, "--data_dir", data, "--output_base", a_file / "kv"], "output folder"),
-        "layer out of range": ([*common, "--data_dir", data, "--output_base", out, "--layers", "7"], "out of range"),
+        "missing output folder": ([*common, "--data_dir", data, "--output_base", tmp / "nodir" / "kv"],
+                                  "does not exist"),
+        "output parent is a file": ([*common, "--data_dir", data, "--output_base", a_file / "kv"],
+                                    "output folder"),
+        "layer out of range": ([*common, "--data_dir", data, "--output_base", out, "--layers", "7"],
+                               "out of range"),
         "trigger layer not in model": ([*common, "--data_dir", bad_layer, "--output_base", out], "layer 5"),
         "two models": ([*common, "--hf_model", "x", "--data_dir", data, "--output_base", out], "exactly one"),
         "no model": (["--data_dir", data, "--output_base", out], "exactly one"),
         "bad flag": ([*common, "--data_dir", data, "--output_base", out, "--frobnicate"], "unrecognized"),
-        "bad model dir": (["--model_dir", tmp / "nomodel", "--data_dir", data, "--output_base", out], "does not exist"),
-        "output folder refuses files": (["--model_dir", model_dir, "--data_dir", data, "--output_base", "/proc/kv"],
+        "bad model dir": (["--model_dir", tmp / "nomodel", "--data_dir", data, "--output_base", out],
+                          "does not exist"),
+        "output folder refuses files": (["--model_dir", model_dir, "--data_dir", data, "--output_base",
+                                         "/proc/kv"],
                                         "cannot write in folder /proc"),
     }
 
 
 CASES = ["missing data_dir", "empty data_dir", "missing output folder", "output parent is a file",
-         "layer out of range", "trigger layer not in model", "two models", "no model", "bad flag", "bad model dir", "output folder refuses files"]
+         "layer out of range", "trigger layer not in model", "two models", "no model", "bad flag",
+         "bad model dir", "output folder refuses files"]
 
 
 @pytest.mark.parametrize("case", CASES)

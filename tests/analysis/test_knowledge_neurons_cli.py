@@ -37,7 +37,8 @@ def facts_file(tmp_path) -> Path:
 
 
 def run_cli(model, facts_file, out, *extra) -> int:
-    return cli.main(["--hf_model", str(model), "--facts", str(facts_file), "--output", str(out), *SETTINGS, *extra])
+    return cli.main(["--hf_model", str(model), "--facts", str(facts_file), "--output", str(out),
+                     *SETTINGS, *extra])
 
 
 def test_outputs_and_neurons(tiny_gpt2_dir, facts_file, tmp_path, capsys):
@@ -122,7 +123,8 @@ def test_torchrun_two_processes_equal_one(tiny_gpt2_dir, facts_file, tmp_path, m
     two = tmp_path / "two.json"
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(ROOT / "analysis" / "knowledge_neurons.py"),
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "analysis" / "knowledge_neurons.py"),
            "--hf_model", str(tiny_gpt2_dir), "--facts", str(facts_file), "--output", str(two), *SETTINGS]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -29,8 +29,9 @@ def agreement_table(seed=0, n_layers=3, d_ff=20):
             if layer == 2 and dim < 5:
                 targets = [top1, *targets]  # planted agreement with the top trigger in the last layer
             ranks = [0 if t == top1 else int(rng.integers(1, 50)) for t in targets]
-            rows.append({"layer": layer, "W2_dim": dim, "max_prob": float(rng.random()), "embedding_index": top1,
-                         "embedding_token": f"t{top1}", "embedding_token_target_count": sum(t == top1 for t in targets),
+            rows.append({"layer": layer, "W2_dim": dim, "max_prob": float(rng.random()),
+                         "embedding_index": top1, "embedding_token": f"t{top1}",
+                         "embedding_token_target_count": sum(t == top1 for t in targets),
                          "target_rankings": ranks})
     return pd.DataFrame(rows)
 
@@ -49,7 +50,8 @@ def layer_table():
 
 def magic_ok(path):
     data = path.read_bytes()
-    return len(data) > 1000 and (data.startswith(b"\x89PNG") if path.suffix == ".png" else data.startswith(b"%PDF"))
+    return len(data) > 1000 and (data.startswith(b"\x89PNG") if path.suffix == ".png"
+                                 else data.startswith(b"%PDF"))
 
 
 def test_end_to_end(tmp_path, capsys):
@@ -58,11 +60,14 @@ def test_end_to_end(tmp_path, capsys):
     write_table(tmp_path / "kv_random.tsv", to_tsv_frame(base))
     with open(tmp_path / "layer.pkl", "wb") as f:
         pickle.dump(layer_table(), f)
-    dim = pd.DataFrame({"sentence": [0, 0], "layer": [0, 1], "coefficients": [np.linspace(-1, 1, 8), np.ones(8)]})
+    dim = pd.DataFrame({"sentence": [0, 0], "layer": [0, 1],
+                        "coefficients": [np.linspace(-1, 1, 8), np.ones(8)]})
     dim.to_pickle(tmp_path / "dim.pkl")
     out = tmp_path / "figs"
-    rc = pm.main(["--agreement_tsv", str(tmp_path / "kv.tsv"), "--baseline_tsv", str(tmp_path / "kv_random.tsv"),
-                  "--ffn_info", str(tmp_path / "layer.pkl"), str(tmp_path / "dim.pkl"), "--output_dir", str(out)])
+    rc = pm.main(["--agreement_tsv", str(tmp_path / "kv.tsv"),
+                  "--baseline_tsv", str(tmp_path / "kv_random.tsv"),
+                  "--ffn_info", str(tmp_path / "layer.pkl"), str(tmp_path / "dim.pkl"),
+                  "--output_dir", str(out)])
     assert rc == 0, capsys.readouterr().err
     for name in ("agreement_by_layer", "confident_values_by_layer", "active_memories_by_layer",
                  "top1_matches_by_layer", "coefficients_by_layer"):
@@ -79,7 +84,8 @@ def test_end_to_end(tmp_path, capsys):
     assert summary.loc[2, "agreement_rate"] >= 5 / 20
     assert "agreement_rate_random" in summary.columns
     ffn = pd.read_csv(out / "ffn_layer_summary.tsv", sep="\t").set_index("layer")
-    assert ffn.loc[0, "active_share"] == pytest.approx(10 / 40) and ffn.loc[1, "active_share"] == pytest.approx(15 / 40)
+    assert (ffn.loc[0, "active_share"] == pytest.approx(10 / 40)
+            and ffn.loc[1, "active_share"] == pytest.approx(15 / 40))
     assert ffn.loc[0, "matches_memory"] == 0.5 and ffn.loc[1, "matches_memory"] == 0.5
     assert ffn.loc[1, "matches_residual"] == 0.5 and ffn.loc[0, "matches_neither"] == 0.5
     assert ffn.loc[0, "residual_is_final"] == 0.5 and ffn.loc[1, "residual_dominates"] == 0.5
@@ -108,8 +114,8 @@ def test_save_figure_atomic(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.pdf", "fig.png"]
 
 
-@pytest.mark.parametrize("case", ["nothing", "missing", "not a table", "baseline alone", "output under a file",
-                                  "dim as tsv"])
+@pytest.mark.parametrize("case", ["nothing", "missing", "not a table", "baseline alone",
+                                  "output under a file", "dim as tsv"])
 def test_bad_input(case, tmp_path, capsys):
     write_table(tmp_path / "kv.tsv", to_tsv_frame(agreement_table()))
     (tmp_path / "junk.tsv").write_text("a\tb\n1\t2\n")
@@ -120,8 +126,10 @@ def test_bad_input(case, tmp_path, capsys):
         "nothing": ["--output_dir", out],
         "missing": ["--agreement_tsv", str(tmp_path / "nope.tsv"), "--output_dir", out],
         "not a table": ["--agreement_tsv", str(tmp_path / "junk.tsv"), "--output_dir", out],
-        "baseline alone": ["--baseline_tsv", str(tmp_path / "kv.tsv"), "--ffn_info", str(tmp_path / "kv.tsv"), "--output_dir", out],
-        "output under a file": ["--agreement_tsv", str(tmp_path / "kv.tsv"), "--output_dir", str(tmp_path / "file" / "o")],
+        "baseline alone": ["--baseline_tsv", str(tmp_path / "kv.tsv"), "--ffn_info", str(tmp_path / "kv.tsv"),
+                           "--output_dir", out],
+        "output under a file": ["--agreement_tsv", str(tmp_path / "kv.tsv"), "--output_dir",
+                                str(tmp_path / "file" / "o")],
         "dim as tsv": ["--ffn_info", str(tmp_path / "dim.tsv"), "--output_dir", out],
     }[case]
     before = set(tmp_path.rglob("*"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -38,6 +39,16 @@ if os.environ.get("KILL_RANK_AFTER_FIRST_SHARD"):
         if fields.get("status") == "done" and os.environ["RANK"] == os.environ["KILL_RANK_AFTER_FIRST_SHARD"]:
             os.kill(os.getpid(), signal.SIGKILL)
     scan.Manifest.update = killing_update
+if os.environ.get("COUNT_TOKENS"):  # print the tokens this rank mined, at exit
+    import atexit
+    import importlib
+    te = importlib.import_module("fflayers.memories.trigger_examples")
+    run_units, seen = te.TriggerScan.run_units, [0]
+    def counting(self, units, progress=None):
+        seen[0] += sum(len(self.sentences[i]) for u in units for i in self.batches[u])
+        return run_units(self, units, progress)
+    te.TriggerScan.run_units = counting
+    atexit.register(lambda: print(f"rank {{os.environ['RANK']}} tokens {{seen[0]}}", flush=True))
 finish, fd.finish = fd.finish, lambda: None  # one process group for all the runs below
 rc = 0
 for prog, argv in json.loads(sys.argv[1]):
@@ -126,6 +137,22 @@ def test_torchrun_two_ranks_equal_one_process(lm, tmp_path, one_thread, capsys):
     assert not list(two.glob("*.ckpt")) and not list(two.glob("*.shard-*"))
 
 
+def test_every_rank_gets_work_on_a_few_hundred_sentences(lm, tmp_path, one_thread, capsys):
+    """200 short sentences at the default batch size (one batch of 4,096 tokens would hold them all): the plan
+    still splits them so that both ranks mine tokens, and the output equals one process."""
+    def args(out: Path) -> list:
+        return ["--data_file", lm.train, "--model_dir", lm.model_dir, "--max_sentences", 200, "--device", "cpu",
+                "--quiet", "--output_file", out, "--get_trigger_examples", "--top_k_trigger_examples", 4]
+
+    assert run_go(args(tmp_path / "one.jsonl")) == 0
+    proc = torchrun(tmp_path, [("go", args(tmp_path / "two.jsonl"))], {"COUNT_TOKENS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tokens = {int(m[0]): int(m[1]) for m in re.findall(r"rank (\d) tokens (\d+)", proc.stdout)}
+    print("tokens mined per rank:", tokens)
+    assert set(tokens) == {0, 1} and min(tokens.values()) > 0, proc.stdout
+    assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+
+
 @pytest.mark.parametrize("kind", ["trigger", "layer"])
 def test_job_array_shards_merge_to_single_run(kind, lm, tmp_path, capsys):
     name = "top.jsonl" if kind == "trigger" else "layer.pkl"
@@ -163,7 +190,8 @@ def test_job_array_of_torchrun_jobs_merges_to_single_run(lm, tmp_path, one_threa
         manifest = json.loads((tmp_path / f"{name}.ckpt" / "manifest.json").read_text())
         n_shards = manifest["plan"]["n_shards"]
         assert manifest["plan"]["workers"] == 4 and manifest["left"] == {"shards": 0, "sentences": 0}
-        assert n_shards == (11 if kind == "trigger" else 3)  # trigger: one per batch (11 < 4 per worker); layer: 3 blocks
+        # trigger: 4 per worker (200 sentences split into enough batches); layer: 4 blocks of >= 64 sentences
+        assert n_shards == (16 if kind == "trigger" else 4)
         # worker w = 2 job + rank takes a contiguous quarter of the shards (the first ones one more): job 0 the
         # first two quarters
         quarters = [n_shards // 4 + (w < n_shards % 4) for w in range(4)]
@@ -190,7 +218,7 @@ def test_killed_rank_then_resume_with_another_world_size(kind, lm, tmp_path, one
     manifest = json.loads((run_dir / "manifest.json").read_text())
     status = [s["status"] for s in manifest["shards"]]
     n_shards, n_done = len(status), status.count("done")
-    assert n_shards == (8 if kind == "trigger" else 3)  # layer: 200 sentences make 3 blocks of >= 64
+    assert n_shards == (8 if kind == "trigger" else 4)  # layer: 200 sentences make 4 blocks of >= 64
     assert status[0] == "done" and status[1] != "done" and 1 <= n_done < n_shards, status
     assert manifest["left"]["shards"] == n_shards - n_done
     assert manifest["left"]["sentences"] == sum(s["sentences"] for s in manifest["shards"] if s["status"] != "done")

@@ -32,7 +32,8 @@ def old_style_args(**overrides) -> argparse.Namespace:
     """A flat argparse Namespace like the ones old fairseq versions stored as ``args``."""
     values = dict(
         arch="transformer_lm_wiki103", task="language_modeling", criterion="adaptive_loss", optimizer="nag",
-        lr_scheduler="cosine", data="data-bin/wikitext-103", tokens_per_sample=3072, max_target_positions=3072,
+        lr_scheduler="cosine", data="data-bin/wikitext-103", tokens_per_sample=3072,
+        max_target_positions=3072,
         decoder_layers=16, decoder_embed_dim=1024, decoder_ffn_embed_dim=4096, decoder_attention_heads=8,
         adaptive_input=True, adaptive_input_cutoff="20000,60000", adaptive_softmax_cutoff="20000,60000",
         decoder_normalize_before=True, no_decoder_final_norm=True, tie_adaptive_weights=True, lr=[0.0001],
@@ -107,7 +108,8 @@ def test_code_running_checkpoint_is_refused_without_running_it(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "content", [b"", b"hello world, not a checkpoint", bytes(range(256)) * 4, b"\x80\x02garbage after a pickle header"]
+    "content",
+    [b"", b"hello world, not a checkpoint", bytes(range(256)) * 4, b"\x80\x02garbage after a pickle header"]
 )
 def test_corrupt_files_give_one_line_errors(tmp_path, content):
     path = tmp_path / "bad.pt"
@@ -120,7 +122,8 @@ def test_corrupt_files_give_one_line_errors(tmp_path, content):
 @pytest.mark.parametrize("zip_format", [True, False])
 def test_truncated_checkpoint(tmp_path, zip_format):
     path = tmp_path / "ckpt.pt"
-    torch.save({"model": {"w": torch.randn(200, 200)}, "args": old_style_args()}, path, _use_new_zipfile_serialization=zip_format)
+    torch.save({"model": {"w": torch.randn(200, 200)}, "args": old_style_args()}, path,
+               _use_new_zipfile_serialization=zip_format)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 3])
     with pytest.raises(ModelError) as err:
@@ -180,7 +183,8 @@ def test_upgrade_checkpoint_from_args_and_from_dict_cfg():
     up = upgrade_checkpoint(state)
     assert OmegaConf.is_config(up["cfg"]) and up["cfg"].model.decoder_ffn_embed_dim == 4096
     assert torch.equal(up["model"]["decoder.layers.0.self_attn.v_proj.weight"], w[4:])
-    new = {"cfg": {"model": {"_name": "transformer_lm", "decoder_layers": 3}, "task": {"_name": "language_modeling"}}, "model": {}}
+    new = {"cfg": {"model": {"_name": "transformer_lm", "decoder_layers": 3},
+                   "task": {"_name": "language_modeling"}}, "model": {}}
     up = upgrade_checkpoint(new)
     assert OmegaConf.is_config(up["cfg"]) and up["cfg"].model.decoder_layers == 3
     with pytest.raises(ModelError) as err:
@@ -203,7 +207,8 @@ def test_object_from_a_module_that_no_longer_exists(tmp_path, monkeypatch):
     module.AverageMeter = AverageMeter
     monkeypatch.setitem(sys.modules, module.__name__, module)
     path = tmp_path / "ckpt.pt"
-    torch.save({"model": {}, "args": old_style_args(), "extra_state": {"train_meters": {"loss": AverageMeter()}}}, path)
+    torch.save({"model": {}, "args": old_style_args(),
+                "extra_state": {"train_meters": {"loss": AverageMeter()}}}, path)
     monkeypatch.delitem(sys.modules, module.__name__)
     with pytest.raises(ModelError) as err:
         load_checkpoint(path)

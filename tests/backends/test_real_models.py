@@ -25,7 +25,8 @@ def test_smollm2_knows_the_capital_of_france(smollm2):
 def test_smollm2_gated_mlp_hooks_match_weights(smollm2):
     ids = torch.tensor([smollm2.vocab.tokenize("Feed-forward layers are key-value memories.")])
     layer = 7
-    with capture(smollm2, ["resid_pre", "attn_out", "mlp_key", "mlp_coef", "mlp_out", "resid_post"], [layer]) as c:
+    with capture(smollm2, ["resid_pre", "attn_out", "mlp_key", "mlp_coef", "mlp_out", "resid_post"],
+                 [layer]) as c:
         smollm2.run(ids)
     block = smollm2.blocks[layer]
     x = block.post_attention_layernorm(c["resid_pre", layer] + c["attn_out", layer])
@@ -34,7 +35,8 @@ def test_smollm2_gated_mlp_hooks_match_weights(smollm2):
     coef = torch.nn.functional.silu(key) * (x @ block.mlp.up_proj.weight.T)
     torch.testing.assert_close(c["mlp_coef", layer], coef, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(c["mlp_out", layer], coef @ smollm2.ffn_values(layer), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(c["resid_post", layer], x.new_tensor(0) + c["resid_pre", layer] + c["attn_out", layer]
+    torch.testing.assert_close(c["resid_post", layer],
+                               x.new_tensor(0) + c["resid_pre", layer] + c["attn_out", layer]
                                + c["mlp_out", layer], rtol=1e-4, atol=1e-4)
 
 
@@ -54,7 +56,8 @@ def test_smollm2_blocking_last_token_edges_to_subject_changes_prediction(smollm2
 def test_minilm_encoder_hooks_match_weights(minilm):
     ids = torch.tensor([minilm.vocab.tokenize("Paris is the capital of France.")])
     layer = 2
-    with capture(minilm, ["resid_pre", "attn_out", "mlp_key", "mlp_coef", "mlp_out", "resid_post"], [layer]) as c:
+    with capture(minilm, ["resid_pre", "attn_out", "mlp_key", "mlp_coef", "mlp_out", "resid_post"],
+                 [layer]) as c:
         minilm.run(ids)
     block = minilm.blocks[layer]
     mid = block.attention.output.LayerNorm(c["attn_out", layer] + c["resid_pre", layer])
@@ -62,7 +65,8 @@ def test_minilm_encoder_hooks_match_weights(minilm):
     torch.testing.assert_close(c["mlp_key", layer], key, rtol=1e-4, atol=1e-4)
     out = torch.nn.functional.gelu(key) @ minilm.ffn_values(layer) + block.output.dense.bias
     torch.testing.assert_close(c["mlp_out", layer], out, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(c["resid_post", layer], block.output.LayerNorm(out + mid), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(c["resid_post", layer], block.output.LayerNorm(out + mid),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_minilm_without_mlm_head_says_so(minilm):

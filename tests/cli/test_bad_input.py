@@ -1,5 +1,5 @@
-"""Bad models, devices and interrupts through the command line: one line on stderr naming the problem and the fix,
-exit code 2 (130 for Ctrl-C), never a traceback and never an output file."""
+"""Bad models, devices and interrupts through the command line: one line on stderr naming the problem and the
+fix, exit code 2 (130 for Ctrl-C), never a traceback and never an output file."""
 
 from __future__ import annotations
 
@@ -40,9 +40,11 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
         assert needle in err, (needle, err)
 
 
-@pytest.mark.parametrize(("device", "needle"), [("gpu0", "unknown device 'gpu0'"), ("tpu:3", "unknown device"),
-                                                ("cuda", "no CUDA"), ("cuda:1", "cuda")])
-def test_device_is_checked_before_the_model_loads(device, needle, tiny_gpt2_dir, tmp_path, capsys):  # noqa: F811
+@pytest.mark.parametrize(("device", "needle"), [("gpu0", "unknown device 'gpu0'"),
+                                                ("tpu:3", "unknown device"), ("cuda", "no CUDA"),
+                                                ("cuda:1", "cuda")])
+def test_device_is_checked_before_the_model_loads(device, needle, tiny_gpt2_dir,  # noqa: F811
+                                                  tmp_path, capsys):
     if device.startswith("cuda") and torch.cuda.is_available():
         if torch.cuda.device_count() > 1:
             pytest.skip("this machine has the device")
@@ -70,7 +72,8 @@ def test_hf_folder_without_config(tiny_gpt2_dir, tmp_path, capsys):  # noqa: F81
     assert_one_line_error(code, err, "has no config.json", "save_pretrained")
 
 
-def test_hf_config_with_more_layers_than_weights_names_the_missing_tensors(tiny_gpt2_dir, tmp_path, capsys):  # noqa: F811
+def test_hf_config_with_more_layers_than_weights_names_the_missing_tensors(tiny_gpt2_dir,  # noqa: F811
+                                                                           tmp_path, capsys):
     folder = copy_model(tiny_gpt2_dir, tmp_path / "m")
     edit_config(folder, n_layer=3)  # two blocks stored
     code, err = run_cli(keys(["--hf_model", str(folder)], tmp_path), capsys)
@@ -116,8 +119,8 @@ def test_ctrl_c_stops_with_one_line_and_exit_130(tiny_gpt2_dir, tmp_path):  # no
     out = tmp_path / "out.jsonl"
     cmd = [sys.executable, str(REPO / "analysis" / "generate_outputs.py"), "--data_file", str(corpus),
            "--hf_model", str(tiny_gpt2_dir), "--get_trigger_examples", "--top_k_trigger_examples", "3",
-           "--extract_mode", "layer-raw", "--output_file", str(out), "--batch_tokens", "256", "--device", "cpu",
-           "--resume"]
+           "--extract_mode", "layer-raw", "--output_file", str(out), "--batch_tokens", "256", "--device",
+           "cpu", "--resume"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     manifest = Path(str(out) + ".ckpt") / "manifest.json"
@@ -136,11 +139,14 @@ def test_ctrl_c_stops_with_one_line_and_exit_130(tiny_gpt2_dir, tmp_path):  # no
 
 
 @pytest.mark.parametrize(("argv", "needle"), [
-    (["neurons", "--countries", "--output", "{out}/r.json", "--threshold", "-5"], "--threshold -5 must be > 0"),
-    (["neurons", "--countries", "--output", "{out}/r.json", "--percentile", "150"], "--percentile 150 must be in"),
+    (["neurons", "--countries", "--output", "{out}/r.json", "--threshold", "-5"],
+     "--threshold -5 must be > 0"),
+    (["neurons", "--countries", "--output", "{out}/r.json", "--percentile", "150"],
+     "--percentile 150 must be in"),
     (["neurons", "--countries", "--output", "{out}/r.json", "--adaptive_threshold", "1.5"],
      "--adaptive_threshold 1.5 must be in (0, 1]"),
-    (["recall", "knockout", "--countries", "--output", "{out}/k.parquet", "--window", "0"], "--window 0 must be >= 1"),
+    (["recall", "knockout", "--countries", "--output", "{out}/k.parquet", "--window", "0"],
+     "--window 0 must be >= 1"),
     (["recall", "enrichment", "--countries", "--paragraphs", "{out}/p.jsonl", "--output", "{out}/e.parquet",
       "--keep", "0"], "--keep 0 must be >= 1"),
 ])

@@ -9,9 +9,11 @@ from fflayers.data.countries import COUNTRIES_FILE, read_countries
 def test_planted_file(tmp_path):
     path = tmp_path / "c.gz"
     with gzip.open(path, "wt", encoding="utf-8") as f:
-        f.write("# comment\n\n250:FR:FRA:France:Paris\n010:AQ:ATA:Antarctica:\n248:AX:ALA:Åland Islands:Mariehamn\n")
+        f.write("# comment\n\n250:FR:FRA:France:Paris\n010:AQ:ATA:Antarctica:\n248:AX:ALA:Åland "
+                "Islands:Mariehamn\n")
     rows = read_countries(path)
-    assert [(c.name, c.capital, c.alpha3) for c in rows] == [("France", "Paris", "FRA"), ("Åland Islands", "Mariehamn", "ALA")]
+    assert [(c.name, c.capital, c.alpha3) for c in rows] == [("France", "Paris", "FRA"),
+                                                             ("Åland Islands", "Mariehamn", "ALA")]
 
 
 def test_bad_line_and_missing(tmp_path):

@@ -12,7 +12,8 @@ CASES = [
     ("decimal point", "pi is 3 @.@ 14159 .", "pi is 3.14159."),
     ("punctuation", "Yes , it works ; really : no ! why ? done .", "Yes, it works; really: no! why? done."),
     ("possessive", "John 's book and the city 's walls", "John's book and the city's walls"),
-    ("contractions", "they do n't know , I 'm sure they 're right", "they don't know, I'm sure they're right"),
+    ("contractions", "they do n't know , I 'm sure they 're right",
+     "they don't know, I'm sure they're right"),
     ("brackets", "the river ( 45 km ) flows [ north ]", "the river (45 km) flows [north]"),
     ("quotes", 'he said " hello there " and left', 'he said "hello there" and left'),
     ("quote at start", '" Hey " , she said', '"Hey", she said'),
@@ -29,11 +30,12 @@ def test_markers(name, tokens, expected):
 
 
 def test_real_wikitext_line():
-    line = (" The Tower Building of the Little Rock Arsenal , also known as U.S. Arsenal Building , is a building "
-            "located in MacArthur Park in downtown Little Rock , Arkansas . Built in 1840 , it was part of Little "
-            "Rock 's first military installation . The building has a 2 @,@ 500 @-@ square @-@ foot ( 230 m2 ) "
-            "floor . ")
+    line = (" The Tower Building of the Little Rock Arsenal , also known as U.S. Arsenal Building , "
+            "is a building located in MacArthur Park in downtown Little Rock , Arkansas . Built in 1840 , "
+            "it was part of Little Rock 's first military installation . The building has a 2 @,@ 500 @-@ "
+            "square @-@ foot ( 230 m2 ) floor . ")
     assert detokenize_wikitext(line) == (
-        "The Tower Building of the Little Rock Arsenal, also known as U.S. Arsenal Building, is a building located "
-        "in MacArthur Park in downtown Little Rock, Arkansas. Built in 1840, it was part of Little Rock's first "
-        "military installation. The building has a 2,500-square-foot (230 m2) floor.")
+        "The Tower Building of the Little Rock Arsenal, also known as U.S. Arsenal Building, "
+        "is a building located in MacArthur Park in downtown Little Rock, Arkansas. Built in 1840, "
+        "it was part of Little Rock's first military installation. The building has a 2,500-square-foot "
+        "(230 m2) floor.")

@@ -56,7 +56,8 @@ def test_value_and_key_tokens_equal_explicit_products(arch):
             rows = table[(table.side == side) & (table.neuron == neuron)].sort_values("rank")
             top = scores.topk(5)
             assert rows.token_id.tolist() == top.indices.tolist()
-            torch.testing.assert_close(torch.tensor(rows.score.tolist(), dtype=torch.float64), top.values.double(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(torch.tensor(rows.score.tolist(), dtype=torch.float64),
+                                       top.values.double(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", HF_ARCHS)
@@ -70,10 +71,12 @@ def test_head_pairs_equal_dense_matrix(arch, kind):
     W = aw.W_Q[head] @ aw.W_K[g].T if kind == "qk" else aw.W_V[g] @ aw.W_O[head]
     M = E @ W.float() @ E.T
     for largest in (True, False):
-        table = head_pairs(adapter, embedding_matrix(adapter), 2, head, kind, n=20, largest=largest, block_rows=13)
+        table = head_pairs(adapter, embedding_matrix(adapter), 2, head, kind, n=20, largest=largest,
+                           block_rows=13)
         vals, rows, cols = dense_top(M, 20, largest)
         assert table.row_token_id.tolist() == rows.tolist() and table.col_token_id.tolist() == cols.tolist()
-        torch.testing.assert_close(torch.tensor(table.score.tolist(), dtype=torch.float64), vals.double(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(table.score.tolist(), dtype=torch.float64), vals.double(),
+                                   rtol=1e-4, atol=1e-5)
         assert set(table.kv_head) == {g}
 
 
@@ -136,8 +139,10 @@ def test_neurons_vs_hidden_equals_recomputation():
         seen = {}
         block = model.transformer.h[layer]
         hs = [block.register_forward_hook(
-                  lambda _m, _a, out, seen=seen: seen.__setitem__("h", out[0] if isinstance(out, tuple) else out)),
-              block.mlp.c_proj.register_forward_pre_hook(lambda _m, args, seen=seen: seen.__setitem__("m", args[0]))]
+                  lambda _m, _a, out, seen=seen: seen.__setitem__(
+                      "h", out[0] if isinstance(out, tuple) else out)),
+              block.mlp.c_proj.register_forward_pre_hook(
+                  lambda _m, args, seen=seen: seen.__setitem__("m", args[0]))]
         with torch.no_grad():
             model(input_ids=torch.tensor([seq]))
         for h in hs:
@@ -148,7 +153,8 @@ def test_neurons_vs_hidden_equals_recomputation():
         hidden = set(logits.topk(4).indices.tolist())
         V = block.mlp.c_proj.weight.detach()  # Conv1D [d_ff, d]: row i is value i
         active = (m.abs() * V.norm(dim=1)).topk(3).indices
-        tokens = set(((V[active] * torch.sign(m[active])[:, None]) @ E.matrix.T).topk(4, dim=1).indices.reshape(-1).tolist())
+        tokens = set(((V[active] * torch.sign(m[active])[:, None]) @ E.matrix.T)
+                     .topk(4, dim=1).indices.reshape(-1).tolist())
         assert row.overlap_active == pytest.approx(len(hidden & tokens) / 4)
         assert 0 <= row.overlap_random <= 1
     summary = overlap_by_layer(table)

@@ -1,4 +1,5 @@
-"""Key-value agreement against a direct softmax over the whole vocabulary, a direct sort, and a planted model."""
+"""Key-value agreement against a direct softmax over the whole vocabulary, a direct sort, and a planted
+model."""
 
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ def test_matches_direct_softmax_and_sort(gpt2):
     model, adapter = gpt2
     g = torch.Generator().manual_seed(1)
     targets = {(layer, dim): torch.randint(0, VOCAB, (int(n),), generator=g).tolist()
-               for layer in range(adapter.n_layers) for dim, n in zip(range(0, 64, 5), torch.randint(1, 8, (13,), generator=g), strict=False)}
+               for layer in range(adapter.n_layers)
+               for dim, n in zip(range(0, 64, 5), torch.randint(1, 8, (13,), generator=g), strict=False)}
     # make some targets equal to the value's own top-1
     for (layer, dim), ids in list(targets.items())[::3]:
         v = adapter.ffn_values(layer)[dim].detach()
@@ -127,7 +129,8 @@ def test_planted_value_agrees_with_its_triggers(tmp_path):
     planted = build_planted()
     adapter = word_tokens(planted.adapter, unk=3)
     y, x = planted.y, planted.x
-    # key (LAYER, NEURON): 4 triggers, 3 of them predict Y; the top trigger (largest value, listed last) predicts Y
+    # key (LAYER, NEURON): 4 triggers, 3 of them predict Y; the top trigger (largest value, listed
+    # last) predicts Y
     lines = [format_line(1.0, f"w{x}", f"w{y}"), format_line(0.5, f"w1 w{x}", "w9"),
              format_line(0.7, f"w{x}", f"w{y}"), format_line(3.0, f"w2 w{x}", f"w{y}")]
     (tmp_path / f"{planted.neuron}_{planted.layer}.txt").write_text("\n".join(lines) + "\n")
@@ -154,7 +157,8 @@ def test_planted_value_agrees_with_its_triggers(tmp_path):
     assert summary.loc[planted.layer, "top1_in_targets"] >= 0.5
     # the random baseline loses the planted agreement
     rnd = key_value_agreement(adapter, targets, random_baseline=True, seed=1)
-    assert rnd[(rnd["layer"] == planted.layer) & (rnd["W2_dim"] == planted.neuron)].iloc[0]["embedding_token_target_count"] == 0
+    assert rnd[(rnd["layer"] == planted.layer)
+               & (rnd["W2_dim"] == planted.neuron)].iloc[0]["embedding_token_target_count"] == 0
 
 
 def test_bad_targets(gpt2):
@@ -193,7 +197,8 @@ def test_summaries():
         "target_rankings": [[3, 0], [], [4], [0, 0], "[2, 0]"],
     })
     s = agreement_by_layer(table).set_index("layer")
-    assert s.loc[0, "with_triggers"] == 2 and s.loc[0, "top1_in_targets"] == 0.5 and s.loc[0, "agreement_rate"] == 0.0
+    assert (s.loc[0, "with_triggers"] == 2 and s.loc[0, "top1_in_targets"] == 0.5
+            and s.loc[0, "agreement_rate"] == 0.0)
     assert s.loc[1, "top1_in_targets"] == 1.0 and s.loc[1, "agreement_rate"] == 0.5
     assert s.loc[1, "mean_max_prob"] == pytest.approx(0.45)
     assert max_probs_by_layer(table, 3) == [[0.1, 0.2, 0.3], [0.4, 0.5], None]

@@ -29,7 +29,7 @@ def _sentences(n=7, vocab=VOCAB, seed=0):
     return [torch.randint(1, vocab, (k,), generator=g).tolist() for k in lengths]
 
 
-# ----- the reference ------------------------------------------------------------------------------------------
+# ----- the reference ----------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -129,7 +129,8 @@ def capture_one(parts: Parts, ids, t) -> dict:
 
 @torch.no_grad()
 def reference(parts: Parts, sentences, seed):
-    """Per sentence and layer: raw log-prob vectors and coefficients, computed one example and one dim at a time."""
+    """Per sentence and layer: raw log-prob vectors and coefficients, computed one example and one dim at a
+    time."""
     out = []
     positions = expected_positions([len(s) for s in sentences], seed)
     for k, ids in enumerate(sentences):
@@ -141,14 +142,16 @@ def reference(parts: Parts, sentences, seed):
         for layer in range(len(parts.blocks)):
             y, m = cap["y", layer], cap["m", layer]
             r = cap["in", layer] if parts.post_ln else cap["block", layer] - y
-            subs = [None if m[i] == 0 else parts.head((m[i] * parts.values[layer][i])[None])[0] for i in range(len(m))]
+            subs = [None if m[i] == 0 else parts.head((m[i] * parts.values[layer][i])[None])[0]
+                    for i in range(len(m))]
             out.append(dict(sentence=k, position=t, next_token=ids[t + 1], layer=layer, final=final_lp,
-                            r=parts.head(r[None])[0], y=parts.head(y[None])[0], ry=parts.head((r + y)[None])[0],
+                            r=parts.head(r[None])[0], y=parts.head(y[None])[0],
+                            ry=parts.head((r + y)[None])[0],
                             m=m, subs=subs, r_norm=float(r.norm()), v_norm=parts.values[layer].norm(dim=1)))
     return out
 
 
-# ----- tolerant comparisons ------------------------------------------------------------------------------------
+# ----- tolerant comparisons ---------------------------------------------------------------------------------
 
 
 def check_top1(top, lp, tol):
@@ -167,15 +170,18 @@ def check_layer_table(df, ref, tol):
     assert list(df.columns) == LAYER_COLUMNS
     assert len(df) == len(ref)
     for row, e in zip(df.itertuples(index=False), ref, strict=True):
-        assert (row.sentence, row.position, row.next_token, row.layer) == (e["sentence"], e["position"], e["next_token"], e["layer"])
+        assert (row.sentence, row.position, row.next_token, row.layer) == (e["sentence"], e["position"],
+                                                                           e["next_token"], e["layer"])
         check_top1(row.final_top1, e["final"], tol)
         assert row.final_top1_prob == pytest.approx(float(e["final"].max().exp()), rel=1e-4, abs=1e-7)
         for name, lp in (("layer", e["ry"]), ("residual", e["r"]), ("ffn", e["y"])):
             check_top1(getattr(row, f"{name}_top1"), lp, tol)
-            assert getattr(row, f"{name}_top1_prob") == pytest.approx(float(lp.max().exp()), rel=1e-4, abs=1e-7)
+            assert getattr(row, f"{name}_top1_prob") == pytest.approx(float(lp.max().exp()),
+                                                                      rel=1e-4, abs=1e-7)
         for name, lp in (("residual", e["r"]), ("ffn", e["y"])):
             check_rank(getattr(row, f"{name}_final_rank"), lp, row.final_top1, tol)
-            assert getattr(row, f"{name}_final_prob") == pytest.approx(float(lp[row.final_top1].exp()), rel=1e-4, abs=1e-7)
+            assert getattr(row, f"{name}_final_prob") == pytest.approx(float(lp[row.final_top1].exp()),
+                                                                       rel=1e-4, abs=1e-7)
         check_rank(row.ffn_rank_of_residual_top1, e["y"], row.residual_top1, tol)
         assert row.top1_changed == (row.residual_top1 != row.layer_top1)
         m = e["m"]
@@ -185,7 +191,8 @@ def check_layer_table(df, ref, tol):
         assert sure <= row.memories_agreeing <= maybe, (row.memories_agreeing, sure, maybe)
         assert row.residual_norm == pytest.approx(e["r_norm"], rel=1e-4)
         scaled = (m.abs() * e["v_norm"]).double()
-        assert int((scaled > e["r_norm"] * (1 + 1e-4)).sum()) <= row.residual_norm_rank <= int((scaled > e["r_norm"] * (1 - 1e-4)).sum())
+        assert int((scaled > e["r_norm"] * (1 + 1e-4)).sum()) <= row.residual_norm_rank <= int(
+            (scaled > e["r_norm"] * (1 - 1e-4)).sum())
 
 
 def check_dim_table(df, ref, tol, dims=None):
@@ -210,7 +217,7 @@ def check_dim_table(df, ref, tol, dims=None):
                 check_rank(row.value_final_rank[j], lp, row.final_top1, tol)
 
 
-# ----- HuggingFace models --------------------------------------------------------------------------------------
+# ----- HuggingFace models -----------------------------------------------------------------------------------
 
 
 def _double_adapter(arch, final_norm=True):
@@ -228,7 +235,8 @@ def test_hf_matches_loop(arch, shortcut, kind, mode):
     model, adapter = _double_adapter(arch)
     assert not homogeneous_head(adapter)
     sents = _sentences()
-    df = extract_ffn_info(adapter, sents, mode, seed=SEED, batch_tokens=40, progress=False, head_shortcut=shortcut)
+    df = extract_ffn_info(adapter, sents, mode, seed=SEED, batch_tokens=40, progress=False,
+                          head_shortcut=shortcut)
     assert df.attrs["head_shortcut"] == kind
     parts = hf_parts(model)
     ref = reference(parts, sents, SEED)
@@ -255,8 +263,8 @@ def test_layers_subset_batching_and_seed():
     model, adapter = _double_adapter("gpt2")
     sents = _sentences(n=9, seed=2)
     a = extract_ffn_info(adapter, sents, "layer", layers=[2, 0], seed=SEED, batch_tokens=4096, progress=False)
-    b = extract_ffn_info(adapter, sents, "layer", layers=[0, 2], seed=SEED, batch_tokens=20, block_sentences=2,
-                         progress=False)
+    b = extract_ffn_info(adapter, sents, "layer", layers=[0, 2], seed=SEED, batch_tokens=20,
+                         block_sentences=2, progress=False)
     assert sorted(set(a["layer"])) == [0, 2]
     a, b = a.sort_values(["sentence", "layer"]), b.sort_values(["sentence", "layer"])
     for col in LAYER_COLUMNS:  # batching changes float rounding only
@@ -286,7 +294,7 @@ def test_bad_inputs():
         extract_ffn_info(bert, _sentences(), "layer", progress=False)
 
 
-# ----- fairseq models (trained by the real CLIs) ---------------------------------------------------------------
+# ----- fairseq models (trained by the real CLIs) ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("which", ["fairseq_plain_lm", "fairseq_adaptive_lm"])
@@ -306,11 +314,12 @@ def test_fairseq_matches_loop(which, request):
         assert dl.attrs["residual"] == ("ffn_input" if which == "fairseq_plain_lm" else "resid_pre+attn_out")
         assert dl.attrs["head_shortcut"] == (kind if shortcut is None else "none")
         check_layer_table(dl, ref, 2e-4)
-        dd = extract_ffn_info(adapter, sents, "dim", dims=dims, seed=SEED, progress=False, head_shortcut=shortcut)
+        dd = extract_ffn_info(adapter, sents, "dim", dims=dims, seed=SEED, progress=False,
+                              head_shortcut=shortcut)
         check_dim_table(dd, ref, 2e-4, dims=dims)
 
 
-# ----- the scaled-head shortcut on a synthetic two-level softmax -------------------------------------------------
+# ----- the scaled-head shortcut on a synthetic two-level softmax --------------------------------------------
 
 
 @pytest.mark.parametrize("cutoff", [[5, 12, 30], [30]])

@@ -1,4 +1,5 @@
-"""Scan plans, the manifest, automatic batch size, and sharded mining equal to one pass (planted shard splits)."""
+"""Scan plans, the manifest, automatic batch size, and sharded mining equal to one pass (planted shard
+splits)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def test_manifest_refuses_another_configuration(tmp_path):
     assert [s["status"] for s in data["shards"]] == ["pending", "pending"] and data["left"]["sentences"] == 9
     man.update(1, status="done")
     assert man.read()["left"] == {"shards": 1, "sentences": 5}
-    assert man.open("x", {"k": 3}, "hash-a", lambda: pytest.fail("plan rebuilt"))["shards"][1]["status"] == "done"
+    assert man.open("x", {"k": 3}, "hash-a",
+                    lambda: pytest.fail("plan rebuilt"))["shards"][1]["status"] == "done"
     with pytest.raises(RunStateError, match=r"another configuration \(differs in: k\)"):
         man.open("x", {"k": 4}, "hash-b", lambda: plan)
 
@@ -55,7 +57,8 @@ def test_auto_batch_tokens(monkeypatch):
     gpu = types.SimpleNamespace(device=torch.device("cuda", 0), d_model=1024, d_ff=4096)
     per_token = 4 * (32 * 1024 + 8 * 4096)  # 262,144 bytes
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * 2**30, 80 * 2**30))
-    assert auto_batch_tokens(gpu) == 65536 == 2 ** int(torch.tensor(0.5 * 40 * 2**30 / per_token).log2().floor())
+    assert auto_batch_tokens(gpu) == 65536 == 2 ** int(
+        torch.tensor(0.5 * 40 * 2**30 / per_token).log2().floor())
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 80 * 2**30))
     assert auto_batch_tokens(gpu) == 1024  # floor
 

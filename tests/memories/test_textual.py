@@ -149,10 +149,13 @@ def test_cli_default_output_dir_and_bad_input(jsonl, tmp_path, capsys):
     assert cli.main(["--input_file", str(jsonl), "--model_dir", str(model_dir), "--quiet"]) == 0
     assert (tmp_path / "top.outp" / "7_1.txt").is_file()
     bad = [
-        ["--input_file", str(tmp_path / "missing.jsonl"), "--model_dir", str(model_dir), "--output_dir", str(tmp_path / "x")],
+        ["--input_file", str(tmp_path / "missing.jsonl"), "--model_dir", str(model_dir), "--output_dir",
+         str(tmp_path / "x")],
         ["--input_file", str(jsonl), "--output_dir", str(tmp_path / "y")],  # no model
-        ["--input_file", str(jsonl), "--model_dir", str(tmp_path), "--output_dir", str(tmp_path / "z")],  # no dict.txt
-        ["--input_file", str(jsonl), "--model_dir", str(model_dir), "--output_dir", "/proc/fflayers_out"],  # no files
+        ["--input_file", str(jsonl), "--model_dir", str(tmp_path), "--output_dir",
+         str(tmp_path / "z")],  # no dict.txt
+        ["--input_file", str(jsonl), "--model_dir", str(model_dir), "--output_dir",
+         "/proc/fflayers_out"],  # no files
     ]
     for argv in bad:
         capsys.readouterr()

@@ -25,13 +25,15 @@ def brute_topk(values: torch.Tensor, positions: torch.Tensor, k: int) -> list[li
 def as_lists(tk: StreamingTopK) -> list[list[tuple[float, int, int]]]:
     out = []
     for key in range(tk.n_keys):
-        row = [(float(v), int(s), int(p)) for v, s, p in zip(tk.values[key], tk.sentence_ids[key], tk.positions[key], strict=True)
+        row = [(float(v), int(s), int(p))
+               for v, s, p in zip(tk.values[key], tk.sentence_ids[key], tk.positions[key], strict=True)
                if s >= 0]
         out.append(row)
     return out
 
 
-def feed(tk: StreamingTopK, values: torch.Tensor, positions: torch.Tensor, order: list[int], batch: int) -> None:
+def feed(tk: StreamingTopK, values: torch.Tensor, positions: torch.Tensor, order: list[int],
+         batch: int) -> None:
     for i in range(0, len(order), batch):
         ids = order[i : i + batch]
         tk.update(values[:, ids], positions[:, ids], torch.tensor(ids))
@@ -110,8 +112,10 @@ def test_state_dict_roundtrip_and_resume():
 def test_composite_keys_order_and_round_trip():
     g = torch.Generator().manual_seed(0)
     mags = 10.0 ** torch.randint(-40, 38, (3000,), generator=g).float()
-    values = torch.cat([torch.rand(3000, generator=g) * mags, torch.tensor([1e-45, 3.4e38, float("inf"), 0.5, 0.5])])
-    ids = torch.cat([torch.randint(0, 2**32 - 1, (3000,), generator=g), torch.tensor([0, 5, 2**32 - 2, 7, 3])])
+    values = torch.cat([torch.rand(3000, generator=g) * mags,
+                        torch.tensor([1e-45, 3.4e38, float("inf"), 0.5, 0.5])])
+    ids = torch.cat([torch.randint(0, 2**32 - 1, (3000,), generator=g),
+                     torch.tensor([0, 5, 2**32 - 2, 7, 3])])
     keys = encode(values, ids)
     back_values, back_ids = decode(keys)
     assert torch.equal(back_values, values) and torch.equal(back_ids, ids)

@@ -42,7 +42,8 @@ def test_value_predictions_match_direct(llama):
         lp = direct(model, row.layer, row.dim)
         top = lp.topk(5)
         assert row.top1_id == int(top.indices[0]) and row.top1_token == f"w{int(top.indices[0])}"
-        assert row.max_prob == pytest.approx(float(top.values[0].exp()), rel=1e-6)  # LlamaRMSNorm computes in float32
+        # LlamaRMSNorm computes in float32
+        assert row.max_prob == pytest.approx(float(top.values[0].exp()), rel=1e-6)
         np.testing.assert_array_equal(row.topk_ids, top.indices.numpy())
         np.testing.assert_allclose(row.topk_probs, top.values.exp().numpy(), rtol=1e-6)
         assert np.all(np.diff(row.topk_probs) <= 0)
@@ -63,13 +64,15 @@ def test_random_baseline(llama):
     torch.testing.assert_close(rv.norm(dim=1), values.norm(dim=1))
     cos = torch.nn.functional.cosine_similarity(rv, values, dim=1)
     assert cos.abs().max() < 0.9  # new directions
-    assert torch.equal(rv, random_values(adapter, 1, seed=4)) and not torch.equal(rv, random_values(adapter, 1, seed=5))
+    assert (torch.equal(rv, random_values(adapter, 1, seed=4))
+            and not torch.equal(rv, random_values(adapter, 1, seed=5)))
     df = random_baseline(adapter, layers=[1], top_k=2, seed=4)
     for row in df.itertuples(index=False):
         with torch.no_grad():
             lp = torch.log_softmax(model.lm_head(model.model.norm(rv[row.dim])), dim=-1)
         assert row.top1_id == int(lp.argmax())
-        assert row.max_prob == pytest.approx(float(lp.max().exp()), rel=1e-6)  # LlamaRMSNorm computes in float32
+        # LlamaRMSNorm computes in float32
+        assert row.max_prob == pytest.approx(float(lp.max().exp()), rel=1e-6)
 
 
 def test_bad_input(llama):

@@ -62,8 +62,8 @@ def ffn_module(model, arch: str, layer: int, point: str) -> torch.nn.Module:
 
 
 class PatchAt:
-    """Read (``value=None``) or replace the activation at ``(batch 0, pos)`` of a module's output (``mlp_key``)
-    or first input (``mlp_coef``); ``time_first`` for fairseq's ``[T, B, C]`` tensors."""
+    """Read (``value=None``) or replace the activation at ``(batch 0, pos)`` of a module's output
+    (``mlp_key``) or first input (``mlp_coef``); ``time_first`` for fairseq's ``[T, B, C]`` tensors."""
 
     def __init__(self, module, point: str, pos: int, time_first: bool, value: torch.Tensor | None = None):
         self.module, self.point, self.pos, self.tf, self.value = module, point, pos, time_first, value
@@ -82,7 +82,8 @@ class PatchAt:
         if self.point == "mlp_key":
             self.handle = self.module.register_forward_hook(lambda m, args, out: self._edit(out))
         else:
-            self.handle = self.module.register_forward_pre_hook(lambda m, args: (self._edit(args[0]), *args[1:]))
+            self.handle = self.module.register_forward_pre_hook(
+                lambda m, args: (self._edit(args[0]), *args[1:]))
         return self
 
     def __exit__(self, *exc):
@@ -91,7 +92,8 @@ class PatchAt:
 
 def reference_ig(model, arch: str, log_probs, ids: torch.Tensor, positions: list[int], targets: list[int],
                  point: str, alphas: list[float], time_first: bool = False) -> torch.Tensor:
-    """``[L, d_ff]``: for each layer and target token, ``a * sum_k dP/dx(alpha_k a) / m``, averaged over tokens."""
+    """``[L, d_ff]``: for each layer and target token, ``a * sum_k dP/dx(alpha_k a) / m``, averaged over
+    tokens."""
     blocks = model.get_submodule(FFN_MODULES[arch][0])
     out = []
     for layer in range(len(blocks)):

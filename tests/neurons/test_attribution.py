@@ -44,7 +44,8 @@ def _alphas(convention: str, m: int) -> list[float]:
 def test_causal_matches_riemann_loop(arch, convention):
     model = tiny_model(arch)
     adapter = HFAdapter(model, device="cpu")
-    got = KnowledgeNeurons(adapter, convention=convention).get_scores(PROMPT, ANSWER, batch_size=5, steps=STEPS)
+    got = KnowledgeNeurons(adapter, convention=convention).get_scores(PROMPT, ANSWER, batch_size=5,
+                                                                      steps=STEPS)
     ids = torch.tensor([PROMPT + ANSWER[:-1]])
     positions = [len(PROMPT) - 1, len(PROMPT)]
     want = reference_ig(model, arch, hf_log_probs(model), ids, positions, ANSWER,
@@ -99,7 +100,8 @@ def test_conventions_pick_point_and_grid():
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_completeness_one_layer(arch):
-    """Sum of a layer's attributions -> P(target | a) - P(target | activation 0 at that layer) as steps grow."""
+    """Sum of a layer's attributions -> P(target | a) - P(target | activation 0 at that layer) as steps
+    grow."""
     model = tiny_model(arch, seed=3)
     adapter = HFAdapter(model, device="cpu")
     kn = KnowledgeNeurons(adapter)

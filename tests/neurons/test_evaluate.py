@@ -106,21 +106,25 @@ def test_summary_means_per_fact_then_over_facts():
                 "change_pct": change}
 
     records = [
-        {"uuid": "a", "relation": "r1", "neurons": [[0, 1]], "rows": [row("a", "r1", 1, -10.0), row("a", "r1", 1, -30.0),
-                                                                    row("a", "r1", 1, 4.0, neurons="random")]},
-        {"uuid": "b", "relation": "r1", "neurons": [[0, 1], [0, 2]], "rows": [row("b", "r1", 2, -60.0),
-                                                                             row("b", "r1", 2, 1.0, "unrelated")]},
-        {"uuid": "c", "relation": "r2", "neurons": [], "rows": [row("c", "r2", 0, 0.0)]},  # no neurons: not averaged
-        {"uuid": "d", "relation": "r2", "neurons": [[1, 1]], "rows": [row("d", "r2", 1, 50.0, intervention="enhance"),
-                                                                     row("d", "r2", 1, math.nan)]},
+        {"uuid": "a", "relation": "r1", "neurons": [[0, 1]],
+         "rows": [row("a", "r1", 1, -10.0), row("a", "r1", 1, -30.0),
+                  row("a", "r1", 1, 4.0, neurons="random")]},
+        {"uuid": "b", "relation": "r1", "neurons": [[0, 1], [0, 2]],
+         "rows": [row("b", "r1", 2, -60.0), row("b", "r1", 2, 1.0, "unrelated")]},
+        {"uuid": "c", "relation": "r2", "neurons": [],
+         "rows": [row("c", "r2", 0, 0.0)]},  # no neurons: not averaged
+        {"uuid": "d", "relation": "r2", "neurons": [[1, 1]],
+         "rows": [row("d", "r2", 1, 50.0, intervention="enhance"), row("d", "r2", 1, math.nan)]},
     ]
     from fflayers.neurons.evaluate import results_table
 
     table = summary_table(results_table(records))
     get = table.set_index(["relation", "intervention", "prompts", "neurons"])
-    assert get.loc[("r1", "suppress", "related", "refined"), "change_pct"] == pytest.approx((-20.0 - 60.0) / 2)
+    assert get.loc[("r1", "suppress", "related", "refined"), "change_pct"] == pytest.approx(
+        (-20.0 - 60.0) / 2)
     assert get.loc[("r1", "suppress", "related", "refined"), "n_facts"] == 2
-    assert get.loc[("all", "suppress", "related", "refined"), "change_pct"] == pytest.approx((-20.0 - 60.0) / 2)
+    assert get.loc[("all", "suppress", "related", "refined"), "change_pct"] == pytest.approx(
+        (-20.0 - 60.0) / 2)
     assert get.loc[("all", "enhance", "related", "refined"), "change_pct"] == pytest.approx(50.0)
     summary = summarize(records)
     assert summary["r1"]["suppress"] == {"related": -40.0, "unrelated": 1.0, "random_related": 4.0}
@@ -142,7 +146,8 @@ def test_layer_restricted_search_agrees_with_the_class(gpt2):
 def test_smollm2_refined_neurons_beat_random_ones(smollm2):
     """Suppressing the refined neurons of country -> capital facts lowers the capital's probability more than
     suppressing as many random neurons of the same layers (last 4 layers searched, 2 IG steps, 2 prompts)."""
-    facts = {f.uuid: f for f in countries_paraphrases({"capital": ["The capital of {} is", "{}'s capital city is"]})}
+    facts = {f.uuid: f
+             for f in countries_paraphrases({"capital": ["The capital of {} is", "{}'s capital city is"]})}
     chosen = [facts[u] for u in ("capital-FRA", "capital-JPN")]
     cfg = SearchConfig(steps=2, batch_size=8, p=0.4, coarse_adaptive_threshold=0.2,
                        layers=tuple(range(smollm2.n_layers - 4, smollm2.n_layers)))

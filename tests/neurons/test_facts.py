@@ -34,7 +34,8 @@ def test_round_trip(tmp_path):
     write_facts(path, facts)
     lines = path.read_text().splitlines()
     assert json.loads(lines[0]) == {"uuid": "a", "relation": "capital",
-                                    "prompts": ["The capital of France is", "France's capital is"], "answer": "Paris"}
+                                    "prompts": ["The capital of France is", "France's capital is"],
+                                    "answer": "Paris"}
     assert read_facts(path) == facts
 
 

@@ -1,4 +1,5 @@
-"""KnowledgeNeurons: coarse/refined selection wiring (planted scores), argument checks, delegation, SmolLM2."""
+"""KnowledgeNeurons: coarse/refined selection wiring (planted scores), argument checks, delegation,
+SmolLM2."""
 
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ def test_refined_neurons_share_and_really_remove_negatives(kn, monkeypatch):
     }
     calls = _plant(kn, monkeypatch, table)
     prompts = [[1, 2], [3, 4], [5, 6]]
-    assert kn.get_refined_neurons(prompts, [9], p=0.5, batch_size=4, steps=3, quiet=True) == [[0, 5], [1, 7], [2, 9]]
+    assert kn.get_refined_neurons(prompts, [9], p=0.5, batch_size=4, steps=3,
+                                  quiet=True) == [[0, 5], [1, 7], [2, 9]]
     got = kn.get_refined_neurons(prompts, [9], negative_examples=[[7, 8]], p=0.5, quiet=True)
     assert got == [[0, 5], [2, 9]]
     assert calls[0] == ((1, 2), (9,), 4, 3)
@@ -94,12 +96,14 @@ def test_scores_bad_arguments(kn):
         kn.get_coarse_neurons([1, 2], [3], threshold=0.1, percentile=5)
 
 
-@pytest.mark.parametrize("method", ["suppress_knowledge", "enhance_knowledge", "erase_knowledge", "edit_knowledge"])
+@pytest.mark.parametrize("method",
+                         ["suppress_knowledge", "enhance_knowledge", "erase_knowledge", "edit_knowledge"])
 def test_modifications_delegate_with_the_adapter(kn, monkeypatch, method):
     from fflayers.neurons import modify
 
     seen = {}
-    monkeypatch.setattr(modify, method, lambda adapter, *a, **k: seen.update(adapter=adapter, args=a, kwargs=k) or "ok")
+    monkeypatch.setattr(modify, method,
+                        lambda adapter, *a, **k: seen.update(adapter=adapter, args=a, kwargs=k) or "ok")
     assert getattr(kn, method)("prompt", "answer", [[0, 1]], undo_modification=False) == "ok"
     assert seen == {"adapter": kn.adapter, "args": ("prompt", "answer", [[0, 1]]),
                     "kwargs": {"undo_modification": False}}
@@ -107,7 +111,8 @@ def test_modifications_delegate_with_the_adapter(kn, monkeypatch, method):
 
 @pytest.mark.real_model
 def test_smollm2_scores_match_autograd(smollm2):
-    """steps=1 (alpha = 1): Attr = a * dP/da at the last prompt position, checked with the model's own logits."""
+    """steps=1 (alpha = 1): Attr = a * dP/da at the last prompt position, checked with the model's own
+    logits."""
     kn = KnowledgeNeurons(smollm2)
     layer = 29
     scores = kn.get_scores("The capital of France is", "Paris", steps=1, layers=[layer])

@@ -64,8 +64,10 @@ def fc_out(model, arch: str, layer: int) -> torch.nn.Module:
     return model.get_submodule(FC_OUT[arch][0].format(layer))
 
 
-def run_raw(model, arch: str, ids: list[int], edits: dict[int, tuple[list[int], list[int], float]] | None = None):
-    """Logits and every layer's FFN coefficients, with raw forward pre-hooks scaling ``m[:, positions, idx]``."""
+def run_raw(model, arch: str, ids: list[int],
+            edits: dict[int, tuple[list[int], list[int], float]] | None = None):
+    """Logits and every layer's FFN coefficients, with raw forward pre-hooks scaling
+    ``m[:, positions, idx]``."""
     coefs, handles = {}, []
     for layer in range(LAYERS):
         def hook(_module, args, layer=layer):
@@ -103,7 +105,8 @@ def test_activation_edits_only_at_target_positions(arch, fn, factor):
     base_logits, base = run_raw(model, arch, ids)
     with fn(adapter, prompt_of(arch), ANSWER, neurons) as results:
         logits, coefs = run_raw(model, arch, ids)
-    want_logits, want = run_raw(model, arch, ids, {1: (positions, [3, 10], factor), 2: (positions, [7], factor)})
+    want_logits, want = run_raw(model, arch, ids,
+                                {1: (positions, [3, 10], factor), 2: (positions, [7], factor)})
     for layer in range(LAYERS):
         torch.testing.assert_close(coefs[layer], want[layer], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=1e-5)
@@ -114,7 +117,8 @@ def test_activation_edits_only_at_target_positions(arch, fn, factor):
     if arch != "bert":  # causal: positions before the answer's first predicting position never change
         first = positions[0]
         torch.testing.assert_close(logits[:first], base_logits[:first], atol=0, rtol=0)
-    assert results["before"]["gt_prob"] == pytest.approx(answer_prob(base_logits, positions, ANSWER), rel=1e-4)
+    assert results["before"]["gt_prob"] == pytest.approx(answer_prob(base_logits, positions, ANSWER),
+                                                         rel=1e-4)
     assert results["after"]["gt_prob"] == pytest.approx(answer_prob(want_logits, positions, ANSWER), rel=1e-4)
     best = want_logits[positions].argmax(-1).tolist()
     assert results["after"]["argmax_completion"] == StubTokenizer().decode(best)
@@ -124,7 +128,8 @@ MODIFIERS = {
     "suppress": lambda a, arch, **kw: suppress_knowledge(a, prompt_of(arch), ANSWER, NEURONS, **kw),
     "enhance": lambda a, arch, **kw: enhance_knowledge(a, prompt_of(arch), ANSWER, NEURONS, **kw),
     "erase_zero": lambda a, arch, **kw: erase_knowledge(a, prompt_of(arch), NEURONS, target=ANSWER, **kw),
-    "erase_unk": lambda a, arch, **kw: erase_knowledge(a, prompt_of(arch), NEURONS, "unk", target=ANSWER, **kw),
+    "erase_unk": lambda a, arch, **kw: erase_knowledge(a, prompt_of(arch), NEURONS, "unk",
+                                                       target=ANSWER, **kw),
     "edit": lambda a, arch, **kw: edit_knowledge(a, prompt_of(arch), [50], NEURONS, **kw),
 }
 NEURONS = [[0, 3], [2, 7], [2, 8]]
@@ -144,7 +149,8 @@ def test_undo_and_context_manager_restore_exactly(arch, kind):
 
     def unchanged() -> bool:
         now = snapshot(model)
-        return torch.equal(run_raw(model, arch, ids)[0], before) and all(torch.equal(now[k], v) for k, v in params.items())
+        return torch.equal(run_raw(model, arch, ids)[0], before) and all(torch.equal(now[k], v)
+                                                                         for k, v in params.items())
 
     results, undo = modify(adapter, arch)  # default: undone right after measuring
     assert unchanged() and results["before"]["gt_prob"] != results["after"]["gt_prob"]
@@ -167,7 +173,8 @@ def test_undo_and_context_manager_restore_exactly(arch, kind):
 
 
 def hand_edited(model, arch: str, rows: dict[int, list[int]], new_row) -> torch.nn.Module:
-    """Deep copy with value rows replaced by ``new_row(layer, i, old_row)``, written straight into the weights."""
+    """Deep copy with value rows replaced by ``new_row(layer, i, old_row)``, written straight into the
+    weights."""
     other = copy.deepcopy(model)
     with torch.no_grad():
         for layer, idx in rows.items():
@@ -199,7 +206,8 @@ def test_erase_writes_exactly_the_value_rows(arch, erase_value):
     unk_row = model.get_output_embeddings().weight[UNK].detach().clone()
     fill = (lambda *_: torch.zeros_like(unk_row)) if erase_value == "zero" else (lambda *_: unk_row)
     expected = hand_edited(model, arch, {0: [3], 2: [7, 8]}, fill)
-    mod = erase_knowledge(adapter, prompt_of(arch), NEURONS, erase_value, target=ANSWER, undo_modification=False)
+    mod = erase_knowledge(adapter, prompt_of(arch), NEURONS, erase_value, target=ANSWER,
+                          undo_modification=False)
     assert_same_params(model, expected)
     if arch in POSITION_EMBEDDINGS:
         name = POSITION_EMBEDDINGS[arch]
@@ -228,13 +236,15 @@ def test_edit_shifts_values_from_old_to_new_answer(arch):
     new_ids, new_positions = expected_input(arch, [new])
     with torch.no_grad():
         after = expected(input_ids=torch.tensor([new_ids])).logits[0]
-    assert mod.results["after"]["gt_prob"] == pytest.approx(answer_prob(after, new_positions, [new]), rel=1e-4)
+    assert mod.results["after"]["gt_prob"] == pytest.approx(answer_prob(after, new_positions, [new]),
+                                                            rel=1e-4)
     mod.undo()
 
 
 def test_erase_without_target_reads_the_greedy_prediction():
     adapter = make("gpt2")
-    expected = hand_edited(adapter.model, "gpt2", {0: [3], 2: [7, 8]}, lambda *_: torch.zeros(adapter.d_model))
+    expected = hand_edited(adapter.model, "gpt2", {0: [3], 2: [7, 8]},
+                           lambda *_: torch.zeros(adapter.d_model))
     with torch.no_grad():
         greedy = int(expected(input_ids=torch.tensor([CAUSAL_PROMPT])).logits[0, -1].argmax())
     results, _ = erase_knowledge(adapter, CAUSAL_PROMPT, NEURONS)

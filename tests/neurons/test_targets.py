@@ -59,7 +59,8 @@ def test_mask_is_widened_per_wordpiece(bert):
     # as many masks as pieces: used as given
     assert encode_target(bert, "the capital of [MASK] [MASK] is paris .", "london").positions == [4, 5]
     # an uncased tokenizer may lowercase the answer
-    assert encode_target(bert, "[MASK] is the capital of france", "Paris").target_ids == [tok.convert_tokens_to_ids("paris")]
+    assert encode_target(bert, "[MASK] is the capital of france", "Paris").target_ids == [
+        tok.convert_tokens_to_ids("paris")]
 
 
 def test_masked_probability_reads_each_mask(bert):

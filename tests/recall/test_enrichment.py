@@ -22,7 +22,8 @@ STOP = {"the", "and", "of", "with", "about", "between", "from", "into"}  # all i
 
 
 def test_filter_drops_stopwords_and_short_tokens_and_cuts():
-    tokens = ["Ġthe", " Paris", "an", "Ġé", " France", "▁wine", "to", "ĠAbout", " ok", "Ġabc", " cheese", "\u2581x"]
+    tokens = ["Ġthe", " Paris", "an", "Ġé", " France", "▁wine", "to", "ĠAbout", " ok", "Ġabc",
+              " cheese", "\u2581x"]
     assert candidate_tokens(tokens, keep=50) == [1, 4, 5, 9, 10]
     assert candidate_tokens(tokens, keep=3) == [1, 4, 5]
     assert candidate_tokens(tokens, keep=1) == [1]
@@ -43,11 +44,13 @@ def test_mentions_whole_words_case_sensitive():
 
 
 def independent_rate(model, tok, ids, pos, layer, paragraphs, subject, top=500, keep=50):
-    """Everything by hand: plain hooks, ln_f + lm_head, decode, filter, substring match, set of paragraph tokens."""
+    """Everything by hand: plain hooks, ln_f + lm_head, decode, filter, substring match, set of paragraph
+    tokens."""
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
     seen = {}
-    h = model.transformer.h[layer].register_forward_hook(lambda m, a, out: seen.__setitem__("h", out[0] if isinstance(out, tuple) else out))
+    h = model.transformer.h[layer].register_forward_hook(
+        lambda m, a, out: seen.__setitem__("h", out[0] if isinstance(out, tuple) else out))
     with torch.no_grad():
         model(torch.tensor([ids]))
         h.remove()

@@ -1,5 +1,5 @@
-"""Extraction events against an independent loop over the model's own modules (plain torch hooks, one fact at a
-time, ``h @ W_U^T``), planted attributes, and the variants' definitions."""
+"""Extraction events against an independent loop over the model's own modules (plain torch hooks, one fact at
+a time, ``h @ W_U^T``), planted attributes, and the variants' definitions."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def sublayer_top1(model, ids, position_ids=None, block_hooks=None) -> dict[tuple
         handles.append(model.transformer.h[layer].register_forward_hook(fn))
     try:
         with torch.no_grad():
-            model(torch.tensor([ids]), position_ids=None if position_ids is None else torch.tensor([position_ids]))
+            model(torch.tensor([ids]), position_ids=None if position_ids is None
+                  else torch.tensor([position_ids]))
     finally:
         for h in handles:
             h.remove()
@@ -89,7 +90,8 @@ def test_overview_counts_first_events():
     import pandas as pd
 
     rows = []
-    # fact 0: attn at 1, mlp at 2 -> attn first; fact 1: mlp at 0 -> mlp first; fact 2: both at 1; fact 3: none
+    # fact 0: attn at 1, mlp at 2 -> attn first; fact 1: mlp at 0 -> mlp first; fact 2: both at 1;
+    # fact 3: none
     hits = {(0, "attn", 1), (0, "mlp", 2), (1, "mlp", 0), (2, "attn", 1), (2, "mlp", 1), (0, "attn", 2)}
     for k in range(4):
         for s in ("attn", "mlp"):
@@ -103,16 +105,20 @@ def test_overview_counts_first_events():
 
 
 def test_blocking_everything_before_last_equals_a_lone_last_token(gpt2):
-    """Subject = every token before the last: blocking the subject leaves the last position reading only itself,
-    which is the model run on the last token alone at its own position id; blocking non-subject blocks nothing."""
+    """Subject = every token before the last: blocking the subject leaves the last position reading only
+    itself, which is the model run on the last token alone at its own position id; blocking non-subject blocks
+    nothing."""
     model, adapter = gpt2
-    facts = [EncodedFact(f.fact, f.ids, list(range(len(f.ids) - 1)), f.attribute_ids) for f in make_facts(model)]
-    events = extraction_events(adapter, facts, variants=["none", "block_subject", "block_non_subject"], batch_size=3)
+    facts = [EncodedFact(f.fact, f.ids, list(range(len(f.ids) - 1)), f.attribute_ids)
+             for f in make_facts(model)]
+    events = extraction_events(adapter, facts, variants=["none", "block_subject", "block_non_subject"],
+                               batch_size=3)
     for item in facts:
         lone = sublayer_top1(model, [item.ids[-1]], position_ids=[len(item.ids) - 1])
         part = events[events.known_id == item.fact.known_id]
         for (sublayer, layer), token in lone.items():
-            row = part[(part.variant == "block_subject") & (part.sublayer == sublayer) & (part.layer == layer)]
+            row = part[(part.variant == "block_subject") & (part.sublayer == sublayer)
+                       & (part.layer == layer)]
             assert row.top1_id.item() == token
     none = events[events.variant == "none"].reset_index(drop=True)
     non_subject = events[events.variant == "block_non_subject"].reset_index(drop=True)
@@ -140,7 +146,8 @@ def test_patched_subject_equals_plain_hook_recomputation(gpt2):
             assert part[(part.sublayer == sublayer) & (part.layer == layer)].top1_id.item() == token
     # freezing after the last block changes nothing
     last = extraction_events(adapter, facts, variants=["patch_subject", "none"], patch_layer=-1)
-    a, b = (last[last.variant == v].drop(columns="variant").reset_index(drop=True) for v in ("patch_subject", "none"))
+    a, b = (last[last.variant == v].drop(columns="variant").reset_index(drop=True)
+            for v in ("patch_subject", "none"))
     assert a.equals(b)
 
 
@@ -151,7 +158,8 @@ def test_edge_masks_and_bad_variant(gpt2):
     batch = make_fact_batch(adapter, items)
     sub, non, last = (last_position_edge_masks(batch, w) for w in ("subject", "non_subject", "last"))
     assert sub[0].nonzero().tolist() == [[3, 1], [3, 2]] and sub[1].nonzero().tolist() == [[5, 2]]
-    assert non[0].nonzero().tolist() == [[3, 0]] and non[1].nonzero().tolist() == [[5, 0], [5, 1], [5, 3], [5, 4]]
+    assert (non[0].nonzero().tolist() == [[3, 0]]
+            and non[1].nonzero().tolist() == [[5, 0], [5, 1], [5, 3], [5, 4]])
     assert last[0].nonzero().tolist() == [[3, 3]] and last[1].nonzero().tolist() == [[5, 5]]
     with pytest.raises(FflayersError, match="unknown extraction variant 'block_all'"):
         extraction_events(adapter, items, variants=["block_all"])

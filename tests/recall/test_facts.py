@@ -1,5 +1,5 @@
-"""Fact files, subject positions and attribute tokens (hand-checked for BPE, SentencePiece-style and whitespace
-tokenizers), and the filter against the model's own top-1."""
+"""Fact files, subject positions and attribute tokens (hand-checked for BPE, SentencePiece-style and
+whitespace tokenizers), and the filter against the model's own top-1."""
 
 from __future__ import annotations
 
@@ -37,8 +37,10 @@ def gpt2(tiny_gpt2_dir) -> HFAdapter:
 
 
 RECORDS = [
-    {"known_id": 0, "subject": "Vinson Massif", "attribute": "Antarctica", "template": "{} is located in the continent of",
-     "prediction": " Antarctica", "prompt": "Vinson Massif is located in the continent of", "relation_id": "P30"},
+    {"known_id": 0, "subject": "Vinson Massif", "attribute": "Antarctica",
+     "template": "{} is located in the continent of",
+     "prediction": " Antarctica", "prompt": "Vinson Massif is located in the continent of",
+     "relation_id": "P30"},
     {"known_id": 1, "subject": "Beats Music", "attribute": "Apple", "prompt": "Beats Music is owned by"},
 ]
 
@@ -78,7 +80,8 @@ def test_bad_entries_raise_or_are_skipped_by_name(tmp_path):
     facts = load_facts(path, skipped=skipped)
     assert [f.known_id for f in facts] == [1]
     assert len(skipped) == 4
-    assert "fact 7" in skipped[0] and "fact #2" in skipped[1] and "fact 8" in skipped[2] and "twice" in skipped[3]
+    assert ("fact 7" in skipped[0] and "fact #2" in skipped[1] and "fact 8" in skipped[2]
+            and "twice" in skipped[3])
 
 
 def test_countries_facts_from_a_planted_list(tmp_path):
@@ -87,7 +90,8 @@ def test_countries_facts_from_a_planted_list(tmp_path):
         f.write("# comment\n250:FR:FRA:France:Paris\n276:DE:DEU:Germany:Berlin\n010:AQ:ATA:Antarctica:\n")
     facts = countries_facts(path)
     assert [(f.known_id, f.subject, f.attribute, f.prompt) for f in facts] == [
-        (0, "France", "Paris", "The capital of France is"), (1, "Germany", "Berlin", "The capital of Germany is")]
+        (0, "France", "Paris", "The capital of France is"),
+        (1, "Germany", "Berlin", "The capital of Germany is")]
 
 
 # ----- subject positions (hand-checked) --------------------------------------------------------------------
@@ -141,7 +145,7 @@ def test_first_occurrence_of_a_repeated_subject(gpt2):
     assert enc.subject_positions == [0]
 
 
-# ----- bad facts ---------------------------------------------------------------------------------------------
+# ----- bad facts --------------------------------------------------------------------------------------------
 
 
 def test_bad_facts_are_skipped_with_one_line_messages(gpt2):
@@ -162,7 +166,7 @@ def test_masked_lm_is_rejected():
         encode_fact(adapter, KnownFact(0, "a", "b", "a c"))
 
 
-# ----- filter ------------------------------------------------------------------------------------------------
+# ----- filter -----------------------------------------------------------------------------------------------
 
 
 def test_filter_keeps_exactly_the_facts_whose_top1_is_the_attribute(gpt2):

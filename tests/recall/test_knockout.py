@@ -42,14 +42,14 @@ def make_facts(vocab: int, first: int | None = None) -> list[EncodedFact]:
 
 def test_position_sets_by_hand():
     item = EncodedFact(KnownFact(0, "s", "a", "p"), [9, 8, 7, 6, 5, 4], [2, 3], [1])
-    assert knockout_position_sets(item) == {"subject": [2, 3], "non_subject": [0, 1, 4], "last": [5], "first": [0],
-                                            "non_subject_excl_first": [1, 4]}
+    assert knockout_position_sets(item) == {"subject": [2, 3], "non_subject": [0, 1, 4], "last": [5],
+                                            "first": [0], "non_subject_excl_first": [1, 4]}
     at_end = EncodedFact(KnownFact(0, "s", "a", "p"), [9, 8, 7], [1, 2], [1])
     assert knockout_position_sets(at_end)["subject"] == [1, 2]
     assert knockout_position_sets(at_end)["non_subject"] == [0]
 
 
-# ----- the independent reference -----------------------------------------------------------------------------
+# ----- the independent reference ----------------------------------------------------------------------------
 
 
 def additive(allowed: torch.Tensor) -> torch.Tensor:
@@ -72,9 +72,10 @@ def masks_in(modules: list[torch.nn.Module], key: str, mask: torch.Tensor):
             h.remove()
 
 
-def reference_hf(model, arch: str, item: EncodedFact, positions: list[int], lo: int, hi: int, target: int | None):
-    """Probability of ``target`` (None: the top-1) at the last position, with the model's eager attention reading
-    an explicit mask in layers lo..hi where the last query may not read ``positions``."""
+def reference_hf(model, arch: str, item: EncodedFact, positions: list[int], lo: int, hi: int,
+                 target: int | None):
+    """Probability of ``target`` (None: the top-1) at the last position, with the model's eager attention
+    reading an explicit mask in layers lo..hi where the last query may not read ``positions``."""
     T = len(item.ids)
     allowed = torch.ones(T, T, dtype=torch.bool).tril()
     allowed[T - 1, positions] = False
@@ -102,7 +103,8 @@ def check_against_reference(table, facts, reference) -> None:
         for row in rows.itertuples(index=False):
             _, expected = reference(item, positions[row.set], row.window_start, row.window_end, target)
             assert row.p == pytest.approx(p, rel=1e-4, abs=1e-7)
-            assert row.p_new == pytest.approx(expected, rel=1e-4, abs=1e-7), (item.fact.known_id, row.set, row.layer)
+            assert row.p_new == pytest.approx(expected, rel=1e-4, abs=1e-7), (
+                item.fact.known_id, row.set, row.layer)
             assert row.rel_change_pct == pytest.approx(100 * (row.p_new - row.p) / row.p, rel=1e-9, abs=1e-9)
             moved += abs(expected - p) > 1e-4 * p
     assert moved > len(table) // 3  # the blocking changes something
@@ -141,7 +143,7 @@ def test_fairseq_knockout_equals_explicit_mask_recomputation(name, fairseq_adapt
     check_against_reference(table, facts, lambda *a: reference_fairseq(adapter.model, *a))
 
 
-# ----- batching, empty sets, windows -------------------------------------------------------------------------
+# ----- batching, empty sets, windows ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("arch", ["llama", "fairseq_plain_lm"])
@@ -198,7 +200,7 @@ def test_bad_options_are_one_line_errors():
         attention_knockout(HFAdapter(tiny_model("bert"), device="cpu"), facts)
 
 
-# ----- fully blocked rows ------------------------------------------------------------------------------------
+# ----- fully blocked rows -----------------------------------------------------------------------------------
 
 
 def out_bias(adapter, layer: int) -> torch.Tensor:
@@ -211,17 +213,20 @@ def out_bias(adapter, layer: int) -> torch.Tensor:
 def test_fully_blocked_row_gives_zero_attention_output(arch, fairseq_adapters):
     """Per-row [B, T, S] masks: row 0's last query reads nothing (output = the projection's bias alone), row 1
     is untouched."""
-    adapter = fairseq_adapters(arch) if arch.startswith("fairseq") else HFAdapter(tiny_model(arch), device="cpu")
+    adapter = (fairseq_adapters(arch) if arch.startswith("fairseq")
+               else HFAdapter(tiny_model(arch), device="cpu"))
     ids = torch.randint(4, min(VOCAB, adapter.vocab_size), (2, 6), generator=torch.Generator().manual_seed(1))
     blocked = torch.zeros(2, 6, 6, dtype=torch.bool)
     blocked[0, 5, :] = True
     layer = 1
     with torch.no_grad(), capture(adapter, ["attn_out"], layers=[layer]) as plain:
         adapter.run(ids)
-    with torch.no_grad(), block_attention(adapter, {layer: blocked}), capture(adapter, ["attn_out"], layers=[layer]) as c:
+    with torch.no_grad(), block_attention(adapter, {layer: blocked}), capture(adapter, ["attn_out"],
+                                                                              layers=[layer]) as c:
         adapter.run(ids)
     got = c["attn_out", layer]
-    torch.testing.assert_close(got[0, 5] - out_bias(adapter, layer), torch.zeros(adapter.d_model), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[0, 5] - out_bias(adapter, layer), torch.zeros(adapter.d_model),
+                               atol=1e-6, rtol=0)
     torch.testing.assert_close(got[0, :5], plain["attn_out", layer][0, :5], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[1], plain["attn_out", layer][1], atol=1e-5, rtol=1e-5)
     assert (plain["attn_out", layer][0, 5] - out_bias(adapter, layer)).abs().max() > 1e-3

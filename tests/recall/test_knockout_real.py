@@ -1,5 +1,6 @@
-"""SmolLM2 on country -> capital facts it gets right: blocking the edges from the last position to the subject in
-upper layers hurts the prediction more than blocking them to the other non-first tokens (the paper's finding)."""
+"""SmolLM2 on country -> capital facts it gets right: blocking the edges from the last position to the subject
+in upper layers hurts the prediction more than blocking them to the other non-first tokens (the paper's
+finding)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import pytest
 
 from fflayers.recall import attention_knockout, countries_facts, encode_facts, filter_facts
 
-COUNTRIES = ("France", "Germany", "Italy", "Japan", "China", "Greece", "Austria", "Hungary", "Ireland", "Cuba")
+COUNTRIES = ("France", "Germany", "Italy", "Japan", "China", "Greece", "Austria", "Hungary",
+             "Ireland", "Cuba")
 
 
 @pytest.mark.real_model
@@ -17,8 +19,8 @@ def test_subject_knockout_hurts_more_than_non_subject_in_upper_layers(smollm2):
     assert not skipped
     known = filter_facts(smollm2, encoded)[:4]
     assert len(known) >= 4  # SmolLM2 knows these capitals
-    table = attention_knockout(smollm2, known, layers=range(19, 28), sets=["subject", "non_subject_excl_first"],
-                               window=9, batch_size=64)
+    table = attention_knockout(smollm2, known, layers=range(19, 28),
+                               sets=["subject", "non_subject_excl_first"], window=9, batch_size=64)
     mean = table.groupby("set")["rel_change_pct"].mean()
     assert mean["subject"] < mean["non_subject_excl_first"] - 10
     assert mean["subject"] < -30

@@ -28,8 +28,8 @@ def test_last_layer_with_final_norm_equals_the_models_log_probs(arch):
     model = tiny_model(arch)
     adapter = HFAdapter(model, device="cpu")
     facts = planted_facts()
-    table = vocabulary_projections(adapter, facts, points=["resid_post"], layers=[-1], positions=["last"], k=5,
-                                   batch_size=2, with_tokens=False)
+    table = vocabulary_projections(adapter, facts, points=["resid_post"], layers=[-1], positions=["last"],
+                                   k=5, batch_size=2, with_tokens=False)
     assert len(table) == 3 * 5
     for item in facts:
         with torch.no_grad():
@@ -52,7 +52,8 @@ def test_sublayer_output_without_final_norm_equals_h_times_unembedding():
     seen = {}
     handles = [model.transformer.h[1].attn.register_forward_hook(
                    lambda m, a, out: seen.__setitem__("attn_out", out[0])),
-               model.transformer.h[1].mlp.register_forward_hook(lambda m, a, out: seen.__setitem__("mlp_out", out))]
+               model.transformer.h[1].mlp.register_forward_hook(
+                   lambda m, a, out: seen.__setitem__("mlp_out", out))]
     for item in facts:
         with torch.no_grad():
             model(torch.tensor([item.ids]))
@@ -70,8 +71,8 @@ def test_sublayer_output_without_final_norm_equals_h_times_unembedding():
 
 def test_named_positions_and_bad_input():
     item = EncodedFact(KnownFact(7, "s", "a", "p"), [5, 6, 7, 8, 9], [1, 2], [3])
-    assert [position_index(item, p) for p in ("first", "subject_first", "subject_last", "after_subject", "last",
-                                              -2, "3")] == [0, 1, 2, 3, 4, 3, 3]
+    assert [position_index(item, p) for p in ("first", "subject_first", "subject_last", "after_subject",
+                                              "last", -2, "3")] == [0, 1, 2, 3, 4, 3, 3]
     ends = EncodedFact(KnownFact(8, "s", "a", "p"), [5, 6, 7], [1, 2], [3])
     assert position_index(ends, "after_subject") == 2  # the subject ends the prompt: the last token
     with pytest.raises(FflayersError, match="unknown position 'middle'"):

@@ -22,7 +22,8 @@ def test_windows_are_clipped():
 
 
 def zeroed_copy(model, kind: str, layers):
-    """The model with its MLP (c_proj of mlp) or attention output projection (attn.c_proj) zeroed in ``layers``."""
+    """The model with its MLP (c_proj of mlp) or attention output projection (attn.c_proj) zeroed in
+    ``layers``."""
     twin = copy.deepcopy(model)
     with torch.no_grad():
         for layer in layers:
@@ -58,7 +59,8 @@ def test_knockout_equals_zeroed_weights(tiny_gpt2_dir):
             for layer in (0, 1):
                 expected, _ = independent_rate(twin, tok, e.ids, e.subject_positions[-1], layer, paragraphs,
                                                e.fact.subject)
-                row = table[(table.kind == kind) & (table.start == start) & (table.known_id == e.fact.known_id)
+                row = table[(table.kind == kind) & (table.start == start)
+                            & (table.known_id == e.fact.known_id)
                             & (table.layer == layer)].iloc[0]
                 assert row.attribute_prob == pytest.approx(p, rel=1e-4, abs=1e-7), (kind, start)
                 assert row.rate == pytest.approx(expected), (kind, start, layer)

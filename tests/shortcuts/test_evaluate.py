@@ -1,5 +1,6 @@
 """Shortcut evaluation and early exit on tiny random GPT-2 and Llama models, against direct recomputations
-(states captured here with plain hooks, maps fitted here with lstsq: independent of the rest of the package)."""
+(states captured here with plain hooks, maps fitted here with lstsq: independent of the rest of the
+package)."""
 
 from __future__ import annotations
 
@@ -23,15 +24,18 @@ LN2 = math.log(2)
 
 def sentences(n: int, seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, VOCAB, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g) for _ in range(n)]
+    return [torch.randint(1, VOCAB, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g)
+            for _ in range(n)]
 
 
 def sentence_states(adapter, ids: torch.Tensor) -> torch.Tensor:
-    """States ``[T, L+1, d]`` of one unpadded sentence: resid_pre of block 0, then resid_post of every block."""
+    """States ``[T, L+1, d]`` of one unpadded sentence: resid_pre of block 0, then resid_post of every
+    block."""
     L = adapter.n_layers
     with capture(adapter, ["resid_pre", "resid_post"], layers=range(L)) as c, torch.no_grad():
         adapter.run(ids[None])
-    return torch.stack([c["resid_pre", 0][0]] + [c["resid_post", layer][0] for layer in range(L)], 1).float().cpu()
+    return (torch.stack([c["resid_pre", 0][0]] + [c["resid_post", layer][0] for layer in range(L)], 1)
+            .float().cpu())
 
 
 def lstsq_maps(states: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
@@ -140,7 +144,8 @@ def test_early_exit_extremes(case):
     L = adapter.n_layers
     df = early_exit(adapter, states, maps, [10.0, -10.0], mapping="both")
     assert list(df.columns) == ["lambda", "mapping", "mean_exit_layer", "layers_saved", "precision@1"]
-    assert list(zip(df["lambda"], df.mapping, strict=True)) == [(10.0, "id"), (10.0, "mat"), (-10.0, "id"), (-10.0, "mat")]
+    assert list(zip(df["lambda"], df.mapping, strict=True)) == [(10.0, "id"), (10.0, "mat"), (-10.0, "id"),
+                                                                (-10.0, "mat")]
     never = df[df["lambda"] == 10.0]
     assert (never.mean_exit_layer == L).all() and (never.layers_saved == 0).all()
     assert (never["precision@1"] == 1.0).all()
@@ -174,7 +179,8 @@ def test_early_exit_matches_loop(case):
     lambdas = [-10.0, 0.0, 10.0]
     for layer in range(1, L):  # thresholds inside the spread of the gaps, so that some examples exit there
         for A in (None, maps[(L, layer)]):
-            p = adapter.project(states[:, layer] if A is None else states[:, layer] @ A.T).exp().topk(2).values
+            p = adapter.project(states[:, layer] if A is None
+                                else states[:, layer] @ A.T).exp().topk(2).values
             gap, base = p[:, 0] - p[:, 1], 0.1 * math.exp(-4 * layer / L)
             lambdas += [(float(gap.double().quantile(q)) - base) / 0.9 for q in (0.3, 0.7)]
     df = early_exit(adapter, states, maps, lambdas, chunk=5)
@@ -184,6 +190,7 @@ def test_early_exit_matches_loop(case):
         assert row.mean_exit_layer == pytest.approx(mean_exit)
         assert row.layers_saved == pytest.approx(L - mean_exit)
         assert row[4] == pytest.approx(precision)
-    assert ((df.mean_exit_layer > 1) & (df.mean_exit_layer < L)).any()  # the rule is exercised, not just the ends
+    # the rule is exercised, not just the ends
+    assert ((df.mean_exit_layer > 1) & (df.mean_exit_layer < L)).any()
     only_id = early_exit(adapter, states, None, lambdas, mapping="id")
     pd.testing.assert_frame_equal(only_id, df[df.mapping == "id"].reset_index(drop=True))

@@ -166,7 +166,8 @@ def test_load_refuses_other_models_and_missing_files(tmp_path):
     with pytest.raises(FflayersError, match="fitted for 3 states, this model has 4"):
         load_maps(path, adapter)
     llama = HFAdapter(tiny_model("llama"), device="cpu")
-    save_maps(path, fit_maps(accumulate(correlated_states(100, 4, 32), 100)), maps_metadata(llama, "x", 0, 100, 0.0))
+    save_maps(path, fit_maps(accumulate(correlated_states(100, 4, 32), 100)),
+              maps_metadata(llama, "x", 0, 100, 0.0))
     with pytest.raises(FflayersError, match="fitted for HFAdapter\\(family='llama'"):
         load_maps(path, adapter)
     path.write_bytes(b"not a safetensors file")

@@ -24,7 +24,8 @@ from tests.fixtures.hf_models import POS, VOCAB, tiny_model
 MASK = VOCAB - 1
 
 
-def random_sentences(n: int, seed: int = 0, lo: int = 2, hi: int = 12, frame: int | None = None) -> list[list[int]]:
+def random_sentences(n: int, seed: int = 0, lo: int = 2, hi: int = 12,
+                     frame: int | None = None) -> list[list[int]]:
     """Random ids in 5..MASK-1 (no special ids); ``frame`` wraps each sentence in that id."""
     rng = np.random.default_rng(seed)
     out = []
@@ -40,7 +41,8 @@ def adapters() -> dict[str, HFAdapter]:
 
 
 def with_bos(adapter: HFAdapter, bos: int) -> HFAdapter:
-    return HFAdapter(adapter.model, tokenizer=SimpleNamespace(bos_token_id=bos, pad_token_id=bos), device="cpu")
+    return HFAdapter(adapter.model, tokenizer=SimpleNamespace(bos_token_id=bos, pad_token_id=bos),
+                     device="cpu")
 
 
 # ----- positions --------------------------------------------------------------------------------------------
@@ -80,7 +82,8 @@ def test_masked_positions_replace_a_non_special_token(adapters):
         ids = sentences[p.sentence_index]
         assert 0 < p.position < len(ids) - 1 and p.read_at == p.position
         assert p.input_ids[p.position] == MASK
-        assert p.input_ids[: p.position] + p.input_ids[p.position + 1 :] == tuple(ids[: p.position] + ids[p.position + 1 :])
+        assert p.input_ids[: p.position] + p.input_ids[p.position + 1 :] == tuple(
+            ids[: p.position] + ids[p.position + 1 :])
     with pytest.raises(FflayersError, match="none of the 1 sentences"):
         sample_positions(adapter, [[0, 0, 0]], mask_id=MASK)
 
@@ -111,10 +114,11 @@ def test_positions_frame_and_bad_input(adapters):
 
 @pytest.mark.parametrize("arch", ["gpt2", "bert"])
 def test_positions_from_frame_inverts_positions_frame(adapters, arch, tmp_path):
-    """Causal (read at the prefix end) and masked (read at the masked row) positions survive a parquet round trip."""
+    """Causal (read at the prefix end) and masked (read at the masked row) positions survive a parquet round
+    trip."""
     frame = [2] if arch == "bert" else None
-    pos = sample_positions(adapters[arch], random_sentences(6, seed=3, frame=frame[0] if frame else None), seed=4,
-                           **({"mask_id": MASK} if arch == "bert" else {}))
+    pos = sample_positions(adapters[arch], random_sentences(6, seed=3, frame=frame[0] if frame else None),
+                           seed=4, **({"mask_id": MASK} if arch == "bert" else {}))
     path = tmp_path / "p.parquet"
     pd.concat([positions_frame(pos, "val"), positions_frame(pos[:2], "train")]).to_parquet(path)
     assert positions_from_frame(pd.read_parquet(path), "val") == pos
