@@ -94,8 +94,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--batch_size {args.batch_size} must be >= 1")
     if args.max_facts is not None and args.max_facts < 1:
         raise CLIError(f"--max_facts {args.max_facts} must be >= 1")
-    for name in ("window", "k", "top", "keep"):  # the subcommands that have them
+    for name in ("k", "top", "keep"):  # the subcommands that have them
         check_range(args, name, 1)
+    check_range(args, "window", 0 if args.command == "sublayer-knockout" else 1)
     check_range(args, "patch_layer", 0)
     if args.facts is not None and not Path(args.facts).is_file():
         raise CLIError(f"--facts {args.facts} does not exist; pass a known_1000 JSON file")

@@ -116,7 +116,8 @@ def plan_batches(
 
 
 def pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids`` ``[n, T]`` and ``attention_mask`` ``[n, T]`` (True for real tokens), on the CPU."""
+    """Right-padded ``input_ids`` ``[n, T]`` and ``attention_mask`` ``[n, T]`` (True for real tokens), on the
+    CPU."""
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.bool)

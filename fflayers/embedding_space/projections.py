@@ -46,7 +46,8 @@ def _check_neurons(adapter: LMAdapter, neurons: Iterable[int] | None) -> list[in
     out = [int(i) for i in neurons]
     bad = [i for i in out if not 0 <= i < adapter.d_ff]
     if bad:
-        raise InputError(f"neuron {bad[0]} is out of range: layers have {adapter.d_ff} neurons (0..{adapter.d_ff - 1})")
+        raise InputError(f"neuron {bad[0]} is out of range: layers have {adapter.d_ff} neurons "
+                         f"(0..{adapter.d_ff - 1})")
     if not out:
         raise InputError("no neurons selected; pass at least one neuron index (or none for all)")
     return out
@@ -105,7 +106,8 @@ def neuron_tokens(adapter: LMAdapter, E: Embedding, layers: Sequence[int], sides
     return pd.concat(frames, ignore_index=True)[TOKEN_COLUMNS]
 
 
-def head_factors(adapter: LMAdapter, layer: int, head: int, kind: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+def head_factors(adapter: LMAdapter, layer: int, head: int,
+                 kind: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``(U, Vt, kv_head)`` with ``head_matrix = U @ Vt``: ``W_Q^h``, ``W_K^g^T`` (qk) or ``W_V^g``, ``W_O^h``
     (ov), ``[d, d_head]`` and ``[d_head, d]``, where ``g`` is the key/value head query head ``h`` uses
     (grouped-query attention)."""
@@ -114,7 +116,8 @@ def head_factors(adapter: LMAdapter, layer: int, head: int, kind: str) -> tuple[
     layer = adapter.check_layer(layer)
     aw = adapter.attention_weights(layer)
     if not 0 <= head < aw.n_heads:
-        raise InputError(f"head {head} is out of range: layer {layer} has {aw.n_heads} heads (0..{aw.n_heads - 1})")
+        raise InputError(f"head {head} is out of range: layer {layer} has {aw.n_heads} heads "
+                         f"(0..{aw.n_heads - 1})")
     g = aw.kv_head(head)
     if kind == "qk":
         U, Vt = aw.W_Q[head].detach().float(), aw.W_K[g].detach().float().T
@@ -130,8 +133,8 @@ def head_factors(adapter: LMAdapter, layer: int, head: int, kind: str) -> tuple[
 
 def head_matrix(adapter: LMAdapter, layer: int, head: int, kind: str) -> tuple[torch.Tensor, int]:
     """``(W, kv_head)``: ``W_QK = W_Q^h W_K^g^T`` (``kind="qk"``: rows query tokens, columns key tokens) or
-    ``W_VO = W_V^g W_O^h`` (``"ov"``: rows the tokens read, columns the tokens written), ``[d, d]``: the product
-    of :func:`head_factors`."""
+    ``W_VO = W_V^g W_O^h`` (``"ov"``: rows the tokens read, columns the tokens written), ``[d, d]``: the
+    product of :func:`head_factors`."""
     U, Vt, g = head_factors(adapter, layer, head, kind)
     with torch.no_grad():
         return U @ Vt, g
@@ -148,7 +151,8 @@ def head_pairs(
     with torch.no_grad():
         rows_side, cols_side = Em @ U, Em @ Vt.T  # [V, d_head] each
     eye = torch.eye(U.shape[1], dtype=rows_side.dtype, device=U.device)
-    scores, rows, cols = top_pairs(rows_side, eye, cols_side, n, largest=largest, filt=filt, block_rows=block_rows)
+    scores, rows, cols = top_pairs(rows_side, eye, cols_side, n, largest=largest, filt=filt,
+                                   block_rows=block_rows)
     tokens = adapter.vocab.tokens
     r, c = rows.cpu().tolist(), cols.cpu().tolist()
     m = len(r)

@@ -77,9 +77,9 @@ Key = tuple[int, int]
 def count_greater(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """``out[r, k] = #{j : scores[r, j] > thresholds[r, k]}`` (exact, strict), as int64 ``[R, K]``.
 
-    Sorts the ``K`` thresholds of each row and buckets every score among them (``searchsorted``, int32 buckets,
-    updated in place), then counts with one ``bincount``: ``O(R V log K)`` time and ``O(R V)`` memory, never
-    ``[R, K, V]``. NaN scores never count.
+    Sorts the ``K`` thresholds of each row and buckets every score among them (``searchsorted``, int32
+    buckets, updated in place), then counts with one ``bincount``: ``O(R V log K)`` time and ``O(R V)``
+    memory, never ``[R, K, V]``. NaN scores never count.
     """
     R, V = scores.shape
     K = thresholds.shape[1]
@@ -103,8 +103,8 @@ def target_id(vocab: Vocabulary, token: str, after_prefix: bool = True) -> int |
     """Token id of a trigger target string, or None when it is not one vocabulary entry.
 
     Textual files strip the target's leading space, so after a non-empty prefix the spaced form is tried first
-    (``" Paris"``: GPT-2 BPE), then the bare form (word-level dictionaries, SentencePiece). The end-of-sentence
-    target ``</s>`` falls back to the vocabulary's EOS id.
+    (``" Paris"``: GPT-2 BPE), then the bare form (word-level dictionaries, SentencePiece). The
+    end-of-sentence target ``</s>`` falls back to the vocabulary's EOS id.
     """
     candidates = [" " + token, token] if after_prefix and token and not token[0].isspace() else [token]
     for cand in candidates:
@@ -139,8 +139,8 @@ def targets_from_examples(
         if stored is not None:
             if len(stored) != len(rows):
                 raise InputError(
-                    f"the stored target ids of key {key} ({len(stored)}) do not match its {len(rows)} trigger "
-                    "lines; rerun trigger_examples_jsonl_to_textual.py into an empty folder"
+                    f"the stored target ids of key {key} ({len(stored)}) do not match its {len(rows)} "
+                    "trigger lines; rerun trigger_examples_jsonl_to_textual.py into an empty folder"
                 )
             out[key] = [int(stored[j]) for j in order]
             continue
@@ -163,25 +163,29 @@ def _check_targets(adapter: LMAdapter, targets: Mapping[Key, Sequence[int]]) -> 
     d_ff, vocab = adapter.d_ff, adapter.vocab_size
     for (layer, dim), ids in targets.items():
         if not 0 <= layer < adapter.n_layers:
-            raise InputError(f"trigger examples for layer {layer}, but the model has {adapter.n_layers} layers "
-                               f"(0..{adapter.n_layers - 1}); use trigger examples mined from this model")
+            raise InputError(f"trigger examples for layer {layer}, but the model has {adapter.n_layers} "
+                             f"layers (0..{adapter.n_layers - 1}); "
+                             "use trigger examples mined from this model")
         if not 0 <= dim < d_ff:
             raise InputError(f"trigger examples for dim {dim} of layer {layer}, but layers have {d_ff} dims; "
                                "use trigger examples mined from this model")
         for t in ids:
             if not -1 <= int(t) < vocab:
-                raise InputError(f"target id {t} of key ({layer}, {dim}) is outside the vocabulary of {vocab}")
+                raise InputError(
+                    f"target id {t} of key ({layer}, {dim}) is outside the vocabulary of {vocab}")
 
 
 def agreement_units(adapter: LMAdapter, layers: Iterable[int] | None = None,
                     chunk_values: int | None = None) -> list[tuple[int, int, int]]:
     """The work of :func:`key_value_agreement` as ``(layer, first_dim, end_dim)`` projection chunks, in output
-    order; a torchrun job splits this list over its ranks (each chunk is computed the same way wherever it runs)."""
+    order; a torchrun job splits this list over its ranks (each chunk is computed the same way wherever it
+    runs)."""
     chunk = chunk_values or default_chunk_rows(adapter, 1 << 24)
     if chunk < 1:
         raise InputError(f"chunk size {chunk} must be >= 1")
     n = adapter.d_ff
-    return [(layer, s, min(n, s + chunk)) for layer in adapter.check_layers(layers) for s in range(0, n, chunk)]
+    return [(layer, s, min(n, s + chunk)) for layer in adapter.check_layers(layers)
+            for s in range(0, n, chunk)]
 
 
 def agreement_frames(

@@ -72,8 +72,8 @@ class SubwordTokens:
         return prefix, target
 
     def target_id(self, text: str, position: int) -> int:
-        """The id of the token after ``position`` in the tokenized ``text`` (after the last one: the tokenizer's
-        EOS id, or -1 when it has none)."""
+        """The id of the token after ``position`` in the tokenized ``text`` (after the last one: the
+        tokenizer's EOS id, or -1 when it has none)."""
         ids = self._ids(text)
         if position + 1 < len(ids):
             return int(ids[position + 1])
@@ -124,7 +124,8 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
         raise InputError(f"input file {p} does not exist; pass the .jsonl written by generate_outputs.py")
     for lineno, row in _json_lines(p, "pass a trigger-examples .jsonl file"):
         if not isinstance(row, dict) or "dim" not in row or "top_values" not in row:
-            raise InputError(f"{p} line {lineno} lacks 'dim'/'top_values'; pass a trigger-examples .jsonl file")
+            raise InputError(
+                f"{p} line {lineno} lacks 'dim'/'top_values'; pass a trigger-examples .jsonl file")
         yield row
 
 
@@ -183,8 +184,8 @@ def _replace_text(path: Path, text: str) -> None:
         raise
 
 
-def write_textual(input_file: str | os.PathLike, output_dir: str | os.PathLike, tokens, overwrite: bool = False,
-                  progress: bool = True) -> int:
+def write_textual(input_file: str | os.PathLike, output_dir: str | os.PathLike, tokens,
+                  overwrite: bool = False, progress: bool = True) -> int:
     """Convert a trigger-examples JSONL file to one text file per key; returns the number of files.
 
     With ``overwrite`` the folder's old ``{dim}_{layer}.txt`` files are removed first. Each file appears
@@ -205,8 +206,8 @@ def write_textual(input_file: str | os.PathLike, output_dir: str | os.PathLike, 
         stale_ids.unlink()
     n = 0
     stored: list[dict] = []
-    for name, lines, ids in tqdm(textual_files(read_jsonl(input_file), tokens), disable=not progress, unit="file",
-                                 desc="textual"):
+    for name, lines, ids in tqdm(textual_files(read_jsonl(input_file), tokens), disable=not progress,
+                                 unit="file", desc="textual"):
         _replace_text(out / name, "".join(line + "\n" for line in lines))
         if ids is not None:
             stored.append({"file": name, "target_ids": ids})
@@ -222,7 +223,8 @@ def read_textual_dir(directory: str | os.PathLike) -> dict[tuple[int, int], list
     """``{(layer, dim): [(value, prefix, target), ...]}`` from a folder written by :func:`write_textual`."""
     d = Path(directory)
     if not d.is_dir():
-        raise InputError(f"folder {d} does not exist; pass the output folder of trigger_examples_jsonl_to_textual.py")
+        raise InputError(f"folder {d} does not exist; pass the output folder of "
+                         "trigger_examples_jsonl_to_textual.py")
     out: dict[tuple[int, int], list[tuple[float, str, str]]] = {}
     for path in sorted(d.iterdir()):
         m = _FILE.match(path.name)
@@ -232,7 +234,8 @@ def read_textual_dir(directory: str | os.PathLike) -> dict[tuple[int, int], list
         with open(path, encoding="utf-8") as f:
             out[layer, dim] = [parse_line(line) for line in f if line.strip()]
     if not out:
-        raise InputError(f"folder {d} holds no {{dim}}_{{layer}}.txt files; run trigger_examples_jsonl_to_textual.py first")
+        raise InputError(f"folder {d} holds no {{dim}}_{{layer}}.txt files; "
+                         "run trigger_examples_jsonl_to_textual.py first")
     return out
 
 

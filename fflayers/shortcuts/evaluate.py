@@ -6,7 +6,8 @@ norm); maps are ``{(j, i): A}`` with ``x_j ≈ A @ x_i``. Two shortcuts from sta
 * ``"id"``: ``project(x_i)``, the state read as if it were final (the "logit lens");
 * ``"mat"``: ``project(A_{L,i} @ x_i)``, the state carried to the last one by a linear map first.
 
-Both go through :meth:`LMAdapter.project` (final norm + head), as does the model's own output ``project(x_L)``.
+Both go through :meth:`LMAdapter.project` (final norm + head), as does the model's own output
+``project(x_L)``.
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ Maps = Mapping[tuple[int, int], torch.Tensor]
 
 
 def check_states(adapter: LMAdapter, states: torch.Tensor) -> int:
-    """Raise :class:`~fflayers.core.InputError` unless ``states`` is ``[n >= 1, L+1, d]`` for this model; return ``L``."""
+    """Raise :class:`~fflayers.core.InputError` unless ``states`` is ``[n >= 1, L+1, d]`` for this model;
+    return ``L``."""
     L, d = adapter.n_layers, adapter.d_model
     if not isinstance(states, torch.Tensor) or states.dim() != 3 or tuple(states.shape[1:]) != (L + 1, d):
         got = tuple(states.shape) if isinstance(states, torch.Tensor) else type(states).__name__
-        raise InputError(f"states must be a tensor [n, {L + 1}, {d}] (the {L + 1} states of this model), got {got}")
+        raise InputError(
+            f"states must be a tensor [n, {L + 1}, {d}] (the {L + 1} states of this model), got {got}")
     if states.shape[0] == 0:
         raise InputError("states holds no examples; collect the states of at least one position")
     return L
@@ -59,16 +62,16 @@ def check_chunk(chunk: int) -> int:
 
 
 def shortcut_maps(adapter: LMAdapter, maps: Maps | None, sources: Iterable[int]) -> dict[int, torch.Tensor]:
-    """``{i: A_{L,i}}`` (float32, on the adapter's device) for each source state ``i``; a missing or ill-shaped
-    map raises :class:`~fflayers.core.InputError` naming its ``(j, i)`` pair."""
+    """``{i: A_{L,i}}`` (float32, on the adapter's device) for each source state ``i``; a missing or
+    ill-shaped map raises :class:`~fflayers.core.InputError` naming its ``(j, i)`` pair."""
     L, d = adapter.n_layers, adapter.d_model
     out = {}
     for i in sources:
         A = None if maps is None else maps.get((L, i))
         if A is None:
             raise InputError(
-                f"no linear map for (j, i) = ({L}, {i}); fit it first (fit_maps with the pair (i, j) = ({i}, {L})) "
-                "or use mapping 'id'"
+                f"no linear map for (j, i) = ({L}, {i}); "
+                f"fit it first (fit_maps with the pair (i, j) = ({i}, {L})) or use mapping 'id'"
             )
         if tuple(A.shape) != (d, d):
             raise InputError(f"linear map ({L}, {i}) has shape {tuple(A.shape)}, expected ({d}, {d})")
@@ -77,7 +80,8 @@ def shortcut_maps(adapter: LMAdapter, maps: Maps | None, sources: Iterable[int])
 
 
 def shortcut_log_probs(adapter: LMAdapter, x: torch.Tensor, A: torch.Tensor | None = None) -> torch.Tensor:
-    """Log-probs ``[n, V]`` of rows ``x`` ``[n, d]`` through the model's head, after ``x @ A.T`` when ``A`` is given."""
+    """Log-probs ``[n, V]`` of rows ``x`` ``[n, d]`` through the model's head, after ``x @ A.T`` when ``A`` is
+    given."""
     x = x.to(adapter.device, torch.float32)
     if A is not None:
         x = x @ A.T
@@ -86,13 +90,15 @@ def shortcut_log_probs(adapter: LMAdapter, x: torch.Tensor, A: torch.Tensor | No
 
 def _top1(adapter: LMAdapter, x: torch.Tensor, names: Sequence[str], A: torch.Tensor | None) -> torch.Tensor:
     """Top-1 token ``[n, M]`` of each named shortcut from rows ``x``; one ``[n, V]`` block alive at a time."""
-    return torch.stack([shortcut_log_probs(adapter, x, A if m == "mat" else None).argmax(-1) for m in names], -1)
+    return torch.stack([shortcut_log_probs(adapter, x, A if m == "mat" else None).argmax(-1)
+                        for m in names], -1)
 
 
 def _check_ks(ks: Sequence[int], vocab: int) -> list[int]:
     ks = list(ks)
     if not ks or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab for k in ks):
-        raise InputError(f"ks must be one or more integers between 1 and the vocabulary size {vocab}, got {ks}")
+        raise InputError(
+            f"ks must be one or more integers between 1 and the vocabulary size {vocab}, got {ks}")
     return sorted(set(ks))
 
 
@@ -109,9 +115,9 @@ def evaluate_shortcuts(
     One row per ``(layer = i, mapping)``: ``precision@k`` (one column per k, ascending) is the share of
     examples whose shortcut top-1 token is among the model's final top-k tokens; ``surprisal`` is the mean
     over examples of ``-log2 p_final(shortcut top-1)``, in bits. ``"mat"`` needs ``maps[(L, i)]`` for every
-    ``i`` (:class:`~fflayers.core.InputError` otherwise); ``mappings="id"`` leaves the "mat" rows out and needs no maps.
-    Examples are processed ``chunk`` at a time, with at most one ``[chunk, V]`` block of log-probabilities
-    alive at once.
+    ``i`` (:class:`~fflayers.core.InputError` otherwise); ``mappings="id"`` leaves the "mat" rows out and
+    needs no maps. Examples are processed ``chunk`` at a time, with at most one ``[chunk, V]`` block of
+    log-probabilities alive at once.
     """
     L = check_states(adapter, states)
     names = check_mappings(mappings)
@@ -124,7 +130,8 @@ def evaluate_shortcuts(
     with torch.no_grad():
         for start in range(0, n, chunk):
             block = states[start : start + chunk]
-            top1 = torch.stack([_top1(adapter, block[:, i], names, mats.get(i)) for i in range(L)], 1)  # [c, L, M]
+            top1 = torch.stack([_top1(adapter, block[:, i], names, mats.get(i))
+                                for i in range(L)], 1)  # [c, L, M]
             final = shortcut_log_probs(adapter, block[:, L])  # [c, V]
             top_k = final.topk(ks[-1], dim=-1).indices  # [c, K]
             inside = top_k[:, None, None, :] == top1[..., None]  # [c, L, M, K]
@@ -138,8 +145,8 @@ def evaluate_shortcuts(
 
 def precision_table(layers: Iterable[int], names: Sequence[str], ks: Sequence[int], hits: torch.Tensor,
                     bits: torch.Tensor, n: int) -> pd.DataFrame:
-    """Rows ``layer, mapping, precision@k..., surprisal`` from hit counts ``[layers, mappings, ks]`` and summed
-    surprisal bits ``[layers, mappings]`` over ``n`` examples."""
+    """Rows ``layer, mapping, precision@k..., surprisal`` from hit counts ``[layers, mappings, ks]`` and
+    summed surprisal bits ``[layers, mappings]`` over ``n`` examples."""
     rows = []
     for li, layer in enumerate(layers):
         for mi, m in enumerate(names):

@@ -26,7 +26,8 @@ _KEY = re.compile(r"^A_(\d+)_(\d+)$")
 
 
 class GramAccumulator:
-    """Running sums ``X_i^T X_j`` (``i <= j``) over rows of states ``[b, n_states, d]``, in float64 on ``device``.
+    """Running sums ``X_i^T X_j`` (``i <= j``) over rows of states ``[b, n_states, d]``, in float64 on
+    ``device``.
 
     Block row ``i`` is one ``[d, (n_states - i) * d]`` tensor (``G_i`` first, then ``C_ij`` for ``j > i``),
     filled by one matrix product per state and batch. Memory: ``n_states * (n_states + 1) / 2 * d^2`` doubles.
@@ -35,7 +36,8 @@ class GramAccumulator:
     def __init__(self, n_states: int, d: int, device: torch.device | str | None = None,
                  allocate: bool = True) -> None:
         if n_states < 2 or d < 1:
-            raise InputError(f"need at least 2 states and d >= 1 for linear maps, got n_states={n_states}, d={d}")
+            raise InputError(
+                f"need at least 2 states and d >= 1 for linear maps, got n_states={n_states}, d={d}")
         self.n_states = int(n_states)
         self.d = int(d)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -48,8 +50,9 @@ class GramAccumulator:
         """Add the rows of ``states`` ``[b, n_states, d]``."""
         S, d = self.n_states, self.d
         if states.dim() != 3 or tuple(states.shape[1:]) != (S, d):
-            raise InputError(f"states of shape {tuple(states.shape)} do not fit an accumulator of [b, {S}, {d}]; "
-                               "pass [positions, states, d] batches of the model the accumulator was made for")
+            raise InputError(f"states of shape {tuple(states.shape)} do not fit an accumulator of "
+                             f"[b, {S}, {d}]; pass [positions, states, d] batches of the model "
+                             "the accumulator was made for")
         x = states.detach().to(self.device, torch.float64)
         if not torch.isfinite(x).all():
             raise InputError("states contain NaN or inf values; check the model's dtype (fp16 overflow?)")
@@ -120,12 +123,14 @@ def _ridged(G: torch.Tensor, ridge: float) -> torch.Tensor:
 
 
 def _factor(G: torch.Tensor, n: int, ridge: float, what: str) -> torch.Tensor | None:
-    """Cholesky factor of ``G`` (ridged: :func:`_ridged`); None when it is not positive definite (ridge > 0 only).
-    Without ridge, :class:`~fflayers.core.InputError` for fewer rows than dims or an ill-conditioned ``G`` (``what`` names it)."""
+    """Cholesky factor of ``G`` (ridged: :func:`_ridged`); None when it is not positive definite (ridge > 0
+    only). Without ridge, :class:`~fflayers.core.InputError` for fewer rows than dims or an ill-conditioned
+    ``G`` (``what`` names it)."""
     d = G.shape[0]
     if ridge == 0:
         if n < d:
-            raise InputError(f"underdetermined: {n} positions for d = {d} dims; use more sentences or pass --ridge")
+            raise InputError(
+                f"underdetermined: {n} positions for d = {d} dims; use more sentences or pass --ridge")
         eig = torch.linalg.eigvalsh(G)
         cond = float(eig[-1] / eig[0]) if eig[0] > 0 else float("inf")
         if not cond <= MAX_CONDITION:
@@ -139,11 +144,13 @@ def _factor(G: torch.Tensor, n: int, ridge: float, what: str) -> torch.Tensor | 
 
 def _solve(G: torch.Tensor, L: torch.Tensor | None, C: torch.Tensor, ridge: float) -> torch.Tensor:
     """``A`` with ``A.T = G^-1 C`` from the factor ``L`` (pseudo-inverse of the ridged ``G`` when None)."""
-    sol = torch.cholesky_solve(C, L) if L is not None else torch.linalg.pinv(_ridged(G, ridge), hermitian=True) @ C
+    sol = (torch.cholesky_solve(C, L) if L is not None
+           else torch.linalg.pinv(_ridged(G, ridge), hermitian=True) @ C)
     return sol.T.to("cpu", torch.float32).contiguous()
 
 
-def solve_least_squares(G: torch.Tensor, C: torch.Tensor, n: int, ridge: float = 0.0, what: str = "the inputs") -> torch.Tensor:
+def solve_least_squares(G: torch.Tensor, C: torch.Tensor, n: int, ridge: float = 0.0,
+                        what: str = "the inputs") -> torch.Tensor:
     """The map ``A`` ``[d_out, d_in]`` (float32, CPU) minimising ``sum ||y - A x||^2`` (+ ridge) from
     ``G = X^T X`` and ``C = X^T Y`` over ``n`` rows; checks as in :func:`fit_maps`."""
     ridge = float(ridge)
@@ -152,13 +159,14 @@ def solve_least_squares(G: torch.Tensor, C: torch.Tensor, n: int, ridge: float =
     return _solve(G, _factor(G, n, ridge, what), C, ridge)
 
 
-def fit_maps(acc: GramAccumulator, ridge: float = 0.0, pairs: Iterable[tuple[int, int]] | None = None) -> Maps:
+def fit_maps(acc: GramAccumulator, ridge: float = 0.0,
+             pairs: Iterable[tuple[int, int]] | None = None) -> Maps:
     """Maps ``{(j, i): A}`` with ``A`` ``[d, d]`` float32 on the CPU, for ``pairs`` of ``(i, j)``, ``i < j``
     (None: all). ``ridge * mean(diag(G_i))`` is added to the diagonal of ``G_i``: ``ridge`` is relative to the
 state's scale (residual streams grow by orders of magnitude across layers), e.g. 1e-3.
 
-    Without ridge, :class:`~fflayers.core.InputError` when there are fewer positions than dims or ``G_i`` is singular or
-    ill-conditioned (condition number above :data:`MAX_CONDITION`).
+    Without ridge, :class:`~fflayers.core.InputError` when there are fewer positions than dims or ``G_i`` is
+    singular or ill-conditioned (condition number above :data:`MAX_CONDITION`).
     """
     ridge = float(ridge)
     if not ridge >= 0:
@@ -171,7 +179,8 @@ state's scale (residual streams grow by orders of magnitude across layers), e.g.
     maps: Maps = {}
     for i, js in sorted(by_i.items()):
         G = acc.gram(i)
-        L = _factor(G, acc.n, ridge, f"state {i}")  # None: ridge too small for a positive definite G_i in floats
+        # None: ridge too small for a positive definite G_i in floats
+        L = _factor(G, acc.n, ridge, f"state {i}")
         for j in js:
             maps[j, i] = _solve(G, L, acc.cross(i, j), ridge)
     return maps
@@ -192,13 +201,16 @@ def model_id(adapter: LMAdapter) -> str:
             f"d_model={adapter.d_model}, d_ff={adapter.d_ff}, vocab={adapter.vocab_size})")
 
 
-def maps_metadata(adapter: LMAdapter, data_hash: str, seed: int, n_positions: int, ridge: float) -> dict[str, str]:
+def maps_metadata(adapter: LMAdapter, data_hash: str, seed: int, n_positions: int,
+                  ridge: float) -> dict[str, str]:
     """The metadata :func:`save_maps` stores and :func:`load_maps` checks."""
-    return {"model": model_id(adapter), "d_model": str(adapter.d_model), "n_states": str(adapter.n_layers + 1),
-            "data_hash": str(data_hash), "seed": str(seed), "positions": str(n_positions), "ridge": str(ridge)}
+    return {"model": model_id(adapter), "d_model": str(adapter.d_model),
+            "n_states": str(adapter.n_layers + 1), "data_hash": str(data_hash), "seed": str(seed),
+            "positions": str(n_positions), "ridge": str(ridge)}
 
 
-def save_maps(path: str | os.PathLike, maps: Mapping[tuple[int, int], torch.Tensor], metadata: Mapping[str, str]) -> None:
+def save_maps(path: str | os.PathLike, maps: Mapping[tuple[int, int], torch.Tensor],
+              metadata: Mapping[str, str]) -> None:
     """Write maps as safetensors ``A_{j}_{i}`` ``[d, d]`` with string ``metadata`` (atomically).
 
     ``d_model`` and ``n_states`` are filled in from the maps when ``metadata`` lacks them.
@@ -215,7 +227,8 @@ def save_maps(path: str | os.PathLike, maps: Mapping[tuple[int, int], torch.Tens
     meta = {str(k): str(v) for k, v in metadata.items()}
     meta.setdefault("d_model", str(next(iter(shapes))[0]))
     meta.setdefault("n_states", str(max(j for j, _ in maps) + 1))
-    tensors = {f"A_{int(j)}_{int(i)}": A.detach().to("cpu", torch.float32).contiguous() for (j, i), A in maps.items()}
+    tensors = {f"A_{int(j)}_{int(i)}": A.detach().to("cpu", torch.float32).contiguous()
+               for (j, i), A in maps.items()}
     with atomic_write(path, "wb") as f:
         f.write(sorted_metadata(save(tensors, metadata=meta)))
 
@@ -235,9 +248,10 @@ def sorted_metadata(payload: bytes) -> bytes:
     return payload[:8] + text.ljust(size, b" ") + payload[8 + size :]
 
 
-def read_safetensors(path: Path, what: str, missing_hint: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and string metadata of a safetensors file; one-line :class:`~fflayers.core.InputError` when it is missing
-    (``missing_hint`` says what to do) or unreadable."""
+def read_safetensors(path: Path, what: str,
+                     missing_hint: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and string metadata of a safetensors file; one-line :class:`~fflayers.core.InputError` when it
+    is missing (``missing_hint`` says what to do) or unreadable."""
     from safetensors import safe_open
 
     if not path.is_file():
@@ -246,22 +260,25 @@ def read_safetensors(path: Path, what: str, missing_hint: str) -> tuple[dict[str
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise InputError(f"{what} {path} is not a readable safetensors file ({type(err).__name__}); refit the maps") from None
+        raise InputError(f"{what} {path} is not a readable safetensors file ({type(err).__name__}); "
+                         "refit the maps") from None
 
 
 def load_maps(path: str | os.PathLike, adapter: LMAdapter | None = None) -> tuple[Maps, dict[str, str]]:
-    """Maps and metadata written by :func:`save_maps`; with ``adapter``, :class:`~fflayers.core.InputError` unless they were
-    fitted for the same model (``model`` metadata), ``d_model`` and number of states."""
+    """Maps and metadata written by :func:`save_maps`; with ``adapter``, :class:`~fflayers.core.InputError`
+    unless they were fitted for the same model (``model`` metadata), ``d_model`` and number of states."""
     path = Path(path)
     tensors, meta = read_safetensors(path, "maps file", "fit the maps first or give the right path")
     maps: Maps = {}
     for name, A in tensors.items():
         m = _KEY.match(name)
         if m is None or A.dim() != 2 or A.shape[0] != A.shape[1]:
-            raise InputError(f"maps file {path} holds an unexpected tensor {name} {tuple(A.shape)}; refit the maps")
+            raise InputError(
+                f"maps file {path} holds an unexpected tensor {name} {tuple(A.shape)}; refit the maps")
         j, i = int(m.group(1)), int(m.group(2))
         if i >= j:
-            raise InputError(f"maps file {path} holds a map {name} from a later to an earlier state; refit the maps")
+            raise InputError(
+                f"maps file {path} holds a map {name} from a later to an earlier state; refit the maps")
         maps[j, i] = A
     if adapter is not None:
         d, S = adapter.d_model, adapter.n_layers + 1
@@ -270,7 +287,8 @@ def load_maps(path: str | os.PathLike, adapter: LMAdapter | None = None) -> tupl
             raise InputError(f"maps file {path} has unreadable d_model / n_states metadata; refit the maps")
         d_file = int(d_file)
         if d_file != d:
-            raise InputError(f"maps in {path} were fitted for d_model = {d_file}, this model has {d}; fit maps for this model")
+            raise InputError(f"maps in {path} were fitted for d_model = {d_file}, this model has {d}; "
+                             "fit maps for this model")
         if "n_states" in meta and int(meta["n_states"]) != S:
             raise InputError(f"maps in {path} were fitted for {meta['n_states']} states, this model has {S}; "
                                "fit maps for this model")

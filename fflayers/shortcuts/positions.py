@@ -31,19 +31,22 @@ def _ids(sentence: Sequence[int], i: int) -> list[int]:
     try:
         return [int(t) for t in sentence]
     except (TypeError, ValueError):
-        raise InputError(f"sentence {i} holds something other than integer token ids; pass lists of token ids") from None
+        raise InputError(f"sentence {i} holds something other than integer token ids; "
+                         "pass lists of token ids") from None
 
 
 def sample_positions(
     adapter: LMAdapter, sentences: Sequence[Sequence[int]], seed: int = 0, mask_id: int | None = None
 ) -> list[Position]:
-    """One random position per sentence (``numpy.random.default_rng(seed)``, one draw per kept sentence, in order).
+    """One random position per sentence (``numpy.random.default_rng(seed)``, one draw per kept sentence, in
+    order).
 
-    Causal LMs: a real token (not a leading ``adapter.vocab.bos_id``) within the model's window; the input is the
-    prefix ending there and ``read_at`` its last row. Masked LMs: a non-special token (``adapter.vocab.special_ids``),
-    replaced by the mask id (``mask_id``, else the tokenizer's, else the config's); the input is the whole
-    sentence and ``read_at`` the masked row. Sentences without an eligible position (a lone BOS, only special
-    tokens) are skipped: the result may be shorter than ``sentences``; :class:`~fflayers.core.InputError` if none remain.
+    Causal LMs: a real token (not a leading ``adapter.vocab.bos_id``) within the model's window; the input is
+    the prefix ending there and ``read_at`` its last row. Masked LMs: a non-special token
+    (``adapter.vocab.special_ids``), replaced by the mask id (``mask_id``, else the tokenizer's, else the
+    config's); the input is the whole sentence and ``read_at`` the masked row. Sentences without an eligible
+    position (a lone BOS, only special tokens) are skipped: the result may be shorter than ``sentences``;
+    :class:`~fflayers.core.InputError` if none remain.
     """
     if isinstance(sentences, (str, bytes)) or len(sentences) == 0:
         raise InputError("no sentences to sample positions from; pass a non-empty list of token-id sequences")
@@ -61,8 +64,8 @@ def sample_positions(
         ids = _ids(sentence, si)
         if masked:
             if limit is not None and len(ids) > limit:
-                raise InputError(f"sentence {si} has {len(ids)} tokens, more than the model's {limit} positions; "
-                                   "truncate or split the sentences")
+                raise InputError(f"sentence {si} has {len(ids)} tokens, more than the model's {limit} "
+                                 "positions; truncate or split the sentences")
             eligible = [p for p, t in enumerate(ids) if t not in special]
         else:
             start = 1 if ids and bos is not None and ids[0] == bos else 0
@@ -77,8 +80,8 @@ def sample_positions(
         else:
             out.append(Position(si, p, tuple(ids[: p + 1]), p))
     if not out:
-        raise InputError(f"none of the {len(sentences)} sentences has a position to sample (only BOS or special "
-                           "tokens); pass longer sentences")
+        raise InputError(f"none of the {len(sentences)} sentences has a position to sample (only BOS or "
+                         "special tokens); pass longer sentences")
     return out
 
 
@@ -95,10 +98,12 @@ def positions_frame(positions: Sequence[Position], split: str):
 
 
 def positions_from_frame(table, split: str) -> list[Position]:
-    """The positions of one ``split`` of a :func:`positions_frame` table (also read back from parquet). The state
-    is read at ``position`` in both cases: the last row of a causal prefix, the masked row of a masked LM."""
+    """The positions of one ``split`` of a :func:`positions_frame` table (also read back from parquet). The
+    state is read at ``position`` in both cases: the last row of a causal prefix, the masked row of a masked
+    LM."""
     rows = table[table["split"] == split]
-    return [Position(int(r.sentence_index), int(r.position), tuple(int(t) for t in r.input_ids), int(r.position))
+    return [Position(int(r.sentence_index), int(r.position), tuple(int(t) for t in r.input_ids),
+                     int(r.position))
             for r in rows.itertuples(index=False)]
 
 

@@ -1,7 +1,7 @@
 """Linear maps of the submodules inside each block, and shortcuts that run the model with one kind replaced.
 
-Each block is a chain of points (:data:`CHAINS`, by :attr:`LMAdapter.block_layout`); a submodule maps one point
-to the next. Pre-norm blocks (GPT-2, GPT-Neo, Llama, fairseq ``normalize_before``)::
+Each block is a chain of points (:data:`CHAINS`, by :attr:`LMAdapter.block_layout`); a submodule maps one
+point to the next. Pre-norm blocks (GPT-2, GPT-Neo, Llama, fairseq ``normalize_before``)::
 
     resid_pre -ln1-> attn_in -attn-> attn_out -res1-> attn_res -ln2-> mlp_in -mlp-> mlp_out -res2-> resid_post
 
@@ -81,15 +81,16 @@ def fit_submodule_maps(
 def submodule_r2(
     adapter: LMAdapter, positions: Sequence[Position], maps: SubMaps, batch_size: int = 32
 ) -> pd.DataFrame:
-    """r^2 (``sklearn.metrics.r2_score``, uniform average over coordinates) of each submodule map (``mat``) and
-    of the identity (``id``) on ``positions``: rows ``layer, submodule, source, target, mapping, r2``."""
+    """r^2 (``sklearn.metrics.r2_score``, uniform average over coordinates) of each submodule map (``mat``)
+    and of the identity (``id``) on ``positions``: rows ``layer, submodule, source, target, mapping, r2``."""
     steps = chain(adapter)
     layers = sorted({layer for layer, _ in maps})
     if not layers:
         raise InputError("no submodule maps to score; fit them first (fit_submodule_maps)")
     missing = [(layer, s.name) for layer in layers for s in steps if (layer, s.name) not in maps]
     if missing:
-        raise InputError(f"no submodule map for layer {missing[0][0]} {missing[0][1]}; refit the submodule maps")
+        raise InputError(f"no submodule map for layer {missing[0][0]} {missing[0][1]}; "
+                         "refit the submodule maps")
     d = adapter.d_model
     z = lambda: torch.zeros(d, dtype=torch.float64)  # noqa: E731
     sums = {(layer, s.name): {"y": z(), "y2": z(), "mat": z(), "id": z()} for layer in layers for s in steps}
@@ -116,7 +117,7 @@ def submodule_r2(
     return pd.DataFrame(rows, columns=["layer", "submodule", "source", "target", "mapping", "r2"])
 
 
-# ----- shortcuts with replaced submodules ---------------------------------------------------------------------
+# ----- shortcuts with replaced submodules -------------------------------------------------------------------
 
 
 def check_submodule_mappings(adapter: LMAdapter, mappings: Iterable[str]) -> tuple[str, ...]:
@@ -167,7 +168,8 @@ def _replacement_hooks(adapter: LMAdapter, maps: SubMaps, first: int, replaced: 
         if "ln1" in replaced:
             hooks.append(("attn_in", layer, setter("ln1", lambda s: s["resid_pre"])))
         if "ln2" in replaced:
-            src = (lambda s: s["resid_pre"]) if layout == "parallel" else (lambda s: s["resid_pre"] + s["attn_out"])
+            src = ((lambda s: s["resid_pre"]) if layout == "parallel"
+                   else (lambda s: s["resid_pre"] + s["attn_out"]))
             hooks.append(("mlp_in", layer, setter("ln2", src)))
         if "mlp" in replaced:
             hooks.append(("mlp_in", layer, saver("mlp_in")))
@@ -187,13 +189,15 @@ def submodule_log_probs(
 
 
 def _replaced(adapter: LMAdapter, maps: SubMaps, layer: int, mapping: str) -> tuple[str, ...]:
-    """The submodules ``mapping`` replaces; :class:`~fflayers.core.InputError` when a map of blocks ``layer..L-1`` is missing."""
+    """The submodules ``mapping`` replaces; :class:`~fflayers.core.InputError` when a map of blocks
+    ``layer..L-1`` is missing."""
     (mapping,) = check_submodule_mappings(adapter, [mapping])
     replaced = SUBMODULE_MAPPINGS[mapping]
     for b in range(layer, adapter.n_layers):
         for name in replaced:
             if (b, name) not in maps:
-                raise InputError(f"no submodule map for layer {b} {name}; fit the submodule maps of layers {layer}..")
+                raise InputError(
+                    f"no submodule map for layer {b} {name}; fit the submodule maps of layers {layer}..")
     return replaced
 
 
@@ -201,7 +205,8 @@ def _replaced_log_probs(adapter: LMAdapter, maps: SubMaps, layer: int, replaced:
                         ids: torch.Tensor, mask: torch.Tensor, read_at: torch.Tensor) -> torch.Tensor:
     """Log-probs at the read rows of a collated batch (on the adapter's device) with ``replaced`` swapped."""
     rows = torch.arange(ids.shape[0], device=ids.device)
-    with hooked(adapter, _replacement_hooks(adapter, maps, layer, replaced, rows, read_at)), torch.inference_mode():
+    with hooked(adapter,
+                _replacement_hooks(adapter, maps, layer, replaced, rows, read_at)), torch.inference_mode():
         lp = adapter.log_probs(ids, mask)
     return lp[rows, read_at]
 
@@ -230,7 +235,8 @@ def evaluate_submodule_shortcuts(
     replaced = {(layer, m): _replaced(adapter, maps, layer, m) for layer in layers for m in names}
     hits = torch.zeros(len(layers), len(names), len(ks), dtype=torch.float64)
     bits = torch.zeros(len(layers), len(names), dtype=torch.float64)
-    bar = tqdm(total=len(positions) * len(layers) * len(names), desc="submodule shortcuts", disable=not progress)
+    bar = tqdm(total=len(positions) * len(layers) * len(names), desc="submodule shortcuts",
+               disable=not progress)
     for start in range(0, len(positions), batch_size):
         batch = positions[start : start + batch_size]
         ids, mask, read_at = (t.to(adapter.device) for t in collate_positions(batch, adapter.vocab.pad_id))
@@ -239,7 +245,8 @@ def evaluate_submodule_shortcuts(
         top_k = final.topk(ks[-1], dim=-1).indices
         for li, layer in enumerate(layers):
             for mi, m in enumerate(names):
-                top1 = _replaced_log_probs(adapter, maps, layer, replaced[layer, m], ids, mask, read_at).argmax(-1)
+                top1 = _replaced_log_probs(adapter, maps, layer, replaced[layer, m], ids, mask,
+                                           read_at).argmax(-1)
                 inside = top_k == top1[:, None]
                 for col, k in enumerate(ks):
                     hits[li, mi, col] += float(inside[:, :k].any(-1).sum())
@@ -260,13 +267,16 @@ def save_submodule_maps(path: str | os.PathLike, maps: SubMaps, metadata: Mappin
 
     if not maps:
         raise InputError("no submodule maps to save; fit them first (fit_submodule_maps)")
-    tensors = {f"S_{int(layer)}_{name}": A.detach().to("cpu", torch.float32).contiguous() for (layer, name), A in maps.items()}
+    tensors = {f"S_{int(layer)}_{name}": A.detach().to("cpu", torch.float32).contiguous()
+               for (layer, name), A in maps.items()}
     with atomic_write(path, "wb") as f:
         f.write(sorted_metadata(save(tensors, metadata={str(k): str(v) for k, v in metadata.items()})))
 
 
-def load_submodule_maps(path: str | os.PathLike, adapter: LMAdapter | None = None) -> tuple[dict, dict[str, str]]:
-    """Maps and metadata written by :func:`save_submodule_maps`; with ``adapter``, checks the model and size."""
+def load_submodule_maps(path: str | os.PathLike,
+                        adapter: LMAdapter | None = None) -> tuple[dict, dict[str, str]]:
+    """Maps and metadata written by :func:`save_submodule_maps`; with ``adapter``, checks the model and
+    size."""
     from fflayers.shortcuts.linear_maps import model_id
 
     path = Path(path)
@@ -277,7 +287,8 @@ def load_submodule_maps(path: str | os.PathLike, adapter: LMAdapter | None = Non
         maps[int(layer), name] = A
     if adapter is not None:
         if meta.get("model") not in (None, model_id(adapter)):
-            raise InputError(f"{path} was fitted for {meta.get('model')}, not this model; refit the submodule maps")
+            raise InputError(f"{path} was fitted for {meta.get('model')}, not this model; "
+                             "refit the submodule maps")
         d = {tuple(A.shape) for A in maps.values()}
         if d != {(adapter.d_model, adapter.d_model)}:
             raise InputError(f"{path} holds maps of shape {sorted(d)}, the model has d = {adapter.d_model}")

@@ -18,7 +18,8 @@ WORDS = ("the river town bridge king castle team game season museum city village
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))).capitalize() + "." for _ in range(90)]
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))).capitalize() + "."
+             for _ in range(90)]
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -37,11 +38,11 @@ def test_all_then_each_subcommand(tiny_gpt2_dir, corpus, tmp_path, capsys):
 
     out = tmp_path / "run"
     model = ["--hf_model", tiny_gpt2_dir, "--device", "cpu", "--quiet"]
-    rc, stdout, err = run_cli(["all", *model, "--data_file", corpus, "--train_sentences", 60, "--val_sentences", 20,
-                               "--output_dir", out, "--lambdas", 0, 0.5, 10], capsys)
+    rc, stdout, err = run_cli(["all", *model, "--data_file", corpus, "--train_sentences", 60,
+                               "--val_sentences", 20, "--output_dir", out, "--lambdas", 0, 0.5, 10], capsys)
     assert rc == 0, err
-    for name in ("positions.parquet", "maps.safetensors", "r2.tsv", "evaluate.tsv", "early_exit.tsv", "r2.png",
-                 "evaluate.pdf", "early_exit.png"):
+    for name in ("positions.parquet", "maps.safetensors", "r2.tsv", "evaluate.tsv", "early_exit.tsv",
+                 "r2.png", "evaluate.pdf", "early_exit.png"):
         assert (out / name).is_file(), name
     assert not (out / "maps.safetensors.ckpt").exists()
     positions = pd.read_parquet(out / "positions.parquet")
@@ -60,7 +61,8 @@ def test_all_then_each_subcommand(tiny_gpt2_dir, corpus, tmp_path, capsys):
     expected = r2_scores(states, maps)
     assert r2["r2"].tolist() == pytest.approx(expected["r2"].tolist(), rel=1e-6, abs=1e-9)
     ev = pd.read_csv(out / "evaluate.tsv", sep="\t")
-    assert ev["precision@1"].tolist() == pytest.approx(evaluate_shortcuts(adapter, states, maps)["precision@1"].tolist())
+    assert ev["precision@1"].tolist() == pytest.approx(
+        evaluate_shortcuts(adapter, states, maps)["precision@1"].tolist())
     ee = pd.read_csv(out / "early_exit.tsv", sep="\t")
     assert (ee[ee["lambda"] == 10]["precision@1"] == 1.0).all()  # nothing exits early: the full model
 
@@ -83,7 +85,8 @@ def test_all_then_each_subcommand(tiny_gpt2_dir, corpus, tmp_path, capsys):
     assert set(sev.mapping) == {"id", "mat", "mat_attn", "mat_ffn", "mat_ln1_ln2"}
     want = evaluate_submodule_shortcuts(adapter, pos[:8], sub_maps)
     got = sev[sev.mapping.str.startswith("mat_")].sort_values(["layer", "mapping"])
-    assert got["precision@1"].tolist() == pytest.approx(want.sort_values(["layer", "mapping"])["precision@1"].tolist())
+    assert got["precision@1"].tolist() == pytest.approx(
+        want.sort_values(["layer", "mapping"])["precision@1"].tolist())
     for name in ("submodule_r2.png", "submodule_evaluate.pdf"):
         assert (out / name).is_file(), name
 
@@ -92,12 +95,13 @@ def test_bad_input(tiny_gpt2_dir, corpus, tmp_path, capsys):
     model = ["--hf_model", tiny_gpt2_dir, "--device", "cpu", "--quiet"]
     cases = {
         "no fit yet": (["r2", *model, "--output_dir", tmp_path / "none"], "run `linear_shortcuts.py fit`"),
-        "negative ridge": (["fit", *model, "--data_file", corpus, "--ridge", -1, "--output_dir", tmp_path / "a"],
+        "negative ridge": (["fit", *model, "--data_file", corpus, "--ridge", -1, "--output_dir",
+                            tmp_path / "a"],
                            "--ridge"),
         "missing corpus": (["fit", *model, "--data_file", tmp_path / "x.txt", "--output_dir", tmp_path / "b"],
                            "does not exist"),
-        "underdetermined": (["fit", *model, "--data_file", corpus, "--train_sentences", 5, "--val_sentences", 2,
-                             "--output_dir", tmp_path / "c"], "underdetermined"),
+        "underdetermined": (["fit", *model, "--data_file", corpus, "--train_sentences", 5, "--val_sentences",
+                             2, "--output_dir", tmp_path / "c"], "underdetermined"),
         "unwritable": (["fit", *model, "--data_file", corpus, "--output_dir", "/proc/shortcuts"], "/proc"),
         "no block size": (["fit", *model, "--data_file", corpus, "--shard_positions", 0, "--output_dir",
                            tmp_path / "d"], "--shard_positions 0 must be >= 1"),

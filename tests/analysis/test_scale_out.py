@@ -1,7 +1,8 @@
 """Scaled-out corpus scans on the tiny fairseq LM: 2-rank torchrun runs (gloo, CPU), job arrays (--shard I/N +
 merge_shards.py) and a rank killed with SIGKILL then resumed, each compared with a one-process run (the peer):
 trigger JSONL, layer and dim tables and the agreement TSV must be identical. One thread per process everywhere
-(torchrun's default), since float results of matrix products can differ in the last bit with the thread count."""
+(torchrun's default), since float results of matrix products can differ in the last bit with the thread
+count."""
 
 from __future__ import annotations
 
@@ -116,8 +117,8 @@ def test_torchrun_two_ranks_equal_one_process(lm, tmp_path, one_thread, capsys):
         assert run_go(base_args(lm, one / name, kind)) == 0
     assert to_textual.main(["--input_file", str(one / "top.jsonl"), "--model_dir", str(lm.model_dir),
                             "--output_dir", str(tmp_path / "txt"), "--quiet"]) == 0
-    kva_args = ["--model_dir", lm.model_dir, "--data_dir", tmp_path / "txt", "--device", "cpu", "--chunk_values", 40,
-                "--random_baseline", "--quiet"]
+    kva_args = ["--model_dir", lm.model_dir, "--data_dir", tmp_path / "txt", "--device", "cpu",
+                "--chunk_values", 40, "--random_baseline", "--quiet"]
     assert kva.main([str(a) for a in [*kva_args, "--output_base", one / "kv"]]) == 0
     capsys.readouterr()
 
@@ -141,8 +142,9 @@ def test_every_rank_gets_work_on_a_few_hundred_sentences(lm, tmp_path, one_threa
     """200 short sentences at the default batch size (one batch of 4,096 tokens would hold them all): the plan
     still splits them so that both ranks mine tokens, and the output equals one process."""
     def args(out: Path) -> list:
-        return ["--data_file", lm.train, "--model_dir", lm.model_dir, "--max_sentences", 200, "--device", "cpu",
-                "--quiet", "--output_file", out, "--get_trigger_examples", "--top_k_trigger_examples", 4]
+        return ["--data_file", lm.train, "--model_dir", lm.model_dir, "--max_sentences", 200,
+                "--device", "cpu", "--quiet", "--output_file", out, "--get_trigger_examples",
+                "--top_k_trigger_examples", 4]
 
     assert run_go(args(tmp_path / "one.jsonl")) == 0
     proc = torchrun(tmp_path, [("go", args(tmp_path / "two.jsonl"))], {"COUNT_TOKENS": "1"})
@@ -161,7 +163,8 @@ def test_job_array_shards_merge_to_single_run(kind, lm, tmp_path, capsys):
     for i in range(3):
         assert run_go([*base_args(lm, out, kind), "--shard", f"{i}/3"]) == 0
         assert not out.exists()
-    assert sorted(p.name for p in tmp_path.glob(f"{name}.shard-*")) == [f"{name}.shard-{i}-of-3.pt" for i in range(3)]
+    assert sorted(p.name for p in tmp_path.glob(f"{name}.shard-*")) == [f"{name}.shard-{i}-of-3.pt"
+                                                                        for i in range(3)]
     manifest = json.loads((tmp_path / f"{name}.ckpt" / "manifest.json").read_text())
     assert manifest["left"] == {"shards": 0, "sentences": 0}
     assert merge_shards.main(["--output_file", str(out)]) == 0
@@ -174,16 +177,18 @@ def test_job_array_shards_merge_to_single_run(kind, lm, tmp_path, capsys):
 
 
 def test_job_array_of_torchrun_jobs_merges_to_single_run(lm, tmp_path, one_thread, capsys):
-    """Two jobs (--shard I/2) of two torchrun ranks each: four workers over one plan; the partials merge into the
-    single run's output."""
+    """Two jobs (--shard I/2) of two torchrun ranks each: four workers over one plan; the partials merge into
+    the single run's output."""
     names = {"trigger": "top.jsonl", "layer": "layer.pkl"}
     for kind, name in names.items():
         assert run_go(base_args(lm, tmp_path / f"single_{name}", kind)) == 0
-    runs = [("go", [*base_args(lm, tmp_path / name, kind), "--shard", f"{i}/2"]) for kind, name in names.items()
+    runs = [("go", [*base_args(lm, tmp_path / name, kind), "--shard", f"{i}/2"])
+            for kind, name in names.items()
             for i in range(2)]
     proc = torchrun(tmp_path, runs)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("2 ranks, job 0 of 2") == 2 and proc.stdout.count("2 ranks, job 1 of 2") == 2, proc.stdout
+    assert (proc.stdout.count("2 ranks, job 0 of 2") == 2
+            and proc.stdout.count("2 ranks, job 1 of 2") == 2), proc.stdout
     capsys.readouterr()
     for kind, name in names.items():
         out = tmp_path / name
@@ -192,10 +197,11 @@ def test_job_array_of_torchrun_jobs_merges_to_single_run(lm, tmp_path, one_threa
         assert manifest["plan"]["workers"] == 4 and manifest["left"] == {"shards": 0, "sentences": 0}
         # trigger: 4 per worker (200 sentences split into enough batches); layer: 4 blocks of >= 64 sentences
         assert n_shards == (16 if kind == "trigger" else 4)
-        # worker w = 2 job + rank takes a contiguous quarter of the shards (the first ones one more): job 0 the
-        # first two quarters
+        # worker w = 2 job + rank takes a contiguous quarter of the shards (the first ones one more): job 0
+        # the first two quarters
         quarters = [n_shards // 4 + (w < n_shards % 4) for w in range(4)]
-        shards = [torch.load(tmp_path / f"{name}.shard-{i}-of-2.pt", weights_only=False)["shards"] for i in range(2)]
+        shards = [torch.load(tmp_path / f"{name}.shard-{i}-of-2.pt", weights_only=False)["shards"]
+                  for i in range(2)]
         split = quarters[0] + quarters[1]
         assert shards == [list(range(split)), list(range(split, n_shards))]
         assert not out.exists()
@@ -213,7 +219,8 @@ def test_killed_rank_then_resume_with_another_world_size(kind, lm, tmp_path, one
     single, out, run_dir = tmp_path / f"single_{name}", tmp_path / name, tmp_path / f"{name}.ckpt"
     assert run_go(base_args(lm, single, kind)) == 0
     # rank 0 holds the first half of the shards (the larger one), and dies after the first of them
-    proc = torchrun(tmp_path, [("go", [*base_args(lm, out, kind), "--resume"])], {"KILL_RANK_AFTER_FIRST_SHARD": "0"})
+    proc = torchrun(tmp_path, [("go", [*base_args(lm, out, kind), "--resume"])],
+                    {"KILL_RANK_AFTER_FIRST_SHARD": "0"})
     assert proc.returncode != 0 and not out.exists()
     manifest = json.loads((run_dir / "manifest.json").read_text())
     status = [s["status"] for s in manifest["shards"]]
@@ -221,7 +228,8 @@ def test_killed_rank_then_resume_with_another_world_size(kind, lm, tmp_path, one
     assert n_shards == (8 if kind == "trigger" else 4)  # layer: 200 sentences make 4 blocks of >= 64
     assert status[0] == "done" and status[1] != "done" and 1 <= n_done < n_shards, status
     assert manifest["left"]["shards"] == n_shards - n_done
-    assert manifest["left"]["sentences"] == sum(s["sentences"] for s in manifest["shards"] if s["status"] != "done")
+    assert manifest["left"]["sentences"] == sum(s["sentences"] for s in manifest["shards"]
+                                                if s["status"] != "done")
 
     # a rerun of another configuration into the same run folder is refused, and changes nothing
     capsys.readouterr()
@@ -229,17 +237,20 @@ def test_killed_rank_then_resume_with_another_world_size(kind, lm, tmp_path, one
     if kind == "trigger":
         other += ["--top_k_trigger_examples", 3]
     assert run_go(other) == 2
-    assert "another configuration (differs in: " + ("mode" if kind == "layer" else "k") in one_line_error(capsys, "generate_outputs.py")
+    assert ("another configuration (differs in: " + ("mode" if kind == "layer" else "k")
+            in one_line_error(capsys, "generate_outputs.py"))
     assert json.loads((run_dir / "manifest.json").read_text()) == manifest
 
-    # the resume computes the unfinished shards' units only (recorded), in one process: the stored plan is kept
+    # the resume computes the unfinished shards' units only (recorded), in one process: the stored plan is
+    # kept
     from fflayers.memories.ffn_info import FfnInfoScan
     from fflayers.memories.trigger_examples import TriggerScan
 
     scan_cls = TriggerScan if kind == "trigger" else FfnInfoScan
     units: list[int] = []
     run_units = scan_cls.run_units
-    monkeypatch.setattr(scan_cls, "run_units", lambda self, r, progress=None: units.extend(r) or run_units(self, r, progress))
+    monkeypatch.setattr(scan_cls, "run_units",
+                        lambda self, r, progress=None: units.extend(r) or run_units(self, r, progress))
     assert run_go([*base_args(lm, out, kind), "--resume"]) == 0
     assert f"computed {n_shards - n_done}, reused {n_done} finished shard(s)" in capsys.readouterr().out
     pending = [u for s in manifest["shards"] if s["status"] != "done" for u in range(*s["units"])]
@@ -251,7 +262,7 @@ def test_killed_rank_then_resume_with_another_world_size(kind, lm, tmp_path, one
     assert not run_dir.exists()
 
 
-# ----- bad input ---------------------------------------------------------------------------------------------
+# ----- bad input --------------------------------------------------------------------------------------------
 
 
 def one_line_error(capsys, prog: str) -> str:

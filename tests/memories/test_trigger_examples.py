@@ -22,7 +22,8 @@ def ffn_in_module(adapter: HFAdapter, layer: int) -> torch.nn.Module:
 
 def key_columns(per_sentence: list[dict[int, torch.Tensor]], layers, dims) -> dict:
     """``{(layer, dim): [activations of the key at each position, per sentence]}``."""
-    return {(layer, dim): [acts[layer][:, dim].tolist() for acts in per_sentence] for layer in layers for dim in dims}
+    return {(layer, dim): [acts[layer][:, dim].tolist() for acts in per_sentence]
+            for layer in layers for dim in dims}
 
 
 def brute_force(adapter: HFAdapter, sentences, layers=None, dims=None) -> dict:
@@ -33,7 +34,8 @@ def brute_force(adapter: HFAdapter, sentences, layers=None, dims=None) -> dict:
     for seq in sentences:
         acts = {}
         handles = [ffn_in_module(adapter, layer).register_forward_hook(
-            lambda _m, _a, out, layer=layer, acts=acts: acts.__setitem__(layer, out[0].detach())) for layer in layers]
+            lambda _m, _a, out, layer=layer, acts=acts: acts.__setitem__(layer, out[0].detach()))
+            for layer in layers]
         try:
             with torch.no_grad():
                 adapter.model(input_ids=torch.tensor([seq]))
@@ -51,7 +53,8 @@ def expected_topk(cols: list[list[float]], k: int) -> list[tuple[float, int, int
     return cands[:k]
 
 
-def check_key(got: list[tuple[float, int, int]], cols: list[list[float]], k: int, rel=1e-5, abs_=1e-6) -> None:
+def check_key(got: list[tuple[float, int, int]], cols: list[list[float]], k: int, rel=1e-5,
+              abs_=1e-6) -> None:
     """``got`` is a correct top-k of a key with activations ``cols``, up to float noise: its values are the
     k largest sentence maxima, each entry's position holds its sentence's maximum, no sentence twice.
     (Batched and single runs differ in the last bits, so exact ties, e.g. sentences sharing a prefix,
@@ -89,7 +92,7 @@ def expected(gpt2_adapter, corpus):
     return brute_force(gpt2_adapter, corpus)
 
 
-# ----- planted answer ----------------------------------------------------------------------------------------
+# ----- planted answer ---------------------------------------------------------------------------------------
 
 
 def test_planted_key_triggers_exactly_on_x(planted):
@@ -126,7 +129,8 @@ def test_matches_brute_force_for_any_batching(gpt2_adapter, corpus, expected, ba
 
 def test_layer_and_dim_selection(gpt2_adapter, corpus, expected):
     layers, dims = [2, 0], [5, 1, 63]
-    te = trigger_examples(gpt2_adapter, corpus, k=6, layers=layers, dims=dims, batch_tokens=64, progress=False)
+    te = trigger_examples(gpt2_adapter, corpus, k=6, layers=layers, dims=dims, batch_tokens=64,
+                          progress=False)
     assert te.layers == layers and te.dims == dims
     assert_matches(te, {key: expected[key] for key in expected if key[0] in layers and key[1] in dims})
     frame = te.to_frame()
@@ -142,7 +146,7 @@ def test_llama_with_gate_keys():
     assert_matches(te, brute_force(adapter, sentences))
 
 
-# ----- resume ------------------------------------------------------------------------------------------------
+# ----- resume -----------------------------------------------------------------------------------------------
 
 
 def test_resume_after_interruption_recomputes_only_unfinished_units(gpt2_adapter, corpus, expected, tmp_path,
@@ -234,7 +238,8 @@ def _distributed_worker(rank: int, world: int, store: str, out: str) -> None:
 def test_distributed_ranks_merge_to_single_process_result(gpt2_adapter, corpus, tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2, join=True)
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "out")),
+             nprocs=2, join=True)
     single = trigger_examples(gpt2_adapter, corpus, k=6, batch_tokens=60, progress=False, shard_size=4)
     for rank in range(2):
         got = torch.load(tmp_path / f"out.{rank}", weights_only=True)
@@ -245,7 +250,7 @@ def test_distributed_ranks_merge_to_single_process_result(gpt2_adapter, corpus, 
         assert torch.allclose(got["values"], single.values, rtol=1e-5, atol=1e-7)
 
 
-# ----- output schema -----------------------------------------------------------------------------------------
+# ----- output schema ----------------------------------------------------------------------------------------
 
 
 def test_jsonl_rows_original_schema(planted):
