@@ -162,13 +162,21 @@ def read_table(path: str | Path, trust: bool = False, as_suffix: str | None = No
     from fflayers.safe_pickle import load_pickle
 
     fmt = TABLE_FORMATS[table_suffix(path) if as_suffix is None else as_suffix]
-    if fmt == "parquet":
-        return pd.read_parquet(path)
-    if fmt in ("tsv", "csv"):
-        return pd.read_csv(path, **({"sep": "\t"} if fmt == "tsv" else {}), **options)
-    if fmt == "jsonl":
+    if not Path(path).is_file():
+        raise InputError(f"table {path} does not exist; pass a table written by fflayers")
+    if fmt not in ("parquet", "tsv", "csv", "jsonl"):
+        return load_pickle(path, trust=trust)
+    try:
+        if fmt == "parquet":
+            return pd.read_parquet(path)
+        if fmt in ("tsv", "csv"):
+            return pd.read_csv(path, **({"sep": "\t"} if fmt == "tsv" else {}), **options)
         return pd.read_json(path, lines=True)
-    return load_pickle(path, trust=trust)
+    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as err:
+        first = " ".join(str(err).split())[:160] or type(err).__name__
+        raise InputError(f"cannot read {path} as a .{fmt} table ({first}); the file is empty, truncated or "
+                         "of another format: pass the table the fflayers command wrote, or rerun that "
+                         "command") from None
 
 
 def file_sha256(path: str | Path, limit: int | None = None) -> str:

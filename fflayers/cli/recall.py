@@ -64,7 +64,13 @@ def run_plot(args: argparse.Namespace) -> None:
     if args.kind not in PLOT_KINDS:
         raise CLIError(f"--kind {args.kind!r} is unknown; choose from {', '.join(PLOT_KINDS)}")
     table = read_table(args.input)
-    written = save_figure(PLOT_KINDS[args.kind](table, args), args.output)
+    try:
+        figure = PLOT_KINDS[args.kind](table, args)
+    except KeyError as err:
+        raise CLIError(f"{args.input} is not a {args.kind} table (it has no column {err}; it has "
+                       f"{', '.join(map(str, table.columns[:8]))}); make one with "
+                       f"`fflayers recall {args.kind} ...` (dissect_recall.py {args.kind})") from None
+    written = save_figure(figure, args.output)
     print(f"{prog_name()}: wrote {', '.join(str(p) for p in written)}")
 
 

@@ -107,14 +107,19 @@ def parse_line(line: str) -> tuple[float, str, str]:
 def _json_lines(path: Path, what: str) -> Iterator[tuple[int, object]]:
     """``(line number, decoded value)`` of each non-blank line of a JSON-lines file; one-line error naming
     ``what`` the file should be when a line is not JSON."""
+    lineno = 0
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path} line {lineno} is not JSON ({e.msg}); {what}") from None
+        try:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path} line {lineno} is not JSON ({e.msg}); {what}") from None
+        except UnicodeDecodeError:
+            raise InputError(f"{path} is not UTF-8 text (undecodable bytes after line {lineno}); it is not a "
+                             f"JSON-lines file: {what}") from None
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:

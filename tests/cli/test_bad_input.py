@@ -156,3 +156,29 @@ def test_numeric_flags_are_range_checked_before_the_model_loads(argv, needle, tm
     code, err = run_cli(argv, capsys)
     assert_one_line_error(code, err, needle)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_binary_trigger_jsonl_is_one_line_and_writes_nothing(tmp_path, capsys):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "dict.txt").write_text("the 5\n")
+    src = tmp_path / "t.jsonl"
+    src.write_bytes(bytes(range(128, 256)) * 20)
+    code, err = run_cli(["memories", "textual", "--input_file", str(src), "--model_dir", str(model),
+                         "--output_dir", str(tmp_path / "out")], capsys)
+    assert_one_line_error(code, err, "is not UTF-8 text", "trigger-examples .jsonl")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("name", "content", "needle"), [
+    ("truncated.parquet", b"PAR1\x00\x01", "cannot read"),
+    ("empty.tsv", b"", "cannot read"),
+    ("other.tsv", b"layer\tW2_dim\n0\t1\n", "is not a knockout table"),
+])
+def test_recall_plot_of_a_bad_table(name, content, needle, tmp_path, capsys):
+    table = tmp_path / name
+    table.write_bytes(content)
+    code, err = run_cli(["recall", "plot", "--kind", "knockout", "--input", str(table),
+                         "--output", str(tmp_path / "fig")], capsys)
+    assert_one_line_error(code, err, needle)
+    assert not list(tmp_path.glob("fig*"))
