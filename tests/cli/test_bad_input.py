@@ -111,24 +111,40 @@ def test_dict_txt_shorter_than_the_checkpoint(fairseq_adaptive_lm, tmp_path, cap
     assert "cannot specify cutoff" not in err
 
 
+SLOW_MINING = """
+import importlib, sys, time
+sys.path.insert(0, {repo!r})
+te = importlib.import_module("fflayers.memories.trigger_examples")
+run_units = te.TriggerScan.run_units
+def slow(self, units, progress=None):
+    time.sleep(0.25)  # so that the interrupt lands in the middle of the pass
+    return run_units(self, units, progress)
+te.TriggerScan.run_units = slow
+from analysis import generate_outputs
+sys.exit(generate_outputs.main(sys.argv[1:]))
+"""
+
+
 def test_ctrl_c_stops_with_one_line_and_exit_130(tiny_gpt2_dir, tmp_path):  # noqa: F811
-    """A real SIGINT in the middle of a long resumable run (trigger mining), sent once its manifest exists."""
+    """A real SIGINT in the middle of a resumable run (trigger mining, each unit slowed down), sent once its
+    manifest exists."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"The city number {i} lies on the river and has a long history .\n"
-                              for i in range(20000)))
+                              for i in range(3000)))
+    script = tmp_path / "slow_mining.py"
+    script.write_text(SLOW_MINING.format(repo=str(REPO)))
     out = tmp_path / "out.jsonl"
-    cmd = [sys.executable, str(REPO / "analysis" / "generate_outputs.py"), "--data_file", str(corpus),
-           "--hf_model", str(tiny_gpt2_dir), "--get_trigger_examples", "--top_k_trigger_examples", "3",
-           "--extract_mode", "layer-raw", "--output_file", str(out), "--batch_tokens", "256", "--device",
-           "cpu", "--resume"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(script), "--data_file", str(corpus), "--hf_model", str(tiny_gpt2_dir),
+           "--get_trigger_examples", "--top_k_trigger_examples", "3", "--extract_mode", "layer-raw",
+           "--output_file", str(out), "--device", "cpu", "--resume"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     manifest = Path(str(out) + ".ckpt") / "manifest.json"
     deadline = time.time() + 300
     while time.time() < deadline and not manifest.is_file() and proc.poll() is None:
-        time.sleep(0.2)
+        time.sleep(0.1)
+    time.sleep(0.5)
     assert proc.poll() is None, proc.communicate()[1][-2000:]
-    time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     lines = [line for line in err.replace("\r", "\n").splitlines() if "interrupted" in line]
