@@ -63,6 +63,15 @@ def rank_device(info: DistInfo, device: str | torch.device | None = "auto") -> t
     return torch.device(want)
 
 
+def join_ranks(info: DistInfo, device: str | torch.device | None,
+               timeout_s: float | None = None) -> torch.device:
+    """This rank's device (:func:`rank_device`), after joining the torchrun job with it
+    (:func:`init_distributed`); what every command-line tool does first under torchrun."""
+    dev = rank_device(info, device)
+    init_distributed(dev, timeout_s=timeout_s)
+    return dev
+
+
 def init_distributed(device: torch.device, timeout_s: float | None = None) -> DistInfo:
     """Join the torchrun job (nccl on CUDA, gloo on CPU); a no-op outside torchrun.
 

@@ -234,13 +234,12 @@ def run_export(adapter, E, args, output: Path) -> int | None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from fflayers.distributed import dist_info, finish, init_distributed, rank_device
+    from fflayers.distributed import dist_info, finish, join_ranks
 
     check_args(args)
     info = dist_info()
     if info.enabled and args.command == "export":
-        args.device = str(rank_device(info, args.device))
-        init_distributed(rank_device(info, args.device), timeout_s=7 * 24 * 3600)
+        args.device = str(join_ranks(info, args.device, timeout_s=7 * 24 * 3600))
     elif not info.is_main:
         return  # under torchrun, ranks split the export; everything else runs on rank 0
     try:

@@ -107,13 +107,12 @@ def to_tsv_frame(table):
 
 
 def run(args: argparse.Namespace) -> None:
-    from fflayers.distributed import dist_info, finish, init_distributed, rank_device
+    from fflayers.distributed import dist_info, finish, join_ranks
 
     check_args(args)
     info = dist_info()
     if info.enabled:  # torchrun: the value chunks are split over the ranks, rank 0 writes the outputs
-        args.device = str(rank_device(info, args.device))
-        init_distributed(rank_device(info, args.device), timeout_s=24 * 3600)
+        args.device = str(join_ranks(info, args.device, timeout_s=24 * 3600))
     try:
         agreement(args, info)
     finally:

@@ -215,13 +215,12 @@ def make_task(args: argparse.Namespace, adapter, ids, layers, dims):
 
 
 def run(args: argparse.Namespace) -> None:
-    from fflayers.distributed import dist_info, finish, init_distributed, parse_shard_spec, rank_device
+    from fflayers.distributed import dist_info, finish, join_ranks, parse_shard_spec
 
     check_args(args)
     info = dist_info()
     if info.enabled:
-        args.device = str(rank_device(info, args.device))
-        init_distributed(rank_device(info, args.device), timeout_s=7 * 24 * 3600)
+        args.device = str(join_ranks(info, args.device, timeout_s=7 * 24 * 3600))
     try:
         scan(args, info, parse_shard_spec(args.shard) if args.shard else (0, 1))
     finally:

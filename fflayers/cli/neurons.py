@@ -208,8 +208,7 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.output)
     check_folder_writable(out.parent)
     info = dist.dist_info()
-    device = dist.rank_device(info, args.device)
-    dist.init_distributed(device)
+    device = dist.join_ranks(info, args.device)
     try:
         args.device = str(device)
         adapter = load_adapter(args)

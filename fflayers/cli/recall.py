@@ -116,15 +116,14 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> None:
     """Run the subcommand; under ``torchrun`` each rank computes its share of the facts' shards (rank 0
     writes the output)."""
-    from fflayers.distributed import dist_info, finish, init_distributed, rank_device
+    from fflayers.distributed import dist_info, finish, join_ranks
 
     check_args(args)
     start = time.time()
     command = SUBCOMMANDS[args.command]
     info = dist_info()
     if command.needs_model and info.enabled:
-        args.device = str(rank_device(info, args.device))
-        init_distributed(rank_device(info, args.device), timeout_s=7 * 24 * 3600)
+        args.device = str(join_ranks(info, args.device, timeout_s=7 * 24 * 3600))
     try:
         command.run(args)
     finally:
