@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> None:
             if args.resume:
                 print(f"{prog_name()}: {done.plan['n_shards']} shards of {len(facts)} facts: computed "
                       f"{computed}, reused {len(facts) - computed} from {run_dir}")
-            ordered = [done.result[i] for i in range(len(facts))]
+            ordered = done.result.pieces()
             write_outputs(out, ordered, config, args)
             if run_dir is not None:
                 shutil.rmtree(run_dir, ignore_errors=True)

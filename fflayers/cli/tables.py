@@ -1,10 +1,11 @@
 """Result tables of the commands that run an analysis over facts: runs on :mod:`fflayers.runs`, output and
 metadata, and reading a table back (``--input``). Table formats follow :data:`fflayers.io.TABLE_FORMATS`.
 
-A run's units are blocks of facts in input order (``facts_per_unit`` each), one shard per block; a shard's
-state is ``[[unit, rows], ...]`` and :func:`merge_blocks` (registered for each kind with
-:func:`register_table_kind`) joins such lists in unit order, so the table (:func:`blocks_table`) is the same
-rows in the same order for any number of torchrun ranks and after any resume. ``--resume`` keeps the run
+A run's units are blocks of facts in input order (``facts_per_unit`` each), one shard per block; a partial
+result is a :class:`fflayers.runs.UnitPieces` of row blocks (its state merged by
+:func:`fflayers.runs.merge_piece_states`, registered for each kind with :func:`register_table_kind`), so the
+table (:func:`blocks_table`) is the same rows in the same order for any number of torchrun ranks and after
+any resume. ``--resume`` keeps the run
 folder ``OUTPUT.ckpt`` (manifest and shard files), removed once the output is written; its resume key is the
 options that change the rows (:func:`resume_options`), the block size, the model fingerprint and the content
 digest of each input file (facts or countries list, paragraphs, ...), never their paths.
@@ -20,12 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fflayers.cli.common import CLIError, prog_name
+from fflayers.runs.accumulators import PiecesTask, UnitPieces
 
 if TYPE_CHECKING:
     from fflayers.backends.base import LMAdapter
 
 __all__ = ["FactBlocks", "KEY_EXCLUDED", "blocks_table", "check_table_output", "config_of",
-           "finish_table_run", "input_files", "merge_blocks", "read_table", "register_table_kind",
+           "finish_table_run", "input_files", "read_table", "register_table_kind",
            "resume_options", "run_folder", "table_over_facts", "write_output"]
 
 #: options that say where things are or how the run looks, not what it computes: left out of the resume key
@@ -72,28 +74,27 @@ def write_output(args: argparse.Namespace, table: Any, inputs: dict | None = Non
     write_json(str(args.output) + ".meta.json", run_metadata(config_of(args), inputs=inputs))
 
 
-def merge_blocks(states: Sequence[list]) -> list:
-    """Shard states (lists of ``[unit, rows]``) joined into one, in unit order; associative, and the same
-    for any order of ``states``."""
-    return sorted((list(block) for state in states for block in state), key=lambda block: block[0])
-
-
-def blocks_table(state: list | None) -> Any:
-    """The rows of a merged state, concatenated in unit order (an empty table for none)."""
+def blocks_table(pieces: Any) -> Any:
+    """The row blocks of :class:`fflayers.runs.UnitPieces` (or of its saved state) concatenated in unit
+    order (an empty table for none)."""
     import pandas as pd
 
-    tables = [rows for _, rows in merge_blocks([state or []])]
+    from fflayers.runs import UnitPieces, from_state
+
+    if pieces is not None and not isinstance(pieces, UnitPieces):
+        pieces = from_state(UnitPieces, pieces)
+    tables = pieces.pieces() if pieces is not None else []
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
 
 def register_table_kind(kind: str) -> None:
-    """Register :func:`merge_blocks` as the merge of ``kind``'s states (:mod:`fflayers.runs.partials`)."""
-    from fflayers.runs import register_merge
+    """Register the merge of ``kind``'s states (:mod:`fflayers.runs.partials`)."""
+    from fflayers.runs import merge_piece_states, register_merge
 
-    register_merge(kind, merge_blocks)
+    register_merge(kind, merge_piece_states)
 
 
-class FactBlocks:
+class FactBlocks(PiecesTask):
     """A :class:`fflayers.runs.UnitTask`: ``compute(facts, on_facts_done) -> rows`` over blocks of
     ``facts_per_unit`` of ``encoded`` (in input order), one call per block."""
 
@@ -113,17 +114,11 @@ class FactBlocks:
     def unit_weight(self, unit: int) -> int:
         return len(self.block(unit))
 
-    def run_units(self, units: range, progress: Callable[[int], object]) -> list:
-        return [[u, self.compute(self.block(u), progress)] for u in units]
-
-    def merge(self, parts: list[list]) -> list:
-        return merge_blocks(parts)
-
-    def to_state(self, part: list) -> list:
-        return part
-
-    def from_state(self, state: list) -> list:
-        return state
+    def run_units(self, units: range, progress: Callable[[int], object]) -> UnitPieces:
+        out = UnitPieces()
+        for u in units:
+            out.add(u, self.compute(self.block(u), progress))
+        return out
 
 
 def table_over_facts(args: argparse.Namespace, adapter: LMAdapter, encoded: Sequence, compute: Callable, *,

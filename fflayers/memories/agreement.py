@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from fflayers.allocator import steady_heap
 from fflayers.backends.base import LMAdapter
@@ -52,7 +53,7 @@ from fflayers.memories.value_projections import (
     full_precision,
     random_values,
 )
-from fflayers.progress import progress_bar
+from fflayers.runs.accumulators import PiecesTask, UnitPieces
 
 __all__ = [
     "AGREEMENT_COLUMNS",
@@ -63,7 +64,6 @@ __all__ = [
     "agreement_units",
     "agreement_frames",
     "AgreementTask",
-    "merge_agreement",
     "max_probs_by_layer",
     "agreement_by_layer",
 ]
@@ -242,7 +242,7 @@ def key_value_agreement(
         units = agreement_units(adapter, layers, chunk_values)
     rows = agreement_frames(adapter, targets, units, random_baseline, seed)
     frames = []
-    bar = progress_bar(sum(e - s for _, s, e in units), "key-value agreement", progress)
+    bar = tqdm(total=sum(e - s for _, s, e in units), desc="key-value agreement", disable=not progress)
     for (_, s, e), frame in zip(units, rows, strict=True):
         frames.append(frame)
         bar.update(e - s)
@@ -321,14 +321,12 @@ def agreement_by_layer(table: pd.DataFrame) -> pd.DataFrame:
 
 # ----- as a run of fflayers.runs -------------------------------------------------------------------------
 
-Piece = tuple[int, pd.DataFrame]
-
-
-class AgreementTask:
+class AgreementTask(PiecesTask):
     """Key-value agreement as a :class:`fflayers.runs.UnitTask` (``targets`` are checked at once). The units
     are the chunks of :func:`agreement_units` and, with ``random_baseline``, the same chunks again for the
-    random vectors; a part is a list of ``(first unit, rows)`` pieces (one per block of consecutive units of
-    one table), so merging is concatenating in unit order, whatever the order of the parts."""
+    random vectors; a part is a :class:`fflayers.runs.UnitPieces` of row blocks (one per run of consecutive
+    units of one table, keyed by its first unit), so merging is concatenating in unit order, whatever the
+    order of the parts."""
 
     kind = "agreement"
 
@@ -346,9 +344,9 @@ class AgreementTask:
         _, s, e = self.chunks[unit % len(self.chunks)]
         return e - s
 
-    def run_units(self, units: range, progress: Callable[[int], object]) -> list[Piece]:
+    def run_units(self, units: range, progress: Callable[[int], object]) -> UnitPieces:
         """The rows of ``units``; ``progress(n)`` after each chunk of ``n`` values."""
-        n, part = len(self.chunks), []
+        n, part = len(self.chunks), UnitPieces()
         for random_baseline in (False, True):
             block = [u for u in units if (u >= n) == random_baseline]
             if not block:
@@ -360,33 +358,16 @@ class AgreementTask:
             for (_, s, e), frame in zip(chunks, rows, strict=True):
                 frames.append(frame)
                 progress(e - s)
-            part.append((block[0], pd.concat(frames, ignore_index=True)))
+            part.add(block[0], pd.concat(frames, ignore_index=True))
         return part
 
-    def merge(self, parts: list[list[Piece]]) -> list[Piece]:
-        """The pieces of all parts in unit order."""
-        return merge_agreement(parts)
-
-    def to_state(self, part: list[Piece]) -> list[Piece]:
-        """A part as saved state (the pieces as they are)."""
-        return part
-
-    def from_state(self, state: list[Piece]) -> list[Piece]:
-        """A part from saved state."""
-        return [(int(u), frame) for u, frame in state]
-
-    def tables(self, merged: list[Piece]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    def tables(self, merged: UnitPieces) -> tuple[pd.DataFrame, pd.DataFrame | None]:
         """The agreement table and the random-baseline table (None without one) of the merged pieces, which
         are taken out of ``merged`` (each table's pieces go once it holds their rows)."""
         n = len(self.chunks)
-        real = [frame for u, frame in merged if u < n]
-        rand = [frame for u, frame in merged if u >= n]
+        real = [frame for u, frame in merged.items() if u < n]
+        rand = [frame for u, frame in merged.items() if u >= n]
         merged.clear()
         table = pd.concat(real, ignore_index=True)[AGREEMENT_COLUMNS]
         real.clear()
         return table, (pd.concat(rand, ignore_index=True)[AGREEMENT_COLUMNS] if rand else None)
-
-
-def merge_agreement(parts: Iterable[list[Piece]]) -> list[Piece]:
-    """Agreement parts merged: their pieces sorted by first unit (associative, independent of the order)."""
-    return sorted((piece for part in parts for piece in part), key=lambda piece: piece[0])

@@ -82,6 +82,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from fflayers.backends.base import LMAdapter
 from fflayers.core import InputError
@@ -92,7 +93,7 @@ from fflayers.memories.ffn_info_heads import ScaledHead, homogeneous_head, scale
 from fflayers.memories.ffn_info_layers import ffn_info_by_layer, reduce_layer
 from fflayers.memories.ffn_info_projections import scaled_subupdates
 from fflayers.memories.value_projections import full_precision
-from fflayers.progress import progress_bar
+from fflayers.runs.accumulators import PiecesTask, UnitPieces
 
 __all__ = ["extract_ffn_info", "ffn_info_by_layer", "choose_positions", "homogeneous_head", "scaled_head",
            "sign_invariant_head", "ScaledHead", "LAYER_COLUMNS", "DIM_COLUMNS", "FfnInfoScan"]
@@ -153,10 +154,10 @@ def _gather_forward(adapter: LMAdapter, batch, layers: list[int], post_ln: bool)
             "m": stack("mlp_coef")}
 
 
-class FfnInfoScan:
+class FfnInfoScan(PiecesTask):
     """FFN info as a scan (:mod:`fflayers.memories.scan`): units are blocks of length-bucketed batches of the
-    sentences' prefixes (fixed by the data, ``batch_tokens`` and ``block_sentences``); partial results are row
-    blocks of the table, concatenated in sentence order."""
+    sentences' prefixes (fixed by the data, ``batch_tokens`` and ``block_sentences``); partial results are
+    :class:`fflayers.runs.UnitPieces` of row blocks, sorted by sentence then layer in :meth:`result`."""
 
     kind = "ffn_info"
 
@@ -219,8 +220,8 @@ class FfnInfoScan:
             self._values = (values, norms, torch.as_tensor(self.dim_list, dtype=torch.long, device=dev))
         return self._values
 
-    def run_units(self, units: range, progress: Callable[[int], object] | None = None) -> pd.DataFrame:
-        """Rows of the units ``units``, merged; ``progress(n)`` is called after each batch of ``n``
+    def run_units(self, units: range, progress: Callable[[int], object] | None = None) -> UnitPieces:
+        """Rows of the units ``units``, one block each; ``progress(n)`` is called after each batch of ``n``
         sentences."""
         from fflayers.data.batching import Batch
         from fflayers.memories.trigger_examples import autocast, collate
@@ -228,7 +229,7 @@ class FfnInfoScan:
         adapter, seqs, keep, positions = self.adapter, self.seqs, self.keep, self.positions
         values, norms, dim_idx = self._weights()
         reduce = reduce_layer if self.mode == "layer" else reduce_dim
-        frames = []
+        out = UnitPieces()
         with torch.no_grad():
             for unit in units:
                 pending = []
@@ -243,26 +244,15 @@ class FfnInfoScan:
                 g = {name: torch.cat([p[name] for _, p in pending], dim=0 if name == "final" else 1)
                      for name in ("final", "r", "y", "m")}
                 meta = (np.asarray(idx), positions[idx], np.asarray([seqs[k][positions[k] + 1] for k in idx]))
-                frames.append(reduce(adapter, g, self.layers, values, norms, dim_idx, meta, self.shortcut,
+                out.add(unit, reduce(adapter, g, self.layers, values, norms, dim_idx, meta, self.shortcut,
                                      self.max_chunk_elements))
-        return self.merge(frames)
+        return out
 
-    def merge(self, parts: list[pd.DataFrame]) -> pd.DataFrame:
-        """Row blocks concatenated, sorted by sentence then layer."""
-        df = pd.concat(parts, ignore_index=True).sort_values(["sentence", "layer"], kind="stable")
-        return df.reset_index(drop=True)
-
-    def to_state(self, part: pd.DataFrame) -> pd.DataFrame:
-        """A partial result as saved state (the row block itself)."""
-        return part
-
-    def from_state(self, state: pd.DataFrame) -> pd.DataFrame:
-        """A partial result from saved state (the row block itself)."""
-        return state
-
-    def result(self, df: pd.DataFrame) -> pd.DataFrame:
-        """The final table: columns in order and ``df.attrs`` (see :func:`extract_ffn_info`)."""
-        df = df[LAYER_COLUMNS if self.mode == "layer" else DIM_COLUMNS]
+    def result(self, pieces: UnitPieces) -> pd.DataFrame:
+        """The final table: rows by sentence then layer, columns in order and ``df.attrs`` (see
+        :func:`extract_ffn_info`)."""
+        df = pd.concat(pieces.pieces(), ignore_index=True).sort_values(["sentence", "layer"], kind="stable")
+        df = df.reset_index(drop=True)[LAYER_COLUMNS if self.mode == "layer" else DIM_COLUMNS]
         df.attrs.update({"mode": self.mode, "dims": self.dim_list if self.mode == "dim" else None,
                          "d_ff": self.adapter.d_ff, "seed": self.seed, "layers": self.layers,
                          "residual": "ffn_input" if self.post_ln else "resid_pre+attn_out",
@@ -297,7 +287,7 @@ def extract_ffn_info(
     """
     task = FfnInfoScan(adapter, sentences, mode, layers, dims, seed, batch_tokens, block_sentences,
                        max_chunk_elements, head_shortcut, dtype)
-    bar = progress_bar(len(task.prefixes), f"ffn info ({mode})", progress)
-    df = task.run_units(range(task.n_units), bar.update)
+    bar = tqdm(total=len(task.prefixes), desc=f"ffn info ({mode})", disable=not progress)
+    pieces = task.run_units(range(task.n_units), bar.update)
     bar.close()
-    return task.result(df)
+    return task.result(pieces)

@@ -101,6 +101,10 @@ class StreamingTopK:
         keys = encode(batch_max.to(dev), sid.to(dev, torch.int64))
         self._merge(keys, batch_argmax.to(dev, torch.int64))
 
+    def add(self, batch_max: torch.Tensor, batch_argmax: torch.Tensor, sentence_ids: torch.Tensor) -> None:
+        """:meth:`update` (the name of the state protocol of :mod:`fflayers.runs.accumulators`)."""
+        self.update(batch_max, batch_argmax, sentence_ids)
+
     def merge(self, other: StreamingTopK) -> StreamingTopK:
         """Fold another top-k over disjoint sentences (a shard, another rank) into this one; returns self."""
         if other.n_keys != self.n_keys or other.k != self.k:

@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from fflayers.allocator import steady_heap
 from fflayers.backends.base import LMAdapter
 from fflayers.core import InputError
-from fflayers.progress import progress_bar
 
 __all__ = [
     "value_predictions",
@@ -83,7 +83,7 @@ def _predictions(
         raise InputError(f"top_k={top_k} must be >= 1")
     top_k = min(top_k, adapter.vocab_size)
     frames = []
-    bar = progress_bar(len(layers), "value projections", progress)
+    bar = tqdm(total=len(layers), desc="value projections", disable=not progress)
     with torch.no_grad():
         for layer in layers:
             vectors = layer_vectors(layer)

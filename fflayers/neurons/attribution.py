@@ -106,7 +106,7 @@ def integrated_gradients(
     batch_size: int = 10,
     layers: Sequence[int] | None = None,
     baseline: float | torch.Tensor = 0.0,
-    quiet: bool = True,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Attributions ``[len(layers), d_ff]`` (detached, float32, on the adapter's device) of hook point
     ``point`` at the target positions, averaged over the target tokens:
@@ -131,7 +131,7 @@ def integrated_gradients(
     grads = torch.zeros_like(acts)
     chunks = range(0, rows.shape[0], batch_size)
     with frozen_parameters(adapter.model):
-        for start in tqdm(chunks, desc="integrated gradients", disable=quiet, leave=False):
+        for start in tqdm(chunks, desc="integrated gradients", disable=not progress, leave=False):
             chunk = rows[start : start + batch_size]
             _accumulate(adapter, target, point, layers, chunk, base, delta, alphas, pos_of, tok_of, grads)
     return (delta * grads / m).mean(dim=1).detach()

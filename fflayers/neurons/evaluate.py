@@ -13,7 +13,7 @@ Paper (BERT-base, PARAREL): suppress -37% related / -0.4% unrelated; enhance +46
 
 Every choice (unrelated fact, random neurons) is seeded by ``seed`` and the fact's uuid, so a fact's record
 does not depend on which other facts run, in which order, or on which torchrun rank. :class:`FactsTask` makes
-the facts the units of a :mod:`fflayers.runs` run (kind ``neurons``, merged by :func:`merge_records`).
+the facts the units of a :mod:`fflayers.runs` run (kind ``neurons``, records merged by fact index).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from fflayers.backends.base import LMAdapter
 from fflayers.core import FflayersError, InputError
 from fflayers.neurons.facts import ParaphraseFact
 from fflayers.neurons.modify import enhance_knowledge, suppress_knowledge
-from fflayers.runs import register_merge
+from fflayers.runs import PiecesTask, UnitPieces, merge_piece_states, register_merge
 
 #: The analysis's name in run folders and partials (:mod:`fflayers.runs`).
 KIND = "neurons"
@@ -231,20 +231,13 @@ def summarize(records: Sequence[dict]) -> dict:
     return out
 
 
-def merge_records(parts: Iterable[dict[int, dict]]) -> dict[int, dict]:
-    """Partial results (``{fact index: record}``) merged into one, ordered by fact index."""
-    merged: dict[int, dict] = {}
-    for part in parts:
-        merged.update(part)
-    return dict(sorted(merged.items()))
+register_merge(KIND, merge_piece_states)
 
 
-register_merge(KIND, merge_records)
-
-
-class FactsTask:
+class FactsTask(PiecesTask):
     """The facts as the units of a run (:class:`fflayers.runs.UnitTask`): one fact a unit, weighing 1; a
-    partial result is ``{fact index: record}``. ``evaluated`` counts the facts this process computed."""
+    partial result is a :class:`fflayers.runs.UnitPieces` of records by fact index. ``evaluated`` counts the
+    facts this process computed."""
 
     def __init__(self, adapter: LMAdapter, facts: Sequence[ParaphraseFact], config: SearchConfig) -> None:
         self.adapter, self.facts, self.config = adapter, facts, config
@@ -254,17 +247,11 @@ class FactsTask:
     def unit_weight(self, unit: int) -> int:
         return 1
 
-    def run_units(self, units: range, progress: Callable[[int], object]) -> dict[int, dict]:
+    def run_units(self, units: range, progress: Callable[[int], object]) -> UnitPieces:
         records = evaluate_facts(self.adapter, self.facts, self.config, indices=units, progress=False,
                                  on_record=lambda _i, _record: progress(1))
         self.evaluated += len(records)
-        return dict(zip(units, records, strict=True))
-
-    def merge(self, parts: list[dict[int, dict]]) -> dict[int, dict]:
-        return merge_records(parts)
-
-    def to_state(self, part: dict[int, dict]) -> dict[int, dict]:
-        return part
-
-    def from_state(self, state: dict[int, dict]) -> dict[int, dict]:
-        return state
+        out = UnitPieces()
+        for unit, record in zip(units, records, strict=True):
+            out.add(unit, record)
+        return out

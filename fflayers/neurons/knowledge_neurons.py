@@ -36,7 +36,8 @@ class KnowledgeNeurons:
     ``alpha = k / m, k = 1..m``. ``convention="kn-package"``: reproduce the knowledge-neurons package's
     numbers (pre-activation ``fc`` output for causal LMs, post-activation for BERT;
     ``alpha = linspace(0, 1, m)``). Both: ``Attr = (a - baseline) * sum_k dP(target)/dx / m``, ``baseline`` 0
-    unless given.
+    unless given. The methods take the package's keywords (``quiet`` for its progress bars); fflayers' own
+    functions take ``progress: bool``.
     """
 
     def __init__(self, adapter: LMAdapter, convention: str = "paper",
@@ -66,7 +67,7 @@ class KnowledgeNeurons:
         chosen = list(range(self.adapter.n_layers)) if layers is None else sorted(
             {self.adapter.check_layer(int(x)) for x in layers})
         part = integrated_gradients(self.adapter, target, self.point, alphas, batch_size=batch_size,
-                                    layers=chosen, baseline=self.baseline, quiet=quiet)
+                                    layers=chosen, baseline=self.baseline, progress=not quiet)
         if len(chosen) == self.adapter.n_layers:
             return part
         scores = part.new_zeros(self.adapter.n_layers, part.shape[1])

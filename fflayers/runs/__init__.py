@@ -27,7 +27,15 @@ array writes a partial ``OUTPUT.shard-I-of-N.pt`` (:mod:`fflayers.runs.partials`
 (:func:`register_merge`, which also takes the writer of the run's output, :func:`merged_writer`).
 """
 
-from fflayers.runs.accumulators import Accumulator, from_state, merge_all, merge_parts
+from fflayers.runs.accumulators import (
+    Accumulator,
+    PiecesTask,
+    UnitPieces,
+    from_state,
+    merge_all,
+    merge_parts,
+    merge_piece_states,
+)
 from fflayers.runs.engine import RecomputeWarning, RunResult, UnitTask, Workers, resume_key, run_units
 from fflayers.runs.fingerprints import config_dict, config_hash, data_digest, file_digest, model_fingerprint
 from fflayers.runs.manifest import FORMAT, MANIFEST, Manifest, config_differences
@@ -49,10 +57,10 @@ from fflayers.runs.shards import ShardFileError, load_shard, save_shard, shard_f
 
 __all__ = [
     "FORMAT", "MANIFEST", "PARTIAL_FORMAT", "SHARDS_PER_WORKER", "SHARD_WEIGHT", "Accumulator", "Manifest",
-    "MergedPartials", "RecomputeWarning", "RunResult", "ShardFileError", "UnitTask", "Workers",
+    "MergedPartials", "PiecesTask", "RecomputeWarning", "RunResult", "ShardFileError", "UnitTask", "Workers",
     "choose_n_shards", "config_dict", "config_differences", "config_hash", "data_digest", "file_digest",
     "find_partials", "from_state", "group_units", "load_shard", "make_plan", "merge_all", "merge_function",
     "merge_parts", "merge_partials", "merged_writer", "model_fingerprint", "partial_header", "partial_path",
     "read_partial", "register_merge", "resume_key", "run_units", "save_shard", "shard_file",
-    "shard_file_intact", "write_partial",
+    "shard_file_intact", "UnitPieces", "merge_piece_states", "write_partial",
 ]

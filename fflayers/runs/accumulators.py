@@ -22,7 +22,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-__all__ = ["Accumulator", "from_state", "merge_parts", "merge_all"]
+__all__ = ["Accumulator", "PiecesTask", "UnitPieces", "from_state", "merge_parts", "merge_all",
+           "merge_piece_states"]
 
 A = TypeVar("A", bound="Accumulator")
 
@@ -70,3 +71,71 @@ def merge_all(states: Iterable[Mapping[str, Any]], make: Callable[[], A]) -> A:
     for state in states:
         out.merge(from_state(make, state))
     return out
+
+
+class UnitPieces:
+    """Results keyed by the unit that made them (row blocks of a table, records of facts), read back in unit
+    order: ``add(unit, piece)``, ``merge`` (the union; a unit held by both sides is refused), ``state_dict``
+    (``{"pieces": [[unit, piece], ...]}`` in unit order) and ``load_state_dict``.
+
+    The merge of any parts in any order gives the same :meth:`pieces`, so results computed over shards,
+    ranks or job-array jobs are put together exactly as one process would have made them.
+    """
+
+    def __init__(self) -> None:
+        self._pieces: dict[int, Any] = {}
+
+    def add(self, unit: int, piece: Any) -> None:
+        """Hold ``piece``, the result of ``unit``."""
+        unit = int(unit)
+        if unit in self._pieces:
+            raise ValueError(f"unit {unit} was added twice; each unit's result is added once")
+        self._pieces[unit] = piece
+
+    def merge(self, other: UnitPieces) -> None:
+        """Take in the pieces of ``other`` (of other units)."""
+        for unit, piece in other._pieces.items():
+            self.add(unit, piece)
+
+    def pieces(self) -> list[Any]:
+        """The pieces in unit order."""
+        return [self._pieces[u] for u in sorted(self._pieces)]
+
+    def units(self) -> list[int]:
+        """The units held, in order."""
+        return sorted(self._pieces)
+
+    def items(self) -> list[tuple[int, Any]]:
+        """``(unit, piece)`` pairs in unit order."""
+        return [(u, self._pieces[u]) for u in sorted(self._pieces)]
+
+    def clear(self) -> None:
+        """Let go of every piece (their memory, once the caller holds what it needs)."""
+        self._pieces.clear()
+
+    def state_dict(self) -> dict:
+        return {"pieces": [list(item) for item in self.items()]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._pieces = {}
+        for unit, piece in state["pieces"]:
+            self.add(unit, piece)
+
+
+def merge_piece_states(states: Iterable[Mapping[str, Any]]) -> dict:
+    """Saved :class:`UnitPieces` states merged into one state (the merge of ``fflayers merge``)."""
+    return merge_all(states, UnitPieces).state_dict()
+
+
+class PiecesTask:
+    """The merge and saved state of a run task (:class:`fflayers.runs.UnitTask`) whose partial results are
+    :class:`UnitPieces`: a subclass only computes its units."""
+
+    def merge(self, parts: list[UnitPieces]) -> UnitPieces:
+        return merge_parts(parts) if parts else UnitPieces()
+
+    def to_state(self, part: UnitPieces) -> dict:
+        return part.state_dict()
+
+    def from_state(self, state: Mapping[str, Any]) -> UnitPieces:
+        return from_state(UnitPieces, state)

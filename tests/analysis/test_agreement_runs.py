@@ -8,10 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +19,7 @@ from fflayers.backends.fairseq_loading import load_fairseq_lm
 from fflayers.memories.agreement import AgreementTask
 from fflayers.memories.textual import format_line
 from fflayers.runs import MANIFEST
+from tests.runs.killing import kill_after_shards
 
 REPO = Path(__file__).resolve().parents[2]
 OUTPUTS = ("kv.tsv", "kv_random.tsv", "kv_max_probs.json")
@@ -83,22 +81,8 @@ def killed_run(argv: list[str], run_dir: Path) -> dict:
     manifest."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     script = str(REPO / "analysis" / "key_value_agreement.py")
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_SCRIPT, script, *argv], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            path = run_dir / MANIFEST
-            if path.is_file() and any(s["status"] == "done" for s in json.loads(path.read_text())["shards"]):
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.02)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    return json.loads((run_dir / MANIFEST).read_text())
+    return kill_after_shards([sys.executable, "-c", SLOW_SCRIPT, script, *argv], run_dir, 1, env=env,
+                             timeout_s=120)
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_bytes(lm, tmp_path, one_thread, capsys, monkeypatch):

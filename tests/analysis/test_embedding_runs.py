@@ -9,11 +9,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +22,7 @@ from analysis import linear_shortcuts as ls
 from fflayers.core import InputError
 from fflayers.embedding_space.export import ExportTask
 from fflayers.shortcuts.passes import StatesPass
+from tests.runs.killing import kill_after_shards
 
 REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -112,22 +111,8 @@ def test_sigkill_then_resume_computes_only_the_unfinished_blocks(tiny_gpt2_dir, 
     script.write_text(WRAPPER.format(repo=str(REPO)))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", SLOW_UNIT_S="0.8")
     argv = [sys.executable, str(script), *map(str, export_args(tiny_gpt2_dir, out)), "--resume"]
-    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 240
-        while shard_status(run_dir).count("done") < 2:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.time() < deadline, "the export did not finish 2 shards in time"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL and not out.exists()
+    kill_after_shards(argv, run_dir, 2, env=env, cwd=tmp_path)
+    assert not out.exists()
     shards = json.loads((run_dir / "manifest.json").read_text())["shards"]
     n_done = [s["status"] for s in shards].count("done")
     assert len(shards) == 4 and 2 <= n_done < 4  # (layer, side): one block of neurons each

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,7 @@ from fflayers.core import InputError
 from fflayers.neurons import evaluate
 from fflayers.neurons.facts import ParaphraseFact, write_facts
 from fflayers.runs import Manifest, config_hash, make_plan
+from tests.runs.killing import kill_after_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 COUNTRIES = [("France", "Paris", "French"), ("Germany", "Berlin", "German"), ("Italy", "Rome", "Italian"),
@@ -79,18 +77,9 @@ def test_sigkill_then_resume_computes_only_unfinished_facts(tiny_gpt2_dir, facts
     manifest = Path(f"{out}.ckpt") / "manifest.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", SOURCE_DATE_EPOCH="0",
                PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, str(ROOT / "analysis" / "knowledge_neurons.py"),
-                             *argv(tiny_gpt2_dir, facts_file, out, "--resume")],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 240
-        while proc.poll() is None and not done_shards(manifest) and time.time() < deadline:
-            time.sleep(0.01)
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        _, err = proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    script = str(ROOT / "analysis" / "knowledge_neurons.py")
+    kill_after_shards([sys.executable, script, *argv(tiny_gpt2_dir, facts_file, out, "--resume")],
+                      manifest.parent, 1, env=env, cwd=ROOT)
     stored = json.loads(manifest.read_text())
     finished = done_shards(manifest)
     assert 0 < len(finished) < stored["plan"]["n_shards"] == 4 and not out.exists()

@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from analysis import dissect_recall as dr
 from fflayers.cli import recall_analyses, tables
+from tests.runs.killing import kill_after_shards
 
 REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -101,23 +100,9 @@ def manifest_of(run_dir: Path) -> dict | None:
 def test_sigkill_then_resume_recomputes_only_unfinished_blocks(tiny_gpt2_dir, facts_file, tmp_path):
     script, out, run_dir = wrapper(tmp_path), tmp_path / "k.parquet", tmp_path / "k.parquet.ckpt"
     argv = [sys.executable, str(script), *map(str, knockout_argv(tiny_gpt2_dir, facts_file, out, "--resume"))]
-    proc = subprocess.Popen(argv, cwd=tmp_path, env=subprocess_env(tmp_path / "killed.log", 0.5),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 180
-        while [s["status"] for s in (manifest_of(run_dir) or {"shards": []})["shards"]].count("done") < 2:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.time() < deadline, "the run did not finish 2 shards in time"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL and not out.exists()
+    kill_after_shards(argv, run_dir, 2, env=subprocess_env(tmp_path / "killed.log", 0.5), cwd=tmp_path,
+                      timeout_s=180)
+    assert not out.exists()
     manifest = manifest_of(run_dir)
     assert manifest["kind"] == "recall-knockout" and manifest["plan"]["unit_name"] == "facts"
     done = [s["shard"] for s in manifest["shards"] if s["status"] == "done"]
@@ -278,16 +263,18 @@ def test_a_run_folder_of_another_analysis_is_refused(tiny_gpt2_dir, facts_file, 
 def test_merge_of_blocks_is_registered_and_order_free():
     import pandas as pd
 
-    from fflayers.runs import merge_function
+    from fflayers.runs import merge_function, merge_piece_states
 
-    parts = [[[u, pd.DataFrame({"known_id": [u], "x": [float(u)]})]] for u in range(4)]
+    parts = [{"pieces": [[u, pd.DataFrame({"known_id": [u], "x": [float(u)]})]]} for u in range(4)]
     merge = merge_function("recall-knockout")
     one = merge([merge(parts[2:]), merge(parts[:2])])
     other = merge([parts[3], merge([parts[1], parts[0]]), parts[2]])
-    assert [u for u, _ in one] == [u for u, _ in other] == [0, 1, 2, 3]
+    assert [u for u, _ in one["pieces"]] == [u for u, _ in other["pieces"]] == [0, 1, 2, 3]
     assert tables.blocks_table(one)["known_id"].tolist() == [0, 1, 2, 3]
-    assert all(merge_function(f"recall-{name}") is tables.merge_blocks
+    assert all(merge_function(f"recall-{name}") is merge_piece_states
                for name in ("project", "extraction", "enrichment", "sublayer-knockout"))
+    with pytest.raises(ValueError, match="unit 1 was added twice"):
+        merge([parts[1], parts[1]])
 
 
 def free_port() -> int:

@@ -10,11 +10,9 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +22,7 @@ from analysis import embedding_space as es
 from analysis import linear_shortcuts as ls
 from fflayers.embedding_space.export import ExportTask
 from fflayers.shortcuts.passes import PointsPass, StatesPass
+from tests.runs.killing import kill_after_shards
 
 REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -130,22 +129,7 @@ def test_sigkill_then_resume_computes_only_the_unfinished_blocks(tiny_gpt2_dir, 
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", SLOW_BLOCK_S="0.4")
     argv = [sys.executable, str(script), *map(str, fit_args(tiny_gpt2_dir, corpus)), "--output_dir", str(cut),
             "--resume"]
-    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 240
-        while shard_status(cut / RUN).count("done") < 3:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.time() < deadline, "the fit did not finish 3 shards in time"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    kill_after_shards(argv, cut / RUN, 3, env=env, cwd=tmp_path)
     assert os.listdir(cut) == [RUN]  # positions and maps are written after the pass only
     shards = json.loads((cut / RUN / "manifest.json").read_text())["shards"]
     n_done = [s["status"] for s in shards].count("done")

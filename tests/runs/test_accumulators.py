@@ -52,3 +52,26 @@ def test_a_run_of_accumulators_equals_the_direct_result(tmp_path):
                     progress=False)
     want = expected(config)
     assert out.plan["n_shards"] > 1 and out.result.count == 9 and torch.equal(out.result.total, want.total)
+
+
+def test_unit_pieces_follow_the_protocol_and_merge_in_unit_order():
+    from fflayers.runs import PiecesTask, UnitPieces, merge_piece_states
+
+    def pieces(units):
+        out = UnitPieces()
+        for u in units:
+            out.add(u, f"rows of {u}")
+        return out
+
+    assert isinstance(UnitPieces(), Accumulator)
+    want = [f"rows of {u}" for u in range(6)]
+    for order in itertools.permutations([[4], [0, 5], [2, 1], [3], []]):
+        assert merge_all([pieces(c).state_dict() for c in order], UnitPieces).pieces() == want
+    states = [pieces([3, 1]).state_dict(), pieces([0, 2]).state_dict()]
+    assert merge_piece_states(states) == {"pieces": [[u, f"rows of {u}"] for u in range(4)]}
+    task = PiecesTask()
+    part = task.merge([pieces([2]), task.from_state(pieces([0]).state_dict())])
+    assert part.units() == [0, 2] and task.to_state(part)["pieces"][0] == [0, "rows of 0"]
+    assert task.merge([]).pieces() == []
+    with pytest.raises(ValueError, match="unit 2 was added twice"):
+        pieces([2]).merge(pieces([2, 3]))

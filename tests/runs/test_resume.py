@@ -5,25 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from fflayers.runs import run_units
+from tests.runs.killing import kill_after_shards
 from tests.runs.toy import KIND, ToyConfig, ToyTask, expected, logged_units
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def shard_status(run_dir: Path) -> list[str]:
-    try:
-        return [s["status"] for s in json.loads((run_dir / "manifest.json").read_text())["shards"]]
-    except (OSError, ValueError, KeyError):
-        return []
 
 
 def test_sigkill_then_resume(tmp_path):
@@ -31,22 +22,8 @@ def test_sigkill_then_resume(tmp_path):
     argv = [sys.executable, "-m", "tests.runs.toy", "--out", str(tmp_path / "never.pt"),
             "--run_dir", str(run_dir), "--unit_log", str(log), "--units", "12", "--sleep", "0.25"]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 120
-        while shard_status(run_dir).count("done") < 3:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.time() < deadline, "the toy run did not finish 3 shards in time"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL and not (tmp_path / "never.pt").exists()
+    kill_after_shards(argv, run_dir, 3, env=env, cwd=REPO, timeout_s=120)
+    assert not (tmp_path / "never.pt").exists()
 
     manifest = json.loads((run_dir / "manifest.json").read_text())
     status = [s["status"] for s in manifest["shards"]]
