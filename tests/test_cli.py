@@ -250,13 +250,14 @@ def test_fflayers_errors_are_one_line_with_the_command_name(argv, prefix, capsys
 
 
 def _textual_dir(adapter, folder):
-    from fflayers.memories.textual import format_line
+    from fflayers.memories.textual import format_line, write_marker
 
     words = [adapter.dictionary[i] for i in range(adapter.dictionary.nspecial, len(adapter.dictionary))]
     for (layer, dim), targets in {(0, 3): ["the", "city", "and"], (1, 10): ["river", "qqqnotaword", "</s>"],
                                   (1, 255): words[:20]}.items():
         lines = [format_line(10.0 - j, f"w{j} prefix", t) for j, t in enumerate(targets)]
         (folder / f"{dim}_{layer}.txt").write_text("\n".join(lines) + "\n")
+    write_marker(folder, adapter.vocab)
     return folder
 
 

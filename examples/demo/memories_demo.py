@@ -59,9 +59,9 @@ def run_memories(name: str, adapter: LMAdapter, corpus: Path, out: Path, n_sente
         _run("generate_outputs.py", "--data_file", str(corpus), *flags, "--get_trigger_examples",
              "--extract_mode", "layer-raw", "--top_k_trigger_examples", str(k), "--max_sentences",
              str(n_sentences), "--output_file", str(jsonl), "--quiet")
-    if not textual.is_dir():
+    if not (textual / "textual.json").is_file():  # the completion marker of a finished conversion
         _run("trigger_examples_jsonl_to_textual.py", "--input_file", str(jsonl), *flags, "--output_dir",
-             str(textual), "--quiet")
+             str(textual), "--overwrite", "--quiet")
     if not Path(f"{base}.tsv").is_file():
         layer_flags = ["--layers", *map(str, agreement_layers)] if agreement_layers else []
         _run("key_value_agreement.py", *flags, "--data_dir", str(textual), "--output_base", str(base),

@@ -39,9 +39,20 @@ def find_checkpoint(model_dir: str | Path, checkpoint: str | None = None) -> Pat
     raise ModelError(f"several checkpoints in {model_dir} ({names}); pass checkpoint= to choose one")
 
 
+def load_dictionary(dict_path: str | Path):
+    """fairseq's ``Dictionary`` of ``dict_path``; a malformed file is a one-line :class:`ModelError`."""
+    from fairseq.data import Dictionary
+
+    try:
+        return Dictionary.load(str(dict_path))
+    except (ValueError, RuntimeError, UnicodeDecodeError, IndexError) as e:
+        first = " ".join(str(e).split())[:150]
+        raise ModelError(f"{dict_path} is not a fairseq dictionary ({first}); each line must be "
+                         "'<token> <count>': use the dict.txt that came with the checkpoint") from None
+
+
 def _build_model(state: dict, dict_path: Path):
     """Build fairseq's task + model from an upgraded checkpoint state and load the weights strictly."""
-    from fairseq.data import Dictionary
     from fairseq.models import ARCH_MODEL_NAME_REGISTRY, build_model
     from fairseq.tasks.language_modeling import LanguageModelingTask
     from omegaconf import open_dict
@@ -59,12 +70,7 @@ def _build_model(state: dict, dict_path: Path):
         for flag in ("checkpoint_activations", "offload_activations"):
             if getattr(cfg.model, flag, False):
                 setattr(cfg.model, flag, False)
-    try:
-        dictionary = Dictionary.load(str(dict_path))
-    except (ValueError, RuntimeError, UnicodeDecodeError, IndexError) as e:
-        first = " ".join(str(e).split())[:150]
-        raise ModelError(f"{dict_path} is not a fairseq dictionary ({first}); each line must be "
-                         "'<token> <count>': use the dict.txt that came with the checkpoint") from None
+    dictionary = load_dictionary(dict_path)
     output_size = getattr(cfg.task, "output_dictionary_size", -1)
     if output_size is not None and output_size >= 0:
         raise ModelError("checkpoints trained with --output-dictionary-size are not supported; "

@@ -128,7 +128,7 @@ def run_config(args: argparse.Namespace, task: AgreementTask) -> dict:
 def agreement(args: argparse.Namespace, info) -> None:
     from fflayers.io import run_metadata, write_json, write_table
     from fflayers.memories.agreement import AgreementTask, max_probs_by_layer, targets_from_examples
-    from fflayers.memories.textual import read_target_ids, read_textual_dir, textual_digest
+    from fflayers.memories.textual import check_vocabulary, read_target_ids, read_textual_dir, textual_digest
     from fflayers.runs import model_fingerprint, run_units
 
     start = time.time()
@@ -136,6 +136,7 @@ def agreement(args: argparse.Namespace, info) -> None:
     stored_ids = read_target_ids(args.data_dir)
     paths = output_paths(args.output_base, args.random_baseline)
     adapter = load_model(args)
+    check_vocabulary(args.data_dir, adapter.vocab)
     layers = None if not args.layers else [adapter.check_layer(x) for x in args.layers]
     targets, n_unknown = targets_from_examples(adapter, examples, stored_ids)
     del examples

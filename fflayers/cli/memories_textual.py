@@ -46,15 +46,20 @@ def build_parser(prog: str = PROG, epilog: str | None = None) -> argparse.Argume
 
 
 def tokens_for(args: argparse.Namespace):
+    """``(tokens, vocabulary)``: how trigger texts become lines, and the vocabulary recorded in the marker."""
     from fflayers.backends.hf_vocab import HFVocabulary
     from fflayers.memories.textual import SubwordTokens, WordLevel
 
     if (args.model_dir is None) == (args.hf_model is None):
         raise CLIError("pass exactly one of --model_dir (fairseq) and --hf_model (HuggingFace)")
     if args.model_dir is not None:
-        if not (Path(args.model_dir) / "dict.txt").is_file():
+        dict_path = Path(args.model_dir) / "dict.txt"
+        if not dict_path.is_file():
             raise CLIError(f"--model_dir {args.model_dir} has no dict.txt; pass a fairseq model dir")
-        return WordLevel()
+        from fflayers.backends.fairseq_loading import load_dictionary
+        from fflayers.backends.fairseq_vocab import FairseqVocabulary
+
+        return WordLevel(), FairseqVocabulary(load_dictionary(dict_path))
     from transformers import AutoTokenizer
 
     kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
@@ -64,7 +69,8 @@ def tokens_for(args: argparse.Namespace):
     except (OSError, ValueError) as err:
         raise CLIError(f"cannot load a tokenizer from {args.hf_model!r} "
                        f"({str(err).splitlines()[0]})") from None
-    return SubwordTokens(HFVocabulary(tokenizer, None, len(tokenizer)))  # the tokenizer only: no model load
+    vocab = HFVocabulary(tokenizer, None, len(tokenizer))  # the tokenizer only: no model load
+    return SubwordTokens(vocab), vocab
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,8 +84,9 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.input_file).is_file():
         raise CLIError(f"--input_file {args.input_file} does not exist")
     check_output_dir(output_dir, args.overwrite)
-    tokens = tokens_for(args)
-    n = write_textual(args.input_file, output_dir, tokens, overwrite=args.overwrite, progress=not args.quiet)
+    tokens, vocabulary = tokens_for(args)
+    n = write_textual(args.input_file, output_dir, tokens, overwrite=args.overwrite, progress=not args.quiet,
+                      vocabulary=vocabulary)
     print(f"{prog_name()}: wrote {n} files to {output_dir}")
     return n
 

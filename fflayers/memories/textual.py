@@ -11,6 +11,10 @@ Subword models re-tokenize ``text`` with their adapter, exactly as the sentences
 a subword target cannot be recovered exactly from its string (the leading space is stripped in the line, and
 a piece can have several spellings), so the folder also holds :data:`TARGET_IDS_FILE`: one JSON line per key
 file, ``{"file": "12_3.txt", "target_ids": [...]}``, the target token ids in the order of the file's lines.
+
+A finished folder holds :data:`MARKER` (``textual.json``): the counts of files and lines, the input's SHA-256
+and the digest of the vocabulary used (:func:`vocabulary_digest`). Readers refuse a folder without it or with
+other counts (an interrupted conversion), and the agreement step one made with another vocabulary.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from fflayers.core import InputError
 EOS = "</s>"
 #: exact target token ids of subword models, beside the ``{dim}_{layer}.txt`` files
 TARGET_IDS_FILE = "target_ids.jsonl"
+#: the completion marker of a finished textual folder, and its format
+MARKER = "textual.json"
+MARKER_FORMAT = "fflayers-textual/1"
 _FILE = re.compile(r"^(\d+)_(\d+)\.txt$")
 _WS = re.compile(r"[\t\r\n]")
 
@@ -143,20 +150,26 @@ def textual_files(rows: Iterable[dict], tokens) -> Iterator[tuple[str, list[str]
     """
     slot_layers: dict[int, int] = {}
     empty: list[tuple[int, int]] = []
-    for row in rows:
+    for n, row in enumerate(rows, 1):
         dim = int(row["dim"])
         for j, records in enumerate(row["top_values"]):
             if not records:
                 empty.append((dim, j))
                 continue
-            layer = int(records[0]["layer_index"])
+            try:
+                layer = int(records[0]["layer_index"])
+                lines, ids = [], []
+                for rec in records:
+                    text, position = rec["text"], int(rec["token_indice"])
+                    prefix, target = tokens.prefix_and_target(text, position)
+                    lines.append(format_line(rec["fc1_value"], prefix, target))
+                    ids.append(tokens.target_id(text, position))
+            except (KeyError, TypeError, ValueError) as err:
+                raise InputError(f"record {n} (dim {dim}) has a malformed trigger example "
+                                 f"({type(err).__name__}: {err}); each needs layer_index, token_indice, "
+                                 "fc1_value and text: pass the output of generate_outputs.py "
+                                 "--get_trigger_examples") from None
             slot_layers.setdefault(j, layer)
-            lines, ids = [], []
-            for rec in records:
-                text, position = rec["text"], int(rec["token_indice"])
-                prefix, target = tokens.prefix_and_target(text, position)
-                lines.append(format_line(rec["fc1_value"], prefix, target))
-                ids.append(tokens.target_id(text, position))
             yield f"{dim}_{layer}.txt", lines, None if None in ids else ids
     for dim, j in empty:
         yield f"{dim}_{slot_layers.get(j, j)}.txt", [], None
@@ -177,51 +190,129 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
-def _replace_text(path: Path, text: str) -> None:
-    """Write via a temporary file and a rename: readers never see a partial file. No fsync per file (tens of
-    thousands of small files; :func:`fflayers.io.atomic_write` would spend minutes in fsync)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _commit(tmp: Path, out: Path) -> None:
+    """Move the finished folder ``tmp`` to ``out``: one rename when ``out`` is missing or empty; otherwise
+    (``overwrite``) the old marker goes first, then the old key files, then the new files, the marker last."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    (out / MARKER).unlink(missing_ok=True)
+    for old in out.iterdir():
+        if (_FILE.match(old.name) or old.name == TARGET_IDS_FILE) and old.is_file():
+            old.unlink()
+    for new in sorted(tmp.iterdir(), key=lambda f: f.name == MARKER):
+        os.replace(new, out / new.name)
+    tmp.rmdir()
 
 
 def write_textual(input_file: str | os.PathLike, output_dir: str | os.PathLike, tokens,
-                  overwrite: bool = False, progress: bool = True) -> int:
+                  overwrite: bool = False,
+                  progress: bool = True, vocabulary: Vocabulary | None = None) -> int:
     """Convert a trigger-examples JSONL file to one text file per key; returns the number of files.
 
-    With ``overwrite`` the folder's old ``{dim}_{layer}.txt`` files are removed first. Each file appears
-    whole (written under a temporary name, then renamed).
+    The files are written into a temporary folder beside ``output_dir`` and moved there once all of them
+    (and :data:`MARKER`, with their counts and the ``vocabulary`` digest) are written: a malformed input line
+    or a killed run leaves ``output_dir`` as it was. With ``overwrite`` the folder's old key files are
+    replaced (other files stay).
     """
+    import shutil
+
     from tqdm.auto import tqdm
+
+    from fflayers.io import write_jsonl
+    from fflayers.runs import file_digest
 
     out = check_output_dir(output_dir, overwrite)
     if next(read_jsonl(input_file), None) is None:
         raise InputError(f"input file {input_file} holds no trigger examples; pass a non-empty .jsonl")
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for old in out.iterdir():
-            if _FILE.match(old.name) and old.is_file():
-                old.unlink()
-    stale_ids = out / TARGET_IDS_FILE
-    if stale_ids.exists():  # from an earlier run (overwrite): never pair old ids with new files
-        stale_ids.unlink()
-    n = 0
-    stored: list[dict] = []
-    for name, lines, ids in tqdm(textual_files(read_jsonl(input_file), tokens), disable=not progress,
-                                 unit="file", desc="textual"):
-        _replace_text(out / name, "".join(line + "\n" for line in lines))
-        if ids is not None:
-            stored.append({"file": name, "target_ids": ids})
-        n += 1
-    if stored:
-        from fflayers.io import write_jsonl
-
-        write_jsonl(out / TARGET_IDS_FILE, stored)
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed conversion
+    tmp.mkdir()
+    try:
+        n = n_lines = 0
+        stored: list[dict] = []
+        for name, lines, ids in tqdm(textual_files(read_jsonl(input_file), tokens), disable=not progress,
+                                     unit="file", desc="textual"):
+            (tmp / name).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+            if ids is not None:
+                stored.append({"file": name, "target_ids": ids})
+            n, n_lines = n + 1, n_lines + len(lines)
+        if stored:
+            write_jsonl(tmp / TARGET_IDS_FILE, stored)
+        write_marker(tmp, vocabulary, file_digest(input_file), counts=(n, n_lines))
+        _commit(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return n
+
+
+def write_marker(directory: str | os.PathLike, vocabulary: Vocabulary | None = None,
+                 input_sha256: str | None = None, counts: tuple[int, int] | None = None) -> dict:
+    """Mark ``directory`` as a finished textual folder (:data:`MARKER`) and return the marker: for a folder
+    made by other means (the original code, by hand) whose files are known to be complete. ``vocabulary``:
+    the one its lines were made with (checked by the agreement step); ``counts``: ``(files, lines)`` when
+    known, else counted."""
+    d = Path(directory)
+    if counts is None:
+        files = [f for f in d.iterdir() if _FILE.match(f.name) and f.is_file()]
+        lines = sum(1 for f in files for line in f.read_text(encoding="utf-8").splitlines() if line.strip())
+        counts = (len(files), lines)
+    marker = {"format": MARKER_FORMAT, "files": counts[0], "lines": counts[1],
+              "target_ids": (d / TARGET_IDS_FILE).is_file(), "input_sha256": input_sha256,
+              "vocabulary": None if vocabulary is None else vocabulary_digest(vocabulary)}
+    tmp = d / f".{MARKER}.tmp"
+    tmp.write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, d / MARKER)
+    return marker
+
+
+def vocabulary_digest(vocabulary: Vocabulary, size: int | None = None) -> dict:
+    """``{"size", "sha256"}`` of the first ``size`` (default all) token strings of ``vocabulary``."""
+    import hashlib
+
+    size = vocabulary.size if size is None else size
+    tokens = vocabulary.id_to_token(list(range(min(size, vocabulary.size))))
+    return {"size": size, "sha256": hashlib.sha256("\n".join(tokens).encode("utf-8", "replace")).hexdigest()}
+
+
+def read_marker(directory: str | os.PathLike) -> dict:
+    """The completion marker of a textual folder; refuses a folder without one (left by an interrupted or
+    older conversion) or whose key files are not those the marker counts."""
+    d = Path(directory)
+    path = d / MARKER
+    rerun = "rerun trigger_examples_jsonl_to_textual.py (with --overwrite) to make the folder again"
+    if not path.is_file():
+        raise InputError(f"folder {d} has no {MARKER}: it was left by an interrupted conversion or made "
+                         f"elsewhere; {rerun} (a complete folder from elsewhere: "
+                         "fflayers.memories.textual.write_marker)")
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8"))
+        files = int(marker["files"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise InputError(f"{path} is malformed; {rerun}") from None
+    if marker.get("format") != MARKER_FORMAT:
+        raise InputError(f"{path} has format {marker.get('format')!r}, this version reads {MARKER_FORMAT}; "
+                         f"{rerun}")
+    found = sum(1 for f in d.iterdir() if _FILE.match(f.name) and f.is_file())
+    if found != files:
+        raise InputError(f"folder {d} holds {found} key files, its {MARKER} says {files}; {rerun}")
+    if marker.get("target_ids") and not (d / TARGET_IDS_FILE).is_file():
+        raise InputError(f"folder {d} lacks its {TARGET_IDS_FILE}; {rerun}")
+    return marker
+
+
+def check_vocabulary(directory: str | os.PathLike, vocabulary: Vocabulary) -> None:
+    """Refuse a textual folder made with another vocabulary than ``vocabulary``'s (the model's)."""
+    want = read_marker(directory).get("vocabulary")
+    if want is None:
+        return
+    got = vocabulary_digest(vocabulary, int(want["size"]))
+    if vocabulary.size < int(want["size"]) or got["sha256"] != want["sha256"]:
+        raise InputError(f"folder {directory} was made with another vocabulary ({want['size']} tokens) than "
+                         f"this model's ({vocabulary.size} tokens); convert the trigger examples with this "
+                         "model's --model_dir / --hf_model")
 
 
 def read_textual_dir(directory: str | os.PathLike) -> dict[tuple[int, int], list[tuple[float, str, str]]]:
@@ -230,6 +321,7 @@ def read_textual_dir(directory: str | os.PathLike) -> dict[tuple[int, int], list
     if not d.is_dir():
         raise InputError(f"folder {d} does not exist; pass the output folder of "
                          "trigger_examples_jsonl_to_textual.py")
+    read_marker(d)
     out: dict[tuple[int, int], list[tuple[float, str, str]]] = {}
     for path in sorted(d.iterdir()):
         m = _FILE.match(path.name)

@@ -17,7 +17,7 @@ import torch
 from analysis import key_value_agreement as kva
 from fflayers.backends.fairseq_loading import load_fairseq_lm
 from fflayers.memories.agreement import AgreementTask
-from fflayers.memories.textual import format_line
+from fflayers.memories.textual import format_line, write_marker
 from fflayers.runs import MANIFEST
 from tests.runs.killing import kill_after_shards
 
@@ -62,6 +62,7 @@ def write_textual(folder: Path, adapter) -> Path:
     for (layer, dim), targets in keys.items():
         lines = [format_line(10.0 - j, f"w{j} prefix", t) for j, t in enumerate(targets)]
         (folder / f"{dim}_{layer}.txt").write_text("\n".join(lines) + "\n")
+    write_marker(folder, adapter.vocab)
     return folder
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from analysis import key_value_agreement as kva
 from fflayers.backends.fairseq_loading import load_fairseq_lm
 from fflayers.memories.agreement import AGREEMENT_COLUMNS
-from fflayers.memories.textual import format_line
+from fflayers.memories.textual import format_line, write_marker
 
 REPO = Path(__file__).resolve().parents[2]
 TOL = 1e-5
@@ -47,6 +48,7 @@ def setup(fairseq_adaptive_lm, tmp_path_factory):
         lines = [format_line(10.0 - j, f"w{j} prefix", t) for j, t in enumerate(targets)]
         (data / f"{dim}_{layer}.txt").write_text("\n".join(lines) + "\n")
     (data / "notes.md").write_text("not a trigger file\n")
+    write_marker(data, adapter.vocab)
     return adapter, data, keys, fairseq_adaptive_lm.model_dir
 
 
@@ -112,6 +114,22 @@ def _bad_cases(tmp: Path, data: Path, model_dir: Path):
     bad_layer = tmp / "bad_layer"
     bad_layer.mkdir()
     (bad_layer / "0_5.txt").write_text(format_line(1.0, "a", "the") + "\n")
+    write_marker(empty)
+    write_marker(bad_layer)
+    # a conversion killed midway: key files, no marker
+    unfinished = tmp / "unfinished"
+    shutil.copytree(data, unfinished)
+    (unfinished / "textual.json").unlink()
+    # files lost after the conversion finished
+    short = tmp / "short"
+    shutil.copytree(data, short)
+    (short / "3_0.txt").unlink()
+    # made with another vocabulary (the marker of a 5-token one)
+    other = tmp / "other_vocab"
+    shutil.copytree(data, other)
+    marker = json.loads((other / "textual.json").read_text())
+    marker["vocabulary"] = {"size": 5, "sha256": "0" * 64}
+    (other / "textual.json").write_text(json.dumps(marker))
     a_file = tmp / "a_file"
     a_file.write_text("x")
     out = tmp / "out" / "kv"
@@ -126,6 +144,12 @@ def _bad_cases(tmp: Path, data: Path, model_dir: Path):
         "layer out of range": ([*common, "--data_dir", data, "--output_base", out, "--layers", "7"],
                                "out of range"),
         "trigger layer not in model": ([*common, "--data_dir", bad_layer, "--output_base", out], "layer 5"),
+        "unfinished conversion": ([*common, "--data_dir", unfinished, "--output_base", out],
+                                  "has no textual.json: it was left by an interrupted conversion"),
+        "key files missing": ([*common, "--data_dir", short, "--output_base", out],
+                              "holds 3 key files, its textual.json says 4"),
+        "another vocabulary": ([*common, "--data_dir", other, "--output_base", out],
+                               "was made with another vocabulary (5 tokens)"),
         "two models": ([*common, "--hf_model", "x", "--data_dir", data, "--output_base", out], "exactly one"),
         "no model": (["--data_dir", data, "--output_base", out], "exactly one"),
         "bad flag": ([*common, "--data_dir", data, "--output_base", out, "--frobnicate"], "unrecognized"),
@@ -138,7 +162,8 @@ def _bad_cases(tmp: Path, data: Path, model_dir: Path):
 
 
 CASES = ["missing data_dir", "empty data_dir", "missing output folder", "output parent is a file",
-         "layer out of range", "trigger layer not in model", "two models", "no model", "bad flag",
+         "layer out of range", "trigger layer not in model", "unfinished conversion", "key files missing",
+         "another vocabulary", "two models", "no model", "bad flag",
          "bad model dir", "output folder refuses files"]
 
 

@@ -22,7 +22,7 @@ from fflayers.memories.agreement import (
     target_id,
     targets_from_examples,
 )
-from fflayers.memories.textual import format_line, read_textual_dir
+from fflayers.memories.textual import format_line, read_textual_dir, write_marker
 from tests.fixtures.hf_models import VOCAB, tiny_model
 from tests.fixtures.planted import build_planted
 
@@ -136,6 +136,7 @@ def test_planted_value_agrees_with_its_triggers(tmp_path):
     (tmp_path / f"{planted.neuron}_{planted.layer}.txt").write_text("\n".join(lines) + "\n")
     (tmp_path / f"0_{planted.layer}.txt").write_text(format_line(2.0, "w5", f"w{y}") + "\n" +
                                                      format_line(1.0, "w5", "nonsense") + "\n")
+    write_marker(tmp_path)
     targets, n_unknown = targets_from_examples(adapter, read_textual_dir(tmp_path))
     assert n_unknown == 1
     assert targets[planted.layer, planted.neuron] == [y, y, y, 9]  # by activation, largest first

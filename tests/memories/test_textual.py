@@ -11,9 +11,12 @@ from fflayers.core import FflayersError
 from fflayers.memories.textual import (
     SubwordTokens,
     WordLevel,
+    check_vocabulary,
     format_line,
     parse_line,
+    read_marker,
     read_textual_dir,
+    vocabulary_digest,
     write_textual,
 )
 
@@ -43,7 +46,8 @@ def jsonl(tmp_path):
 def test_exact_files_for_word_level_model(jsonl, tmp_path):
     out = tmp_path / "out"
     assert write_textual(jsonl, out, WordLevel(), progress=False) == 4
-    assert sorted(p.name for p in out.iterdir()) == ["3_0.txt", "3_1.txt", "7_0.txt", "7_1.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["3_0.txt", "3_1.txt", "7_0.txt", "7_1.txt",
+                                                     "textual.json"]
     # input </s> the cat sat on the mat: position 3 holds "sat" and predicts "on"; position 0 (</s>) "the"
     assert (out / "3_0.txt").read_text() == "3.14\tthe cat sat *on*\n2.5\t*the*\n"
     # the last position predicts the end of the sentence
@@ -163,3 +167,67 @@ def test_cli_default_output_dir_and_bad_input(jsonl, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err and "\n" not in err
     assert not any((tmp_path / d).exists() for d in "xyz")
+
+
+def test_marker_counts_files_lines_input_and_vocabulary(jsonl, tmp_path):
+    import hashlib
+
+    from transformers import AutoTokenizer
+
+    from fflayers.assets import gpt2_tokenizer_dir
+    from fflayers.backends.hf_vocab import HFVocabulary
+
+    model = gpt2_tokenizer_dir(tmp_path / "tok")
+    (model / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    tok = AutoTokenizer.from_pretrained(str(model))
+    vocab = HFVocabulary(tok, None, len(tok))
+    out = tmp_path / "out"
+    write_textual(jsonl, out, WordLevel(), progress=False, vocabulary=vocab)
+    marker = read_marker(out)
+    assert marker["files"] == 4 and marker["lines"] == 5 and marker["target_ids"] is False
+    assert marker["input_sha256"] == hashlib.sha256(jsonl.read_bytes()).hexdigest()
+    tokens = [tok.decode([i]) for i in range(len(tok))]  # each id as decoded text
+    assert marker["vocabulary"] == {"size": len(tok),
+                                    "sha256": hashlib.sha256("\n".join(tokens).encode()).hexdigest()}
+    # a model whose embedding is padded past the tokenizer (GPT-NeoX style) has the same first entries
+    check_vocabulary(out, HFVocabulary(tok, None, len(tok) + 47))
+    with pytest.raises(FflayersError, match=r"another vocabulary \(50257 tokens\) than this model's \(100"):
+        check_vocabulary(out, HFVocabulary(tok, None, 100))
+    assert vocabulary_digest(vocab, 3)["size"] == 3
+
+
+def test_malformed_line_leaves_no_file_and_keeps_the_old_folder(jsonl, tmp_path):
+    rows = [json.dumps(ROWS[0])] * 100 + ['{"dim": 9, "top_values": [[{"rank": 0}]]}']  # line 101 malformed
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    with pytest.raises(FflayersError, match=r"record 101 \(dim 9\) has a malformed trigger example"):
+        write_textual(bad, out, WordLevel(), progress=False)
+    assert not out.exists() and list(tmp_path.glob(".out*")) == []
+    write_textual(jsonl, out, WordLevel(), progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(FflayersError):
+        write_textual(bad, out, WordLevel(), overwrite=True, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_killed_conversion_leaves_nothing_the_reader_takes(jsonl, tmp_path):
+    out = tmp_path / "out"
+    stale = tmp_path / ".out.partial"  # what a SIGKILL leaves: the temporary folder, never ``out``
+    stale.mkdir()
+    (stale / "3_0.txt").write_text("junk\n")
+    write_textual(jsonl, out, WordLevel(), progress=False)
+    assert not stale.exists() and (out / "3_0.txt").read_text().startswith("3.14\t")
+    (out / "textual.json").unlink()  # a folder of key files without its marker
+    with pytest.raises(FflayersError, match="has no textual.json"):
+        read_textual_dir(out)
+
+
+def test_overwrite_replaces_key_files_and_keeps_others(jsonl, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "99_0.txt").write_text("1.0\tan old *key*\n")
+    (out / "notes.md").write_text("mine")
+    write_textual(jsonl, out, WordLevel(), overwrite=True, progress=False)
+    assert not (out / "99_0.txt").exists() and (out / "notes.md").read_text() == "mine"
+    assert read_marker(out)["files"] == 4 and len(read_textual_dir(out)) == 4
