@@ -108,6 +108,19 @@ def _looks_like_checkpoint(path: Path) -> bool:
     return len(head) == 2 and head[0] == 0x80
 
 
+#: how torch's legacy (pre-zip) format starts: the pickled magic number 0x1950a86a20f9469cfc6c
+_LEGACY_MAGIC = b"\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+def _is_plain_pickle(path: Path) -> bool:
+    """A pickle stream that is not torch's legacy checkpoint format (no magic number first)."""
+    if zipfile.is_zipfile(path):
+        return False
+    with open(path, "rb") as f:
+        head = f.read(2 + len(_LEGACY_MAGIC))
+    return head[2:] != _LEGACY_MAGIC
+
+
 def load_checkpoint(path: str | Path, trust_checkpoint: bool = False) -> dict:
     """Load a checkpoint to CPU; weights-only with :func:`safe_globals` unless ``trust_checkpoint``.
 
@@ -120,6 +133,10 @@ def load_checkpoint(path: str | Path, trust_checkpoint: bool = False) -> dict:
     if path.stat().st_size == 0 or not _looks_like_checkpoint(path):
         raise ModelError(f"checkpoint {path} is not a torch checkpoint (corrupt or truncated); "
                          "re-download or re-save it")
+    if _is_plain_pickle(path):
+        raise ModelError(f"checkpoint {path} is a plain pickle, not a torch checkpoint; nothing in it was "
+                         "run (unpickling runs code); if you trust it, re-save it where you do: "
+                         "torch.save(pickle.load(open(PATH, 'rb')), 'model.pt')")
     try:
         if trust_checkpoint:
             state = torch.load(path, map_location="cpu", weights_only=False)

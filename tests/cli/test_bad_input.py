@@ -198,3 +198,30 @@ def test_recall_plot_of_a_bad_table(name, content, needle, tmp_path, capsys):
                          "--output", str(tmp_path / "fig")], capsys)
     assert_one_line_error(code, err, needle)
     assert not list(tmp_path.glob("fig*"))
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_plain_pickle_checkpoint_says_so_and_runs_nothing(trust, tmp_path, capsys):
+    import pickle
+
+    model, marker = tmp_path / "m", tmp_path / "PWNED"
+    model.mkdir()
+    (model / "dict.txt").write_text("the 5\ncity 3\n")
+    (model / "model.pt").write_bytes(pickle.dumps({"model": _RunsCode(marker)}, protocol=4))
+    corpus = tmp_path / "c.tokens"
+    corpus.write_text("the city\n")
+    argv = ["memories", "mine", "--model_dir", str(model), "--data_file", str(corpus),
+            "--get_trigger_examples", "--output_file", str(tmp_path / "out.jsonl"),
+            *(["--trust-checkpoint"] if trust else [])]
+    code, err = run_cli(argv, capsys)
+    assert_one_line_error(code, err, "is a plain pickle, not a torch checkpoint", "nothing in it was run",
+                          "torch.save(pickle.load(")
+    assert not marker.exists() and not (tmp_path / "out.jsonl").exists()
