@@ -22,7 +22,7 @@ import argparse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from fflayers.cli.common import CLIError, Parser, run_main
+from fflayers.cli.common import CLIError, Parser, check_range, run_main
 from fflayers.core import FflayersError
 
 __all__ = ["PROG", "build_parser", "read_agreement", "read_ffn_info", "run", "main", "command"]
@@ -93,7 +93,9 @@ def read_ffn_info(path: str, trust: bool = False):
         return "dim", table
     if "active_memories" in table.columns:
         return "layer", table
-    raise CLIError(f"{p} is neither a layer- nor a dim-mode ffn info table")
+    raise CLIError(f"{p} is not an ffn info table (columns {', '.join(map(str, table.columns[:6]))}...); "
+                   "--ffn_info takes layer-mode tables (generate_outputs.py --extract_ffn_info "
+                   "--extract_mode layer) and dim-mode tables (--extract_mode dim)")
 
 
 def prepare_output_dir(path: str) -> Path:
@@ -130,6 +132,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         raise CLIError("--output_dir is required")
     if args.top_n < 1:
         raise CLIError(f"--top_n {args.top_n} must be >= 1")
+    check_range(args, "d_ff", 1, why="the FFN width of the model the tables come from")
     # read everything before writing anything
     agreement = read_agreement(args.agreement_tsv) if args.agreement_tsv else None
     baseline = read_agreement(args.baseline_tsv) if args.baseline_tsv else None

@@ -65,6 +65,10 @@ def read_facts(args: argparse.Namespace) -> list:
     skipped: list[str] = []
     facts = load_facts(args.facts, skipped=skipped)
     report_skipped(skipped, "cannot be read")
+    if not facts and not skipped:
+        facts_command = prog_name() + " facts --countries --hf_model MODEL --output facts.json"
+        raise CLIError(f"--facts {args.facts} holds no facts; build a fact file with `{facts_command}` "
+                       "(or pass --countries)")
     if not facts:
         raise CLIError(f"--facts {args.facts} holds no usable fact ({len(skipped)} skipped)")
     return facts

@@ -42,6 +42,7 @@ from fflayers.cli.common import (
     Parser,
     add_model_args,
     check_model_args,
+    check_range,
     load_adapter,
     prog_name,
     run_command,
@@ -124,6 +125,7 @@ def _resume_args(s: argparse.ArgumentParser, folder: str) -> None:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    check_range(args, "lambdas", 0, 1, why="a lambda is a probability threshold of the top-1 prediction")
     if args.command in MODEL_COMMANDS:
         check_model_args(args)
         if args.batch_size < 1:

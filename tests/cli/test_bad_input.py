@@ -165,6 +165,10 @@ def test_ctrl_c_stops_with_one_line_and_exit_130(tiny_gpt2_dir, tmp_path):  # no
      "--window 0 must be >= 1"),
     (["recall", "enrichment", "--countries", "--paragraphs", "{out}/p.jsonl", "--output", "{out}/e.parquet",
       "--keep", "0"], "--keep 0 must be >= 1"),
+    (["shortcuts", "early-exit", "--output_dir", "{out}", "--lambdas", "-0.5", "3"],
+     "--lambdas -0.5 must be in [0, 1]"),
+    (["shortcuts", "all", "--data_file", "{out}/c.txt", "--output_dir", "{out}/s", "--lambdas", "0.5", "3"],
+     "--lambdas 3 must be in [0, 1]"),
 ])
 def test_numeric_flags_are_range_checked_before_the_model_loads(argv, needle, tmp_path, capsys):
     """The model folder does not exist: the range error must come first."""
@@ -225,3 +229,26 @@ def test_plain_pickle_checkpoint_says_so_and_runs_nothing(trust, tmp_path, capsy
     assert_one_line_error(code, err, "is a plain pickle, not a torch checkpoint", "nothing in it was run",
                           "torch.save(pickle.load(")
     assert not marker.exists() and not (tmp_path / "out.jsonl").exists()
+
+
+def test_plot_memories_d_ff_zero_and_a_table_of_another_kind(tmp_path, capsys):
+    import pandas as pd
+
+    knockout = tmp_path / "knockout.parquet"
+    table = pd.DataFrame({"known_id": [0], "layer": [3], "block": ["subject"], "p_change": [0.1]})
+    table.to_parquet(knockout)
+    base = ["memories", "plot", "--ffn_info", str(knockout), "--output_dir", str(tmp_path / "figs")]
+    code, err = run_cli([*base, "--d_ff", "0"], capsys)
+    assert_one_line_error(code, err, "--d_ff 0 must be >= 1")
+    code, err = run_cli(base, capsys)
+    assert_one_line_error(code, err, "is not an ffn info table (columns known_id, layer, block",
+                          "--extract_mode layer", "--extract_mode dim")
+    assert not (tmp_path / "figs").exists()
+
+
+def test_an_empty_facts_file_says_how_to_build_one(tiny_gpt2_dir, tmp_path, capsys):  # noqa: F811
+    facts = tmp_path / "facts.json"
+    facts.write_text("[]")
+    code, err = run_cli(["recall", "knockout", "--hf_model", str(tiny_gpt2_dir), "--facts", str(facts),
+                         "--output", str(tmp_path / "k.parquet")], capsys)
+    assert_one_line_error(code, err, "holds no facts", "fflayers recall facts --countries")
