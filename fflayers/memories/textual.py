@@ -108,7 +108,11 @@ def parse_line(line: str) -> tuple[float, str, str]:
         prefix, target = "", rest[1:-1]
     else:
         raise InputError(f"malformed trigger-example line {line!r}; expected 'value<TAB>prefix *target*'")
-    return float(value), prefix, target
+    try:
+        return float(value), prefix, target
+    except ValueError:
+        raise InputError(f"malformed trigger-example line {line!r}: {value!r} is not a number; expected "
+                         "'value<TAB>prefix *target*'") from None
 
 
 def _json_lines(path: Path, what: str) -> Iterator[tuple[int, object]]:
@@ -328,8 +332,18 @@ def read_textual_dir(directory: str | os.PathLike) -> dict[tuple[int, int], list
         if not m or not path.is_file():
             continue
         dim, layer = int(m.group(1)), int(m.group(2))
-        with open(path, encoding="utf-8") as f:
-            out[layer, dim] = [parse_line(line) for line in f if line.strip()]
+        rows, lineno = [], 0
+        rerun = "rerun trigger_examples_jsonl_to_textual.py"
+        try:
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):  # noqa: B007 - lineno names the bad line
+                    if line.strip():
+                        rows.append(parse_line(line))
+        except InputError as err:
+            raise InputError(f"{path} line {lineno}: {err}; {rerun}") from None
+        except UnicodeDecodeError:
+            raise InputError(f"{path} is not UTF-8 text; {rerun}") from None
+        out[layer, dim] = rows
     if not out:
         raise InputError(f"folder {d} holds no {{dim}}_{{layer}}.txt files; "
                          "run trigger_examples_jsonl_to_textual.py first")

@@ -231,3 +231,15 @@ def test_overwrite_replaces_key_files_and_keeps_others(jsonl, tmp_path):
     write_textual(jsonl, out, WordLevel(), overwrite=True, progress=False)
     assert not (out / "99_0.txt").exists() and (out / "notes.md").read_text() == "mine"
     assert read_marker(out)["files"] == 4 and len(read_textual_dir(out)) == 4
+
+
+def test_a_malformed_line_names_its_file_and_line(jsonl, tmp_path):
+    out = tmp_path / "out"
+    write_textual(jsonl, out, WordLevel(), progress=False)
+    with open(out / "3_0.txt", "a") as f:
+        f.write("x.5\tthe *cat*\n")
+    with pytest.raises(FflayersError, match=r"3_0.txt line 3: malformed trigger-example line .*'x.5' is"):
+        read_textual_dir(out)
+    (out / "3_0.txt").write_bytes(b"\xff\xfe\n")
+    with pytest.raises(FflayersError, match="3_0.txt is not UTF-8 text"):
+        read_textual_dir(out)
