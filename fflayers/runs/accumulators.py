@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from fflayers.core import RunStateError
+
 __all__ = ["Accumulator", "PiecesTask", "UnitPieces", "from_state", "merge_parts", "merge_all",
            "merge_piece_states"]
 
@@ -138,4 +140,7 @@ class PiecesTask:
         return part.state_dict()
 
     def from_state(self, state: Mapping[str, Any]) -> UnitPieces:
+        if not isinstance(state, Mapping) or "pieces" not in state:
+            raise RunStateError("the run folder holds a shard in the layout of an earlier fflayers version; "
+                                "remove the run folder (OUTPUT.ckpt) and run again")
         return from_state(UnitPieces, state)

@@ -73,5 +73,10 @@ def test_unit_pieces_follow_the_protocol_and_merge_in_unit_order():
     part = task.merge([pieces([2]), task.from_state(pieces([0]).state_dict())])
     assert part.units() == [0, 2] and task.to_state(part)["pieces"][0] == [0, "rows of 0"]
     assert task.merge([]).pieces() == []
+    from fflayers.core import RunStateError
+
+    for old_layout in ([[0, "rows of 0"]], {0: {"record": 1}}):  # the shard states before UnitPieces
+        with pytest.raises(RunStateError, match="layout of an earlier fflayers version; remove the run"):
+            task.from_state(old_layout)
     with pytest.raises(ValueError, match="unit 2 was added twice"):
         pieces([2]).merge(pieces([2, 3]))
