@@ -39,7 +39,7 @@ def test_all_then_each_subcommand(tiny_gpt2_dir, corpus, tmp_path, capsys):
     out = tmp_path / "run"
     model = ["--hf_model", tiny_gpt2_dir, "--device", "cpu", "--quiet"]
     rc, stdout, err = run_cli(["all", *model, "--data_file", corpus, "--train_sentences", 60,
-                               "--val_sentences", 20, "--output_dir", out, "--lambdas", 0, 0.5, 10], capsys)
+                               "--val_sentences", 20, "--output_dir", out, "--lambdas", 0, 0.5, 1], capsys)
     assert rc == 0, err
     for name in ("positions.parquet", "maps.safetensors", "r2.tsv", "evaluate.tsv", "early_exit.tsv",
                  "r2.png", "evaluate.pdf", "early_exit.png"):
@@ -64,7 +64,8 @@ def test_all_then_each_subcommand(tiny_gpt2_dir, corpus, tmp_path, capsys):
     assert ev["precision@1"].tolist() == pytest.approx(
         evaluate_shortcuts(adapter, states, maps)["precision@1"].tolist())
     ee = pd.read_csv(out / "early_exit.tsv", sep="\t")
-    assert (ee[ee["lambda"] == 10]["precision@1"] == 1.0).all()  # nothing exits early: the full model
+    # lambda 1 asks for p1 - p2 > 0.9: the random tiny model is never that sure, so it is the full model
+    assert (ee[ee["lambda"] == 1]["precision@1"] == 1.0).all()
 
     for sub in ("r2", "evaluate", "early-exit"):
         rc, _, err = run_cli([sub, *model, "--output_dir", out], capsys)

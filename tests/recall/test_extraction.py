@@ -122,7 +122,13 @@ def test_blocking_everything_before_last_equals_a_lone_last_token(gpt2):
             assert row.top1_id.item() == token
     none = events[events.variant == "none"].reset_index(drop=True)
     non_subject = events[events.variant == "block_non_subject"].reset_index(drop=True)
-    assert none.drop(columns="variant").equals(non_subject.drop(columns="variant"))
+    # the same rows; a blocking batch runs attention with an explicit (all-open) mask, which may move the
+    # float32 log-probs by an ulp, never a token, rank or event
+    floats = [c for c in none.columns if none[c].dtype.kind == "f"]
+    exact = [c for c in none.columns if c not in floats and c != "variant"]
+    assert none[exact].equals(non_subject[exact])
+    for c in floats:
+        assert non_subject[c].tolist() == pytest.approx(none[c].tolist(), rel=1e-5, abs=1e-6), c
 
 
 def test_patched_subject_equals_plain_hook_recomputation(gpt2):
