@@ -43,7 +43,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from fflayers.backends.fairseq_loading import load_fairseq_lm
     from fflayers.distributed import barrier, dist_info, finish, init_distributed
-    from fflayers.memories.scan import run_scan
+    from fflayers.memories.scan import ScanConfig, run_scan
     from fflayers.memories.trigger_examples import TriggerScan
 
     info = dist_info()
@@ -51,15 +51,15 @@ def worker(args: argparse.Namespace) -> None:
     lm = load_fairseq_lm(args.model_dir, device="cpu")
     ids = demo_sentences(lm, args.sentences, args.corpus)
     layers, dims = list(range(lm.n_layers)), list(range(lm.d_ff))
-    config = {"bench": True, "ranks": info.world_size}
+    config = ScanConfig("trigger_examples", layers, dims, len(ids), k=50)
 
     def make(bt):
         return TriggerScan(lm, ids, 50, layers, dims, bt)
 
-    run_scan(make, args.batch_tokens, config, len(ids), progress=False)  # warm-up
+    run_scan(make, args.batch_tokens, config, progress=False)  # warm-up
     barrier()
     t0 = time.perf_counter()
-    out = run_scan(make, args.batch_tokens, config, len(ids), progress=False)
+    out = run_scan(make, args.batch_tokens, config, progress=False)
     seconds = time.perf_counter() - t0
     if info.is_main:
         print(json.dumps({"ranks": info.world_size, "seconds": seconds, "sentences": len(ids),

@@ -17,7 +17,7 @@ import torch
 
 from analysis import merge_shards
 from analysis import plot_memories as pm
-from fflayers.memories.scan import _load_shard, shard_file
+from fflayers.runs import load_shard, shard_file
 from fflayers.safe_pickle import UnsafePickleError, load_pickle, restricted_loads, torch_load_restricted
 
 
@@ -151,4 +151,4 @@ def test_scan_shard_refuses_evil_state(tmp_path, marker):
     run_dir.mkdir()
     torch.save({"config_hash": "h", "shard": 0, "state": Evil(marker)}, shard_file(run_dir, 0))
     with pytest.raises(UnsafePickleError):
-        _load_shard(run_dir, "h", 0)
+        load_shard(run_dir, 0, "h")

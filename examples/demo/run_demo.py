@@ -143,7 +143,7 @@ def main() -> None:
                      model_dir=model_dir)
         every_third = sorted({*range(0, smollm2.n_layers, 3), smollm2.n_layers - 1})
         run_memories("SmolLM2-135M", smollm2, corpus, out / "memories_smollm2", args.hf_sentences,
-                     model_dir=smollm2_dir, agreement_layers=every_third)
+                     model_dir=smollm2_dir, agreement_layers=every_third, info_sentences=50)
 
     if not args.skip_embedding_space:
         from embedding_space_demo import run_embedding_space

@@ -28,7 +28,6 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fflayers.cli.common import (
     CLIError,
@@ -41,10 +40,7 @@ from fflayers.cli.common import (
     run_main,
 )
 
-if TYPE_CHECKING:
-    from fflayers.memories.agreement import AgreementTask
-
-__all__ = ["PROG", "build_parser", "check_args", "to_tsv_frame", "run_config", "run", "main", "command"]
+__all__ = ["PROG", "build_parser", "check_args", "to_tsv_frame", "run", "main", "command"]
 
 PROG = "key_value_agreement.py"
 
@@ -119,12 +115,6 @@ def run(args: argparse.Namespace) -> None:
         finish()
 
 
-def run_config(args: argparse.Namespace, task: AgreementTask) -> dict:
-    """The options of an agreement run that change its result (with the fingerprints: its resume key)."""
-    return {"layers": task.layers, "chunk_values": args.chunk_values, "random_baseline": args.random_baseline,
-            "seed": args.seed}
-
-
 def agreement(args: argparse.Namespace, info) -> None:
     from fflayers.io import run_metadata, write_json, write_table
     from fflayers.memories.agreement import AgreementTask, max_probs_by_layer, targets_from_examples
@@ -149,7 +139,7 @@ def agreement(args: argparse.Namespace, info) -> None:
     task = AgreementTask(adapter, targets, layers, args.chunk_values, args.random_baseline, args.seed)
     run_dir = Path(args.output_base + ".ckpt") if args.resume else None
     fingerprints = {"model": model_fingerprint(adapter), "textual": textual_digest(args.data_dir)}
-    done = run_units(task, run_config(args, task), kind=task.kind, run_dir=run_dir, fingerprints=fingerprints,
+    done = run_units(task, task.config, kind=task.kind, run_dir=run_dir, fingerprints=fingerprints,
                      unit_name="values", progress=not args.quiet, desc="key-value agreement")
     if not info.is_main:
         return

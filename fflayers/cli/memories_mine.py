@@ -36,6 +36,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fflayers.cli.common import (
     CLIError,
@@ -47,6 +48,9 @@ from fflayers.cli.common import (
     run_command,
     run_main,
 )
+
+if TYPE_CHECKING:
+    from fflayers.memories.scan import ScanConfig
 
 __all__ = ["PROG", "build_parser", "check_args", "run", "main", "command"]
 
@@ -181,18 +185,15 @@ def tokenize(adapter, sentences: list[str]) -> tuple[list[str], list[list[int]]]
 DTYPES = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
 
-def scan_config(args: argparse.Namespace, adapter, ids, layers, dims) -> dict:
-    """What identifies a run (its manifest and partials): analysis, settings, model and data fingerprints."""
-    from fflayers.memories.scan import model_fingerprint, sentences_digest
+def scan_config(args: argparse.Namespace, n_sentences: int, layers: list[int], dims: list[int]) -> ScanConfig:
+    """The :class:`~fflayers.memories.scan.ScanConfig` of this command's run (with the model and data
+    fingerprints: its resume key and the header of its partials)."""
+    from fflayers.memories.scan import ScanConfig
 
     trig = args.get_trigger_examples
-    return {
-        "kind": "trigger_examples" if trig else "ffn_info",
-        "mode": args.extract_mode, "k": args.top_k_trigger_examples if trig else None,
-        "layers": layers, "dims": dims, "seed": args.seed, "dtype": args.dtype,
-        "batch_tokens": args.batch_tokens, "n_sentences": len(ids),
-        "model": model_fingerprint(adapter), "data": sentences_digest(ids),
-    }
+    return ScanConfig("trigger_examples" if trig else "ffn_info", layers, dims, n_sentences,
+                      k=args.top_k_trigger_examples if trig else None, batch_tokens=args.batch_tokens,
+                      mode=args.extract_mode, seed=args.seed, dtype=args.dtype)
 
 
 def make_task(args: argparse.Namespace, adapter, ids, layers, dims):
@@ -237,7 +238,8 @@ def scan(args: argparse.Namespace, info, job: tuple[int, int]) -> None:
         write_partial,
         write_scan_output,
     )
-    from fflayers.memories.scan import Manifest, Workers, auto_batch_tokens, config_hash, run_scan
+    from fflayers.memories.scan import auto_batch_tokens, run_scan
+    from fflayers.runs import Manifest, Workers, data_digest, model_fingerprint
 
     output = check_writable(args.output_file)
     if output.suffix.lower() == ".parquet":
@@ -265,12 +267,13 @@ def scan(args: argparse.Namespace, info, job: tuple[int, int]) -> None:
               + (f", {info.world_size} ranks" if info.enabled else "")
               + (f", job {job[0]} of {job[1]}" if job[1] > 1 else ""))
 
-    config = scan_config(args, adapter, ids, layers, dims)
+    config = scan_config(args, len(ids), layers, dims)
+    fingerprints = {"model": model_fingerprint(adapter), "data": data_digest(ids)}
     run_dir = Path(str(output) + ".ckpt") if (args.resume or args.shard) else None
     batch_tokens = args.batch_tokens or auto_batch_tokens(adapter)
     workers = Workers(job[0], job[1], info.rank, info.world_size)
     task_for = make_task(args, adapter, ids, layers, dims)
-    done = run_scan(task_for, batch_tokens, config, len(ids), run_dir, workers,
+    done = run_scan(task_for, batch_tokens, config, fingerprints, run_dir, workers,
                     progress=not args.quiet, desc="trigger examples" if args.get_trigger_examples
                     else f"ffn info ({args.extract_mode})")
     if not info.is_main:
@@ -291,7 +294,7 @@ def scan(args: argparse.Namespace, info, job: tuple[int, int]) -> None:
                 seconds=round(time.time() - start, 3))
     if job[1] > 1:
         path = partial_path(output, *job)
-        header = {"kind": config["kind"], "config": config, "config_hash": config_hash(config), "job": job[0],
+        header = {"kind": done.kind, "config": done.config, "config_hash": done.config_hash, "job": job[0],
                   "jobs": job[1], "n_shards": plan["n_shards"], "shards": done.job_shards,
                   "output": str(output), "meta": meta, "data_file": args.data_file, "module": MODULE}
         texts_needed = referenced_texts(state, texts) if args.get_trigger_examples else {}
@@ -300,7 +303,7 @@ def scan(args: argparse.Namespace, info, job: tuple[int, int]) -> None:
               f"{plan['n_shards']}); when all {job[1]} jobs are done: "
               f"{merge_command()} --output_file {output}")
         return
-    write_scan_output(output, config["kind"], state, config, texts)
+    write_scan_output(output, done.kind, state, done.config, texts)
     meta["manifest"] = None if run_dir is None else Manifest(run_dir).read()
     write_json(str(output) + ".meta.json", run_metadata(meta, inputs={"data_file": args.data_file}))
     if run_dir is not None:

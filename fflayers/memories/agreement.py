@@ -38,6 +38,7 @@ Where fflayers differs from the original code (both are departures of that code 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -63,6 +64,7 @@ __all__ = [
     "key_value_agreement",
     "agreement_units",
     "agreement_frames",
+    "AgreementConfig",
     "AgreementTask",
     "max_probs_by_layer",
     "agreement_by_layer",
@@ -321,6 +323,18 @@ def agreement_by_layer(table: pd.DataFrame) -> pd.DataFrame:
 
 # ----- as a run of fflayers.runs -------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class AgreementConfig:
+    """What an agreement run computes (with the model and textual-folder fingerprints: its resume key):
+    the layers, the values per chunk as asked (None: sized from the vocabulary), the random baseline and its
+    seed."""
+
+    layers: list[int]
+    chunk_values: int | None
+    random_baseline: bool
+    seed: int
+
+
 class AgreementTask(PiecesTask):
     """Key-value agreement as a :class:`fflayers.runs.UnitTask` (``targets`` are checked at once). The units
     are the chunks of :func:`agreement_units` and, with ``random_baseline``, the same chunks again for the
@@ -336,6 +350,7 @@ class AgreementTask(PiecesTask):
         _check_targets(adapter, targets)
         self.adapter, self.targets, self.seed = adapter, targets, seed
         self.layers = adapter.check_layers(layers)
+        self.config = AgreementConfig(self.layers, chunk_values, random_baseline, seed)
         self.chunks = agreement_units(adapter, self.layers, chunk_values)
         self.n_units = len(self.chunks) * (2 if random_baseline else 1)
 

@@ -166,7 +166,7 @@ class FfnInfoScan(PiecesTask):
                  batch_tokens: int = 4096, block_sentences: int = 512, max_chunk_elements: int = 1 << 24,
                  head_shortcut: bool | None = None, dtype: torch.dtype | None = None) -> None:
         from fflayers.data.batching import plan_batches, scan_batch_cap
-        from fflayers.memories.scan import group_units
+        from fflayers.runs import group_units
 
         if mode not in ("layer", "dim"):
             raise InputError(f"unknown extract mode {mode!r}; use 'layer' or 'dim'")
@@ -207,7 +207,7 @@ class FfnInfoScan(PiecesTask):
         self.n_units = len(self.blocks)
         self._values: dict | None = None
 
-    def unit_sentences(self, unit: int) -> int:
+    def unit_weight(self, unit: int) -> int:
         """Number of sentences in unit ``unit``."""
         return sum(len(self.batches[b]) for b in self.blocks[unit])
 

@@ -1,106 +1,53 @@
 """Sharded corpus scans (trigger mining, FFN info) on :mod:`fflayers.runs`.
 
-A scan's units are length-bucketed batches of sentences (or blocks of them), weighed by their sentences;
-:func:`run_scan` runs them with :func:`fflayers.runs.run_units` over torchrun ranks and job-array jobs, with
-the run folder's manifest for ``--resume`` and ``--shard I/N``. What is scan-specific stays here: the
-:class:`ScanTask` protocol (units counted in sentences), the batch size agreed by all ranks and kept in the
-plan, and :func:`auto_batch_tokens`. The generic names are re-exported for the callers of this module.
+A scan's units are length-bucketed batches of sentences (or blocks of them), weighed by their sentences
+(a scan is a :class:`fflayers.runs.UnitTask` whose ``unit_weight`` counts sentences); :func:`run_scan` runs
+them with :func:`fflayers.runs.run_units` over torchrun ranks and job-array jobs, with the run folder's
+manifest for ``--resume`` and ``--shard I/N``. What is scan-specific stays here: its config
+(:class:`ScanConfig`), the batch size agreed by all ranks and kept in the plan, and :func:`auto_batch_tokens`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 
 from fflayers.backends.base import LMAdapter
 from fflayers.distributed import gather_objects
-from fflayers.runs import (
-    FORMAT,
-    MANIFEST,
-    SHARDS_PER_WORKER,
-    Manifest,
-    RunResult,
-    Workers,
-    choose_n_shards,
-    config_hash,
-    group_units,
-    load_shard,
-    model_fingerprint,
-    run_units,
-    shard_file,
-)
-from fflayers.runs import data_digest as sentences_digest
-from fflayers.runs import make_plan as plan_units
+from fflayers.runs import RunResult, UnitTask, Workers, run_units
 
 SHARD_SENTENCES = 10_000
-#: The result of :func:`run_scan` (its former name).
-ScanResult = RunResult
 
-__all__ = ["ScanTask", "ScanResult", "Workers", "choose_n_shards", "group_units", "model_fingerprint",
-           "sentences_digest", "config_hash", "Manifest", "run_scan", "shard_file", "auto_batch_tokens",
-           "FORMAT", "MANIFEST", "SHARD_SENTENCES", "SHARDS_PER_WORKER", "SentenceUnits", "make_plan"]
+__all__ = ["ScanConfig", "run_scan", "auto_batch_tokens", "SHARD_SENTENCES"]
 
 
-class ScanTask(Protocol):
-    """What :func:`run_scan` needs from a scan: its units and how to compute and merge partial results."""
+@dataclass(frozen=True)
+class ScanConfig:
+    """What a scan computes: with the model and data fingerprints its resume key (``asdict``), and the
+    header of its job-array partials. ``kind``: ``"trigger_examples"`` or ``"ffn_info"``; ``k`` the trigger
+    examples per key (None for ffn info); ``batch_tokens`` as asked (None: chosen from the device);
+    ``mode``, ``seed``: the ffn-info mode and its position seed (the command line records them for mining
+    too); ``dtype``: the autocast dtype (None: the model's)."""
 
     kind: str
-    n_units: int
-
-    def unit_sentences(self, unit: int) -> int: ...  # sentences in a unit (progress, plan)
-
-    def run_units(self, units: range, progress: Callable[[int], None]) -> Any: ...  # a partial result (CPU)
-
-    def merge(self, parts: list[Any]) -> Any: ...  # associative, and independent of the order of the parts
-
-    def to_state(self, part: Any) -> Any: ...  # what a shard file stores
-
-    def from_state(self, state: Any) -> Any: ...
-
-
-class SentenceUnits:
-    """A :class:`ScanTask` as a :class:`fflayers.runs.UnitTask`: units weighed by their sentences."""
-
-    def __init__(self, scan: ScanTask) -> None:
-        self.scan = scan
-        self.n_units = scan.n_units
-
-    def unit_weight(self, unit: int) -> int:
-        return self.scan.unit_sentences(unit)
-
-    def run_units(self, units: range, progress: Callable[[int], object]) -> Any:
-        return self.scan.run_units(units, progress)
-
-    def merge(self, parts: list[Any]) -> Any:
-        return self.scan.merge(parts)
-
-    def to_state(self, part: Any) -> Any:
-        return self.scan.to_state(part)
-
-    def from_state(self, state: Any) -> Any:
-        return self.scan.from_state(state)
-
-
-def make_plan(task: ScanTask, n_sentences: int, workers: int, shard_sentences: int = SHARD_SENTENCES) -> dict:
-    """The plan of a scan's units for ``workers`` workers (see :func:`fflayers.runs.make_plan`)."""
-    weights = [task.unit_sentences(u) for u in range(task.n_units)]
-    return plan_units(weights, workers, shard_sentences, "sentences", n_sentences)
-
-
-def _load_shard(run_dir: Path, chash: str, shard: int) -> Any:
-    """The saved state of ``shard`` (see :func:`fflayers.runs.load_shard`)."""
-    return load_shard(run_dir, shard, chash)
+    layers: list[int]
+    dims: list[int]
+    n_sentences: int
+    k: int | None = None
+    batch_tokens: int | None = None
+    mode: str | None = None
+    seed: int | None = None
+    dtype: str | None = None
 
 
 def run_scan(
-    make_task: Callable[[int], ScanTask],
+    make_task: Callable[[int], UnitTask],
     batch_tokens: int,
-    config: dict,
-    n_sentences: int,
+    config: ScanConfig,
+    fingerprints: Mapping[str, str] | None = None,
     run_dir: str | os.PathLike | None = None,
     workers: Workers | None = None,
     progress: bool = True,
@@ -110,15 +57,16 @@ def run_scan(
     """Run the shards of this worker and merge (see :func:`fflayers.runs.run_units`); call on every rank.
 
     ``make_task(batch_tokens)`` builds the task; ``batch_tokens`` is this rank's choice (the smallest over the
-    ranks is used, or the one stored in the run folder's plan). ``config`` (JSON-able, with the model and data
-    fingerprints; its ``"kind"`` names the analysis, else ``desc``) identifies the run. Returns the merged
-    result of the job's shards on rank 0; ``plan["batch_tokens"]`` is the batch size used.
+    ranks is used, or the one stored in the run folder's plan). ``config`` and ``fingerprints`` (``model``,
+    ``data``) identify the run. Returns the merged result of the job's shards on rank 0;
+    ``plan["batch_tokens"]`` is the batch size used.
     """
     batch_tokens = min(gather_objects(int(batch_tokens)))
-    out = run_units(lambda settings: SentenceUnits(make_task(int(settings["batch_tokens"]))), config,
-                    kind=config.get("kind", desc), run_dir=run_dir, workers=workers,
+    out = run_units(lambda settings: make_task(int(settings["batch_tokens"])), config, kind=config.kind,
+                    run_dir=run_dir, workers=workers, fingerprints=fingerprints,
                     settings={"batch_tokens": batch_tokens}, unit_name="sentences",
-                    shard_weight=shard_sentences, total_weight=n_sentences, progress=progress, desc=desc)
+                    shard_weight=shard_sentences, total_weight=config.n_sentences, progress=progress,
+                    desc=desc)
     out.plan = {**out.plan, "batch_tokens": out.plan["settings"]["batch_tokens"]}
     return out
 

@@ -248,7 +248,7 @@ class TriggerScan:
         self.batches = plan_batches(lengths, batch_tokens, max_batch_size=scan_batch_cap(len(lengths)))
         self.n_units = len(self.batches)
 
-    def unit_sentences(self, unit: int) -> int:
+    def unit_weight(self, unit: int) -> int:
         """Number of sentences in unit (batch) ``unit``."""
         return len(self.batches[unit])
 
@@ -296,16 +296,6 @@ class TriggerScan:
                                self.dims, self.k, len(self.sentences))
 
 
-def trigger_config(adapter: LMAdapter, sentences: Sequence[Sequence[int]], k: int, layers: list[int],
-                   dims: list[int], batch_tokens: int, dtype: torch.dtype | None = None) -> dict:
-    """The resume key of a :func:`trigger_examples` run: its settings and the model and data fingerprints."""
-    from fflayers.runs import data_digest, model_fingerprint
-
-    return {"kind": TriggerScan.kind, "k": k, "layers": layers, "dims": dims, "batch_tokens": batch_tokens,
-            "dtype": str(dtype), "n_sentences": len(sentences), "model": model_fingerprint(adapter),
-            "data": data_digest(sentences)}
-
-
 def trigger_examples(
     adapter: LMAdapter,
     sentences: Sequence[Sequence[int]],
@@ -344,7 +334,8 @@ def trigger_examples(
     import torch.distributed as dist
 
     from fflayers.distributed import broadcast_from_main
-    from fflayers.memories.scan import Workers, run_scan
+    from fflayers.memories.scan import ScanConfig, run_scan
+    from fflayers.runs import Workers, data_digest, model_fingerprint
 
     in_group = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if in_group else 1
@@ -355,9 +346,11 @@ def trigger_examples(
         raise InputError(f"trigger_examples is called inside a torch.distributed group of {world} ranks; "
                          "pass distributed=True (the ranks then split the work)")
     workers = Workers(rank=dist.get_rank(), world=world) if distributed else Workers()
-    config = trigger_config(adapter, sentences, k, layers, dims, batch_tokens, dtype)
+    config = ScanConfig(TriggerScan.kind, layers, dims, len(sentences), k=k, batch_tokens=batch_tokens,
+                        dtype=str(dtype))
+    fingerprints = {"model": model_fingerprint(adapter), "data": data_digest(sentences)}
     done = run_scan(lambda bt: TriggerScan(adapter, sentences, k, layers, dims, bt, dtype), batch_tokens,
-                    config, len(sentences), checkpoint_dir, workers, progress=progress,
+                    config, fingerprints, checkpoint_dir, workers, progress=progress,
                     desc="trigger examples", shard_sentences=shard_size)
     state = done.result.state_dict() if done.result is not None else None
     if world > 1:

@@ -33,13 +33,13 @@ sys.path.insert(0, {repo!r})
 import fflayers.distributed as fd
 from analysis import generate_outputs as go, key_value_agreement as kva
 if os.environ.get("KILL_RANK_AFTER_FIRST_SHARD"):
-    from fflayers.memories import scan
-    update = scan.Manifest.update
+    from fflayers.runs.manifest import Manifest
+    update = Manifest.update
     def killing_update(self, shard, **fields):
         update(self, shard, **fields)
         if fields.get("status") == "done" and os.environ["RANK"] == os.environ["KILL_RANK_AFTER_FIRST_SHARD"]:
             os.kill(os.getpid(), signal.SIGKILL)
-    scan.Manifest.update = killing_update
+    Manifest.update = killing_update
 if os.environ.get("COUNT_TOKENS"):  # print the tokens this rank mined, at exit
     import atexit
     import importlib

@@ -10,14 +10,9 @@ import torch
 
 from fflayers.backends.hf import HFAdapter
 from fflayers.core import RunStateError
-from fflayers.memories.scan import (
-    Manifest,
-    auto_batch_tokens,
-    choose_n_shards,
-    group_units,
-    run_scan,
-)
+from fflayers.memories.scan import ScanConfig, auto_batch_tokens, run_scan
 from fflayers.memories.trigger_examples import TriggerScan, trigger_examples
+from fflayers.runs import Manifest, choose_n_shards, group_units
 from tests.fixtures.hf_models import tiny_model
 from tests.memories.test_trigger_examples import brute_force, random_sentences
 
@@ -73,10 +68,11 @@ def test_sharded_scan_equals_one_pass_and_resumes(tmp_path):
 
     one = make(60)
     whole = one.result(one.run_units(range(one.n_units))).sentence_ids
-    out = run_scan(make, 60, {"t": 1}, len(sents), tmp_path / "run", progress=False)
+    config = ScanConfig("trigger_examples", layers, dims, len(sents), k=4)
+    out = run_scan(make, 60, config, run_dir=tmp_path / "run", progress=False)
     assert out.plan["n_shards"] == min(one.n_units, 4) and out.computed_all == out.plan["n_shards"]
     assert torch.equal(one.result(out.result).sentence_ids, whole)
-    again = run_scan(make, 60, {"t": 1}, len(sents), tmp_path / "run", progress=False)
+    again = run_scan(make, 60, config, run_dir=tmp_path / "run", progress=False)
     assert again.computed_all == 0 and again.reused == out.plan["n_shards"]
     assert torch.equal(one.result(again.result).sentence_ids, whole)
 
