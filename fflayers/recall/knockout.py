@@ -102,8 +102,50 @@ def _knocked_out(adapter: LMAdapter, batch: FactBatch, rows: torch.Tensor, keys:
         blocked[layer] = m
     with block_attention(adapter, blocked):
         h = adapter.run(ids, mask)
-    lp = adapter.project(h[index, last]).double()
-    return lp.gather(1, target[:, None])[:, 0].exp()
+    lp = adapter.project(h[index, last])
+    return lp.gather(1, target[:, None])[:, 0].double().exp()
+
+
+@torch.inference_mode()
+def _knocked_out_cached(adapter: LMAdapter, ids: list[int], keys: torch.Tensor, lo: torch.Tensor,
+                        hi: torch.Tensor, target: int) -> torch.Tensor | None:
+    """As :func:`_knocked_out` for ``R`` rows of one prompt ``ids``, its positions before the last computed
+    once (a key/value cache: the blocked edges start at the last position, so nothing before it changes) and
+    only the last position run per row; None when the adapter cannot cache a prefix."""
+    T, R = len(ids), len(keys)
+    prompt = torch.tensor([ids], device=adapter.device)
+    cache = adapter.prefix_cache(prompt[:, : T - 1], R) if T > 1 else None
+    if cache is None:
+        return None
+    blocked = {}
+    for layer in range(int(lo.min()), int(hi.max()) + 1):
+        inside = (lo <= layer) & (layer <= hi)
+        if inside.any():
+            blocked[layer] = (keys & inside[:, None])[:, None, :]  # [R, 1 query, T keys]
+    with block_attention(adapter, blocked):
+        h = adapter.run_cached(cache, prompt[:, T - 1 :].expand(R, 1))
+    return adapter.project(h[:, -1])[:, target].double().exp()
+
+
+def _cached_rows(adapter: LMAdapter, items: list[EncodedFact], fact_idx: torch.Tensor,
+                 combo_idx: torch.Tensor, keys: torch.Tensor, combo_set: torch.Tensor, lo: torch.Tensor,
+                 hi: torch.Tensor, target: torch.Tensor, p_new: torch.Tensor,
+                 batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill ``p_new`` for the rows whose fact can use a prefix cache, ``batch_size`` rows per pass; returns
+    the rows left for whole-prompt passes."""
+    left = torch.ones(len(fact_idx), dtype=torch.bool, device=fact_idx.device)
+    for b, item in enumerate(items):
+        rows = torch.nonzero(fact_idx == b).flatten()
+        for r0 in range(0, len(rows), batch_size):
+            r = rows[r0 : r0 + batch_size]
+            ci = combo_idx[r]
+            got = _knocked_out_cached(adapter, item.ids, keys[b, combo_set[ci], : len(item.ids)], lo[ci],
+                                      hi[ci], int(target[b]))
+            if got is None:
+                break
+            p_new[b, ci] = got
+            left[r] = False
+    return fact_idx[left], combo_idx[left]
 
 
 def attention_knockout(
@@ -114,12 +156,15 @@ def attention_knockout(
     window: int = 9,
     batch_size: int = 64,
     on_facts_done: Callable[[int], object] | None = None,
+    prefix_cache: bool = True,
 ) -> pd.DataFrame:
     """Attention knockout of every fact x layer (default: all) x set; one row each, columns :data:`COLUMNS`.
 
     ``batch_size`` is the number of rows (fact x layer x set combinations, each a copy of one prompt) per
-    forward pass; facts are taken ``ceil(batch_size / combinations)`` at a time. ``on_facts_done(n)`` is
-    called after each group of ``n`` facts (a progress bar's ``update``).
+    forward pass; facts are taken ``ceil(batch_size / combinations)`` at a time. ``prefix_cache``: where the
+    adapter can cache a prefix (HF causal LMs), each fact's positions before the last run once and every row
+    runs only the last position (the same probabilities, to float rounding); else whole prompts per row.
+    ``on_facts_done(n)`` is called after each group of ``n`` facts (a progress bar's ``update``).
     """
     layers = _check(adapter, layers, sets, window)
     if batch_size < 1:
@@ -150,6 +195,9 @@ def attention_knockout(
         combo_idx = torch.arange(C, device=dev).repeat_interleave(B)
         nonempty = keys[fact_idx, combo_set[combo_idx]].any(-1)
         fact_idx, combo_idx = fact_idx[nonempty], combo_idx[nonempty]
+        if prefix_cache:
+            fact_idx, combo_idx = _cached_rows(adapter, items, fact_idx, combo_idx, keys, combo_set, combo_lo,
+                                               combo_hi, target, p_new, batch_size)
         for r0 in range(0, len(fact_idx), batch_size):
             fi, ci = fact_idx[r0 : r0 + batch_size], combo_idx[r0 : r0 + batch_size]
             p_new[fi, ci] = _knocked_out(adapter, batch, fi, keys[fi, combo_set[ci]], combo_lo[ci],

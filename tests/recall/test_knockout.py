@@ -121,6 +121,35 @@ def test_hf_knockout_equals_explicit_mask_recomputation(arch, window):
     check_against_reference(table, facts, lambda *a: reference_hf(reference_model, arch, *a))
 
 
+@pytest.mark.parametrize("arch", CAUSAL_ARCHS)
+def test_prefix_cache_equals_whole_prompts_row_by_row(arch, monkeypatch):
+    adapter = HFAdapter(tiny_model(arch), device="cpu")
+    facts = make_facts(VOCAB)
+    whole = attention_knockout(adapter, facts, sets=KNOCKOUT_SETS, window=3, batch_size=7, prefix_cache=False)
+    calls = {"cached": 0, "tokens": 0}
+    run_cached = adapter.run_cached
+
+    def counting(cache, ids):
+        calls["cached"] += 1
+        calls["tokens"] += ids.numel()
+        return run_cached(cache, ids)
+
+    monkeypatch.setattr(adapter, "run_cached", counting)
+    cached = attention_knockout(adapter, facts, sets=KNOCKOUT_SETS, window=3, batch_size=7)
+    # every row of a fact with a prefix runs one token: rows with something to block, over facts longer than 1
+    n_rows = sum(1 for item in facts for layer in range(adapter.n_layers) for name in KNOCKOUT_SETS
+                 if knockout_position_sets(item)[name])
+    assert calls["tokens"] == n_rows
+    keys = ["known_id", "set", "layer", "window_start", "window_end"]
+    assert cached[keys].equals(whole[keys])
+    for col in ("p", "p_new"):
+        torch.testing.assert_close(torch.tensor(cached[col].values), torch.tensor(whole[col].values),
+                                   rtol=1e-5, atol=1e-8)
+    # a difference of near-equal probabilities: compared in percentage points
+    torch.testing.assert_close(torch.tensor(cached["rel_change_pct"].values),
+                               torch.tensor(whole["rel_change_pct"].values), rtol=0, atol=1e-3)
+
+
 def reference_fairseq(model, item: EncodedFact, positions: list[int], lo: int, hi: int, target: int | None):
     """The same with fairseq's own MultiheadAttention reading an explicit additive ``attn_mask``."""
     T = len(item.ids)
