@@ -26,8 +26,11 @@ from fflayers.core import InputError
 from fflayers.hooks import capture, hooked
 from fflayers.neurons.targets import TargetInput
 
-#: attribution conventions: the activation attributed and the alpha grid
+#: attribution conventions: the activation attributed (and switched by suppress / enhance) and the alpha grid
 CONVENTIONS = ("paper", "kn-package")
+#: what ``KnowledgeNeurons.get_scores`` computes (the knowledge-neurons package's names): integrated
+#: gradients, or the plain activations at the target positions
+ATTRIBUTION_METHODS = ("integrated_grads", "max_activations")
 
 
 def check_convention(convention: str) -> str:
@@ -36,9 +39,18 @@ def check_convention(convention: str) -> str:
     return convention
 
 
+def check_attribution_method(method: str) -> str:
+    if method not in ATTRIBUTION_METHODS:
+        raise InputError(f"unknown attribution_method {method!r}; "
+                         f"choose from {', '.join(ATTRIBUTION_METHODS)}")
+    return method
+
+
 def attributed_point(adapter: LMAdapter, convention: str) -> str:
     """Hook point attributed: ``mlp_coef`` (post-activation) for ``"paper"``; for ``"kn-package"`` the
-    knowledge-neurons package's choice: pre-activation ``mlp_key`` for causal LMs, ``mlp_coef`` for BERT."""
+    knowledge-neurons package's choice: pre-activation ``mlp_key`` for causal LMs (GPT-2's ``mlp.c_fc``
+    output), ``mlp_coef`` for BERT (its ``intermediate`` output, after the activation). Suppress and enhance
+    (:mod:`fflayers.neurons.modify`) act on the same point."""
     if check_convention(convention) == "paper" or adapter.is_masked_lm:
         return "mlp_coef"
     return "mlp_key"

@@ -2,10 +2,16 @@
 
 Neurons are ``[layer, neuron]`` pairs. Two kinds of change:
 
-* activation edits (:func:`suppress_knowledge`: coefficient ``m_i`` set to 0; :func:`enhance_knowledge`:
-  doubled), made with :func:`fflayers.hooks.intervene` at hook point ``mlp_coef`` and only at the positions
-  that predict the answer (causal LMs: the last prompt position and, for a multi-token answer, the
-  teacher-forced positions after it; masked LMs: the mask positions);
+* activation edits (:func:`suppress_knowledge`: set to 0; :func:`enhance_knowledge`: doubled), made with
+  :func:`fflayers.hooks.intervene` at the hook point the ``convention`` attributes
+  (:func:`fflayers.neurons.attribution.attributed_point`) and only at the positions that predict the answer
+  (causal LMs: the last prompt position and, for a multi-token answer, the teacher-forced positions after it;
+  masked LMs: the mask positions). ``convention="paper"`` (default) scales the coefficient ``m_i``
+  (``mlp_coef``, after the activation function): enhance gives ``2 * act(k_i)``. ``convention="kn-package"``
+  does what the knowledge-neurons package does: on causal LMs it scales the key projection's output
+  (``mlp_key``, before the activation; GPT-2's ``mlp.c_fc``), so enhance gives ``act(2 k_i)``; on BERT it
+  scales the coefficient, as ``"paper"`` does. Suppress gives ``act(0) = 0`` either way for GELU / ReLU /
+  SiLU models;
 * weight edits of the neurons' value vectors ``v_i`` (:func:`erase_knowledge`: ``v_i <- 0`` or the output
   embedding of the unknown token; :func:`edit_knowledge`: ``v_i <- v_i - 2 e(old) + 2 e(new)``, ``e`` the
   output embedding), in place through :meth:`LMAdapter.write_ffn_values`, with an exact undo (the original
@@ -16,6 +22,9 @@ Each function measures the answer before and after the change and returns a :cla
 
     results, undo = suppress_knowledge(adapter, "The capital of France is", "Paris", neurons)
     results["before"]["gt_prob"], results["after"]["gt_prob"]
+
+``quiet=False`` prints the measurements before and after (the knowledge-neurons package's default; here the
+default is ``quiet=True``).
 
 ``undo_modification=True`` (the default) undoes the change right after measuring (``undo`` is then a no-op);
 ``False`` leaves it in place until ``undo()`` is called. As a context manager the change holds inside the
@@ -39,6 +48,7 @@ import torch
 from fflayers.backends.base import LMAdapter
 from fflayers.core import InputError
 from fflayers.hooks import intervene, scale
+from fflayers.neurons.attribution import attributed_point
 
 Neurons = Iterable[Sequence[int]]
 #: prompts and answers are text, or token-id lists for models without a tokenizer (see
@@ -133,8 +143,17 @@ def _measure(adapter: LMAdapter, target, with_gt: bool = True) -> dict:
             "argmax_prob": float(prob)}
 
 
+def _report(results: dict) -> None:
+    """Print the measurements before and after a change (what ``quiet=False`` shows)."""
+    for when in ("before", "after"):
+        m = results[when]
+        gt = "-" if m["gt_prob"] is None else f"{m['gt_prob']:.6g}"
+        print(f"{when} modification: ground-truth probability {gt}, argmax completion "
+              f"{m['argmax_completion']!r} (probability {m['argmax_prob']:.6g})")
+
+
 def _run(adapter: LMAdapter, target, apply, revert, undo_modification: bool, with_gt: bool = True,
-         extra: dict | None = None) -> Modification:
+         extra: dict | None = None, quiet: bool = True) -> Modification:
     """Measure, apply, measure again, undo (unless asked not to); the model is restored on any error."""
     adapter.model.eval()
     results: dict[str, Any] = {"before": _measure(adapter, target, with_gt)}
@@ -145,14 +164,16 @@ def _run(adapter: LMAdapter, target, apply, revert, undo_modification: bool, wit
         revert()
         raise
     results.update(extra or {})
+    if not quiet:
+        _report(results)
     if undo_modification:
         revert()
     return Modification(results, apply, revert, active=not undo_modification)
 
 
-def _activation_change(adapter: LMAdapter, target, neurons: Neurons, factor: float):
+def _activation_change(adapter: LMAdapter, target, neurons: Neurons, factor: float, point: str = "mlp_coef"):
     groups = neurons_by_layer(adapter, neurons)
-    edits = [scale("mlp_coef", layer, factor, positions=list(target.positions), index=idx)
+    edits = [scale(point, layer, factor, positions=list(target.positions), index=idx)
              for layer, idx in groups.items()]
     stack = ExitStack()
 
@@ -184,39 +205,50 @@ def _output_embedding(adapter: LMAdapter, token_id: int) -> torch.Tensor:
 
 
 def suppress_knowledge(adapter: LMAdapter, prompt: TextOrIds, ground_truth: TextOrIds, neurons: Neurons,
-                       undo_modification: bool = True) -> Modification:
-    """Set the neurons' activations (``mlp_coef``) to 0 at the answer's positions; probability of
-    ``ground_truth`` before and after."""
-    return _scale_knowledge(adapter, prompt, ground_truth, neurons, 0.0, undo_modification)
+                       undo_modification: bool = True, quiet: bool = True,
+                       convention: str = "paper") -> Modification:
+    """Set the neurons' activations to 0 at the answer's positions; probability of ``ground_truth`` before
+    and after. ``convention``: the hook point set to 0, ``mlp_coef`` (``"paper"``) or the point
+    ``"kn-package"`` attributes (``mlp_key``, the pre-activation, on causal LMs; see the module docstring).
+    ``quiet=False`` prints the measurements."""
+    return _scale_knowledge(adapter, prompt, ground_truth, neurons, 0.0, undo_modification, quiet, convention)
 
 
 def enhance_knowledge(adapter: LMAdapter, prompt: TextOrIds, ground_truth: TextOrIds, neurons: Neurons,
-                      undo_modification: bool = True) -> Modification:
-    """Double the neurons' activations (``mlp_coef``) at the answer's positions; probability of
-    ``ground_truth`` before and after."""
-    return _scale_knowledge(adapter, prompt, ground_truth, neurons, 2.0, undo_modification)
+                      undo_modification: bool = True, quiet: bool = True,
+                      convention: str = "paper") -> Modification:
+    """Double the neurons' activations at the answer's positions; probability of ``ground_truth`` before and
+    after. ``convention="paper"`` doubles the coefficient (``mlp_coef``: ``2 * act(k)``);
+    ``convention="kn-package"`` doubles what the knowledge-neurons package doubles: on causal LMs the key
+    projection's output before the activation (``mlp_key``, GPT-2's ``mlp.c_fc``: ``act(2 k)``), on BERT the
+    coefficient. ``quiet=False`` prints the measurements."""
+    return _scale_knowledge(adapter, prompt, ground_truth, neurons, 2.0, undo_modification, quiet, convention)
 
 
 def _scale_knowledge(adapter: LMAdapter, prompt: TextOrIds, ground_truth: TextOrIds, neurons: Neurons,
-                     factor: float, undo_modification: bool) -> Modification:
-    """The neurons' activations times ``factor`` at the answer's positions, measured before and after."""
+                     factor: float, undo_modification: bool, quiet: bool = True,
+                     convention: str = "paper") -> Modification:
+    """The neurons' activations at ``convention``'s hook point times ``factor`` at the answer's positions,
+    measured before and after."""
     from fflayers.neurons.targets import encode_target
 
+    point = attributed_point(adapter, convention)
     target = encode_target(adapter, prompt, ground_truth)
-    apply, revert = _activation_change(adapter, target, neurons, factor)
-    return _run(adapter, target, apply, revert, undo_modification)
+    apply, revert = _activation_change(adapter, target, neurons, factor, point)
+    return _run(adapter, target, apply, revert, undo_modification, quiet=quiet)
 
 
 # ----- weight edits ----------------------------------------------------------------------------------------
 
 
 def erase_knowledge(adapter: LMAdapter, prompt: TextOrIds, neurons: Neurons, erase_value: str = "zero",
-                    target: TextOrIds | None = None, undo_modification: bool = True) -> Modification:
+                    target: TextOrIds | None = None, undo_modification: bool = True,
+                    quiet: bool = True) -> Modification:
     """Set the neurons' value vectors to zero (``erase_value="zero"``) or to the output embedding of the
     unknown token (``"unk"``; the input embedding where input and output are tied, never a position
     embedding). With ``target`` its probability is measured (``gt_prob``); without, ``gt_prob`` is None and
     the prediction is read where the prompt's answer would go (causal: after the prompt; masked: the
-    masks)."""
+    masks). ``quiet=False`` prints the measurements."""
     if erase_value not in ("zero", "unk"):
         raise InputError(f"erase_value {erase_value!r} is not supported; use 'zero' or 'unk'")
     groups = neurons_by_layer(adapter, neurons)
@@ -235,15 +267,15 @@ def erase_knowledge(adapter: LMAdapter, prompt: TextOrIds, neurons: Neurons, era
 
     encoded = _prompt_target(adapter, prompt) if target is None else _encode(adapter, prompt, target)
     apply, revert = _weight_change(adapter, groups, fill)
-    return _run(adapter, encoded, apply, revert, undo_modification, with_gt=target is not None)
+    return _run(adapter, encoded, apply, revert, undo_modification, with_gt=target is not None, quiet=quiet)
 
 
 def edit_knowledge(adapter: LMAdapter, prompt: TextOrIds, target: TextOrIds, neurons: Neurons,
-                   undo_modification: bool = True) -> Modification:
+                   undo_modification: bool = True, quiet: bool = True) -> Modification:
     """Rewrite the neurons' value vectors ``v_i <- v_i - 2 e(old) + 2 e(new)``, ``e`` the output embedding:
     ``old`` is the model's own top prediction for the first answer token before the edit, ``new`` the first
     token of ``target``. ``gt_prob`` is the probability of ``target``; ``results["target"]`` and
-    ``results["old"]`` name the two tokens' texts."""
+    ``results["old"]`` name the two tokens' texts. ``quiet=False`` prints the measurements."""
     encoded = _encode(adapter, prompt, target)
     groups = neurons_by_layer(adapter, neurons)
     with torch.no_grad():
@@ -256,7 +288,7 @@ def edit_knowledge(adapter: LMAdapter, prompt: TextOrIds, target: TextOrIds, neu
 
     apply, revert = _weight_change(adapter, groups, shift)
     extra = {"target": target, "old": adapter.vocab.detokenize([old_id])}
-    return _run(adapter, encoded, apply, revert, undo_modification, extra=extra)
+    return _run(adapter, encoded, apply, revert, undo_modification, extra=extra, quiet=quiet)
 
 
 def _encode(adapter: LMAdapter, prompt: TextOrIds, answer: TextOrIds):

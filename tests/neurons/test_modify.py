@@ -1,5 +1,6 @@
 """Suppress / enhance / erase / edit, checked against recomputations with raw PyTorch hooks and hand-edited
-copies of tiny models of every HF architecture."""
+copies of tiny models of every HF architecture; ``convention="kn-package"`` against hooks on GPT-2's
+``mlp.c_fc``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from fflayers.backends.hf import HFAdapter
 from fflayers.core import FflayersError
+from fflayers.neurons import KnowledgeNeurons
 from fflayers.neurons.modify import (
     Modification,
     edit_knowledge,
@@ -270,3 +272,129 @@ def test_bad_input_is_one_line_and_changes_nothing():
     with pytest.raises(FflayersError, match="unknown token"):
         erase_knowledge(adapter, CAUSAL_PROMPT, [[0, 1]], erase_value="unk")
     assert all(torch.equal(v, params[k]) for k, v in adapter.model.state_dict().items())
+
+
+# ----- convention="kn-package": the package's hook point (GPT-2: mlp.c_fc output, before the GELU) --------
+
+
+def wide_gpt2():
+    """A tiny random GPT2LMHeadModel with O(1) pre-activations (initializer_range 0.5), where GELU(2k) and
+    2 GELU(k) differ clearly."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(vocab_size=50, n_embd=16, n_inner=32, n_head=2, n_layer=2, n_positions=16,
+                        resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, initializer_range=0.5, bos_token_id=0,
+                        eos_token_id=0)
+    return tf.GPT2LMHeadModel(cfg).eval()
+
+
+GPT2_PROMPT = [3, 14, 15, 9, 2]
+
+
+def _hooked_prob(model, hooks: list[tuple[torch.nn.Module, str, list[int], float]], token: int) -> float:
+    """P(token) after the prompt with each ``(module, "output" | "input", neurons, factor)`` scaling those
+    neurons at the last position only (plain torch hooks)."""
+    def scaled(x, neurons, factor):
+        y = x.clone()
+        y[:, -1, neurons] = y[:, -1, neurons] * factor
+        return y
+
+    handles = []
+    for module, side, neurons, factor in hooks:
+        if side == "output":
+            handles.append(module.register_forward_hook(
+                lambda _m, _a, out, n=neurons, f=factor: scaled(out, n, f)))
+        else:
+            handles.append(module.register_forward_pre_hook(
+                lambda _m, args, n=neurons, f=factor: (scaled(args[0], n, f), *args[1:])))
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([GPT2_PROMPT])).logits[0, -1]
+    finally:
+        for h in handles:
+            h.remove()
+    return float(torch.softmax(logits.double(), -1)[token])
+
+
+def _gpt2_setup():
+    """Model, adapter, the model's own top answer, and per layer the two neurons with the most negative
+    pre-activation at the last prompt position."""
+    model = wide_gpt2()
+    keys = {}
+    handles = [block.mlp.c_fc.register_forward_hook(
+        lambda _m, _a, out, layer=layer: keys.update({layer: out[0, -1].detach().clone()}))
+        for layer, block in enumerate(model.transformer.h)]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([GPT2_PROMPT])).logits[0, -1]
+    for h in handles:
+        h.remove()
+    chosen = {layer: torch.argsort(k)[:2].tolist() for layer, k in keys.items()}
+    assert all(keys[layer][i] < -0.5 for layer, idx in chosen.items() for i in idx)
+    adapter = HFAdapter(model, tokenizer=StubTokenizer(), device="cpu")
+    return model, adapter, int(logits.argmax()), chosen
+
+
+def test_kn_package_enhance_doubles_gpt2_pre_activation():
+    """kn-package enhance == a hand-written hook doubling the chosen neurons of ``mlp.c_fc``'s output at the
+    last position (GELU(2k)); paper enhance == the same on ``mlp.act``'s output / ``mlp.c_proj``'s input
+    (2 GELU(k)), and the two differ."""
+    model, adapter, answer, chosen = _gpt2_setup()
+    neurons = [[layer, i] for layer, idx in chosen.items() for i in idx]
+    blocks = model.transformer.h
+    plain = _hooked_prob(model, [], answer)
+    pre = _hooked_prob(model, [(blocks[layer].mlp.c_fc, "output", idx, 2.0) for layer, idx in chosen.items()],
+                       answer)
+    post = _hooked_prob(model, [(blocks[layer].mlp.act, "output", idx, 2.0) for layer, idx in chosen.items()],
+                        answer)
+    post_in = _hooked_prob(model, [(blocks[layer].mlp.c_proj, "input", idx, 2.0)
+                                   for layer, idx in chosen.items()], answer)
+    assert post == pytest.approx(post_in, abs=1e-9)
+    results = {}
+    for convention in ("paper", "kn-package"):
+        kn = KnowledgeNeurons(adapter, convention=convention)
+        got, _ = kn.enhance_knowledge(GPT2_PROMPT, [answer], neurons, quiet=True)
+        assert got["before"]["gt_prob"] == pytest.approx(plain, abs=1e-6)
+        results[convention] = got["after"]["gt_prob"]
+        # the module function with the same convention does the same
+        same, _ = enhance_knowledge(adapter, GPT2_PROMPT, [answer], neurons, convention=convention)
+        assert same["after"]["gt_prob"] == results[convention]
+    print(f"\nafter enhance: paper {results['paper']:.9f}, kn-package {results['kn-package']:.9f}, "
+          f"hook on c_fc output {pre:.9f}, hook on act output {post:.9f} (before {plain:.9f})")
+    assert results["kn-package"] == pytest.approx(pre, abs=1e-6)
+    assert results["paper"] == pytest.approx(post, abs=1e-6)
+    assert abs(pre - post) > 1e-3  # the two conventions are told apart
+
+
+def test_kn_package_suppress_zeroes_gpt2_pre_activation():
+    """kn-package suppress sets ``mlp.c_fc``'s output to 0 at the last position (what the GELU then reads);
+    paper leaves it and zeroes the coefficient. Same probability either way (GELU(0) = 0), equal to a
+    hand-written hook."""
+    model, adapter, answer, chosen = _gpt2_setup()
+    neurons = [[layer, i] for layer, idx in chosen.items() for i in idx]
+    blocks = model.transformer.h
+    want = _hooked_prob(model, [(blocks[layer].mlp.c_fc, "output", idx, 0.0)
+                                for layer, idx in chosen.items()], answer)
+    for convention, zero_before_gelu in (("paper", False), ("kn-package", True)):
+        kn = KnowledgeNeurons(adapter, convention=convention)
+        mod = kn.suppress_knowledge(GPT2_PROMPT, [answer], neurons, undo_modification=False, quiet=True)
+        assert mod.results["after"]["gt_prob"] == pytest.approx(want, abs=1e-6)
+        seen: dict[int, torch.Tensor] = {}
+        handles = [blocks[layer].mlp.act.register_forward_pre_hook(
+            lambda _m, args, layer=layer, seen=seen: seen.update({layer: args[0][0, -1].detach().clone()}))
+            for layer in chosen]
+        try:
+            with torch.no_grad():
+                model(input_ids=torch.tensor([GPT2_PROMPT]))
+        finally:
+            for h in handles:
+                h.remove()
+            mod.undo()
+        for layer, idx in chosen.items():
+            assert bool((seen[layer][idx] == 0).all()) is zero_before_gelu
+
+
+def test_bad_convention_is_one_line():
+    adapter = make("gpt2")
+    with pytest.raises(FflayersError, match="unknown convention"):
+        enhance_knowledge(adapter, CAUSAL_PROMPT, ANSWER, [[0, 1]], convention="package")
