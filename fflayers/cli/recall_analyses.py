@@ -227,8 +227,13 @@ def run_extraction(args: argparse.Namespace) -> None:
     table = run_table(args, adapter, encoded, compute)
     if table is None:
         return
-    print("extraction events (attribute = top-1 of the sublayer output at the last position):")
+    print("extraction events (attribute = top-1 of the sublayer output at the last position; *_topk_any: "
+          "share of facts with the attribute in the top 10 in some layer):")
     print(extraction_overview(table).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    if not table["event"].any():
+        n_facts = table["known_id"].nunique()
+        print(f"no top-1 extraction event in any layer for these {n_facts} facts; see the top-10 shares"
+              + ("" if args.final_norm else ", or try --final_norm"))
 
 
 register(Subcommand("extraction",

@@ -53,28 +53,36 @@ _EXTRACTION_STYLE = {
 }
 
 
-def plot_extraction_rates(events: pd.DataFrame, title: str | None = None) -> Figure:
+def plot_extraction_rates(events: pd.DataFrame, title: str | None = None, top_k: int = 10) -> Figure:
     """Attribute extraction (an events table of :func:`fflayers.recall.extraction.extraction_events`): per
-    layer the % of facts whose MHSA (resp. MLP) output at the last position has the attribute as top-1, one
-    colour per sublayer and one line style per variant."""
-    fig, ax = axes_figure()
+    layer the % of facts whose MHSA (resp. MLP) output at the last position has the attribute as top-1
+    (left) and within its ``top_k`` tokens (right), one colour per sublayer and one line style per variant.
+    When no top-1 event occurs at all, the left panel says so."""
+    from fflayers.recall.extraction import extraction_rates
+
+    fig = Figure(figsize=(10.0, 3.6), layout="constrained")
+    left, right = fig.subplots(1, 2, sharex=True)
     colours = {"attn": "C0", "mlp": "C1"}
     names = {"attn": "MHSA", "mlp": "MLP"}
-    variants = list(dict.fromkeys(events["variant"]))
-    for variant in variants:
-        part = events[events["variant"] == variant]
+    rates = extraction_rates(events, top_k) if len(events) else None
+    for variant in list(dict.fromkeys(events["variant"])):
         suffix, style = _EXTRACTION_STYLE.get(variant, (f", {variant}", "-"))
         for sublayer in ("attn", "mlp"):
-            rate = part[part["sublayer"] == sublayer].groupby("layer")["event"].mean()
-            ax.plot(rate.index, 100 * rate.values, linestyle=style, marker="o", markersize=2.5,
-                    color=colours[sublayer], label=names[sublayer] + suffix)
+            part = rates[(rates["variant"] == variant) & (rates["sublayer"] == sublayer)]
+            for ax, column in ((left, "rate"), (right, "topk_rate")):
+                ax.plot(part["layer"], 100 * part[column], linestyle=style, marker="o", markersize=2.5,
+                        color=colours[sublayer], label=names[sublayer] + suffix)
     layers = sorted(set(events["layer"]))
-    layer_axis(ax, layers[:: max(1, -(-len(layers) // 16))])
-    ax.set_ylabel("extraction rate (% of facts)")
-    ax.set_ylim(bottom=0)
     n = events["known_id"].nunique() if len(events) else 0
-    ax.set_title(title or f"Attribute extraction at the last position ({n} facts)")
-    ax.legend(fontsize=7)
+    for ax, what in ((left, "attribute = top-1"), (right, f"attribute in the top {top_k}")):
+        layer_axis(ax, layers[:: max(1, -(-len(layers) // 12))])
+        ax.set_ylabel(f"% of facts, {what}")
+        ax.set_ylim(bottom=0, top=max(5.0, ax.get_ylim()[1]))
+    if n and not events["event"].any():
+        left.text(0.5, 0.5, f"no top-1 extraction event\nin any layer ({n} facts)", ha="center", va="center",
+                  transform=left.transAxes, fontsize=9, color="0.3")
+    left.legend(fontsize=7)
+    fig.suptitle(title or f"Attribute extraction at the last position ({n} facts)")
     return fig
 
 

@@ -156,19 +156,28 @@ def extraction_events(
                                  "attribute_id", "attribute_rank", "attribute_logprob", "event"])
 
 
-def extraction_rates(events: pd.DataFrame) -> pd.DataFrame:
-    """Per variant x sublayer x layer: ``n_facts``, ``events`` and ``rate`` (share of facts with an event)."""
-    g = events.groupby(["variant", "sublayer", "layer"], sort=False)["event"]
-    out = g.agg(n_facts="size", events="sum").reset_index()
+def extraction_rates(events: pd.DataFrame, top_k: int = 10) -> pd.DataFrame:
+    """Per variant x sublayer x layer: ``n_facts``, ``events`` and ``rate`` (share of facts with an event),
+    and ``topk_rate``: the share of facts whose attribute is within the ``top_k`` tokens of the projected
+    sublayer output (rank < ``top_k``; what is left to see when no top-1 event occurs)."""
+    if top_k < 1:
+        raise InputError(f"top_k {top_k} must be >= 1")
+    table = events.assign(in_top_k=events["attribute_rank"] < top_k)
+    g = table.groupby(["variant", "sublayer", "layer"], sort=False)
+    out = g.agg(n_facts=("event", "size"), events=("event", "sum"), topk=("in_top_k", "sum")).reset_index()
     out["rate"] = out["events"] / out["n_facts"]
+    out["topk_rate"] = out.pop("topk") / out["n_facts"]
     return out
 
 
-def extraction_overview(events: pd.DataFrame) -> pd.DataFrame:
+def extraction_overview(events: pd.DataFrame, top_k: int = 10) -> pd.DataFrame:
     """Per variant: ``n_facts``; per sublayer the number of events (``attn_events``, ``mlp_events``) and the
-    share of facts with at least one (``attn_any``, ``mlp_any``); which sublayer fires first, as shares of
-    facts: ``first_attn``, ``first_mlp``, ``first_same_layer`` (both in the same earliest layer),
-    ``first_none`` (no event at all)."""
+    share of facts with at least one (``attn_any``, ``mlp_any``), and the share of facts whose attribute is
+    within the sublayer's ``top_k`` tokens in some layer (``attn_topk_any``, ``mlp_topk_any``); which
+    sublayer fires first, as shares of facts: ``first_attn``, ``first_mlp``, ``first_same_layer`` (both in
+    the same earliest layer), ``first_none`` (no event at all)."""
+    if top_k < 1:
+        raise InputError(f"top_k {top_k} must be >= 1")
     rows = []
     for variant, part in events.groupby("variant", sort=False):
         hits = part[part["event"]]
@@ -180,6 +189,8 @@ def extraction_overview(events: pd.DataFrame) -> pd.DataFrame:
         for s in SUBLAYERS:
             row[f"{s}_events"] = int((hits["sublayer"] == s).sum())
             row[f"{s}_any"] = hits.loc[hits["sublayer"] == s, "known_id"].nunique() / n if n else float("nan")
+            near = part[(part["sublayer"] == s) & (part["attribute_rank"] < top_k)]
+            row[f"{s}_topk_any"] = near["known_id"].nunique() / n if n else float("nan")
         first_attn = int((attn.notna() & (mlp.isna() | (attn < mlp))).sum())
         first_mlp = int((mlp.notna() & (attn.isna() | (mlp < attn))).sum())
         same = int((attn.notna() & mlp.notna() & (attn == mlp)).sum())

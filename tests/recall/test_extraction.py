@@ -93,15 +93,28 @@ def test_overview_counts_first_events():
     # fact 0: attn at 1, mlp at 2 -> attn first; fact 1: mlp at 0 -> mlp first; fact 2: both at 1;
     # fact 3: none
     hits = {(0, "attn", 1), (0, "mlp", 2), (1, "mlp", 0), (2, "attn", 1), (2, "mlp", 1), (0, "attn", 2)}
+    # planted ranks of the non-events: fact 3's attribute is 4th in its MHSA output at layer 2, 12th elsewhere
     for k in range(4):
         for s in ("attn", "mlp"):
             for layer in range(3):
+                rank = 0 if (k, s, layer) in hits else 3 if (k, s, layer) == (3, "attn", 2) else 11
                 rows.append({"known_id": k, "variant": "none", "sublayer": s, "layer": layer,
-                             "event": (k, s, layer) in hits})
-    ov = extraction_overview(pd.DataFrame(rows)).iloc[0]
+                             "event": (k, s, layer) in hits, "attribute_rank": rank})
+    events = pd.DataFrame(rows)
+    ov = extraction_overview(events).iloc[0]
     assert ov.n_facts == 4 and ov.attn_events == 3 and ov.mlp_events == 3
     assert ov.attn_any == 0.5 and ov.mlp_any == 0.75
     assert (ov.first_attn, ov.first_mlp, ov.first_same_layer, ov.first_none) == (0.25, 0.25, 0.25, 0.25)
+    # top 10: the event facts plus fact 3's MHSA; top 12 takes every rank-11 row too
+    assert (ov.attn_topk_any, ov.mlp_topk_any) == (0.75, 0.75)
+    wide = extraction_overview(events, top_k=12).iloc[0]
+    assert (wide.attn_topk_any, wide.mlp_topk_any) == (1.0, 1.0)
+    rates = extraction_rates(events, top_k=4).set_index(["sublayer", "layer"])
+    assert rates.loc[("attn", 2), "topk_rate"] == 0.5  # fact 0 (event) and fact 3 (rank 3)
+    assert rates.loc[("attn", 2), "rate"] == 0.25
+    assert rates.loc[("mlp", 1), "topk_rate"] == 0.25
+    with pytest.raises(FflayersError, match="top_k 0"):
+        extraction_rates(events, top_k=0)
 
 
 def test_blocking_everything_before_last_equals_a_lone_last_token(gpt2):
