@@ -119,6 +119,20 @@ _LLAMA = ArchSpec(
     mlp_out="mlp", block_layout="pre_norm", mlp="gated",
     attn_proj=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), attn_proj_out="self_attn.o_proj",
 )
+#: Llama's paths with a parallel block where the config says so (StableLM: ``use_parallel_residual``)
+_STABLELM = ArchSpec(
+    layers="model.layers", embed="model.embed_tokens", final_norm="model.norm",
+    attn="self_attn", attn_core="self_attn", mlp_in="mlp", fc_in="mlp.gate_proj", fc_out="mlp.down_proj",
+    mlp_out="mlp", block_layout="parallel", parallel_flag="use_parallel_residual", mlp="gated",
+    attn_proj=_LLAMA.attn_proj, attn_proj_out=_LLAMA.attn_proj_out,
+)
+#: Llama's paths with a plain MLP (``c_fc`` -> activation -> ``c_proj``)
+_STARCODER2 = ArchSpec(
+    layers="model.layers", embed="model.embed_tokens", final_norm="model.norm",
+    attn="self_attn", attn_core="self_attn", mlp_in="mlp", fc_in="mlp.c_fc", fc_out="mlp.c_proj",
+    mlp_out="mlp", block_layout="pre_norm", mlp="plain",
+    attn_proj=_LLAMA.attn_proj, attn_proj_out=_LLAMA.attn_proj_out,
+)
 #: BERT checkpoints without an MLM head (encoders such as sentence-transformers models) load as BertModel,
 #: whose paths have no ``bert.`` prefix.
 _BERT_ENCODER = ArchSpec(
@@ -146,6 +160,14 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gpt_neox": _GPT_NEOX,
     "llama": _LLAMA,
     "mistral": _LLAMA,
+    # Llama's layout: q/k/v biases (qwen2), q/k norms (qwen3), non-parametric LayerNorm and clipped q/k/v
+    # (olmo), layers without rotary positions (smollm3)
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "olmo": _LLAMA,
+    "smollm3": _LLAMA,
+    "stablelm": _STABLELM,
+    "starcoder2": _STARCODER2,
     "bert": _BERT,
 }
 

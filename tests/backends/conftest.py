@@ -34,6 +34,23 @@ def extra_config(arch: str):
                                 num_key_value_heads=2, num_hidden_layers=LAYERS, max_position_embeddings=POS,
                                 sliding_window=8, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0,
                                 pad_token_id=0)
+    sizes = dict(hidden_size=D, intermediate_size=FF, num_attention_heads=HEADS, num_hidden_layers=LAYERS,
+                 max_position_embeddings=POS, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0,
+                 pad_token_id=0)
+    if arch == "qwen2":  # q/k/v biases, grouped-query heads
+        return tf.Qwen2Config(num_key_value_heads=2, **sizes)
+    if arch == "qwen3":  # q/k norms, an explicit head size
+        return tf.Qwen3Config(num_key_value_heads=2, head_dim=D // HEADS, **sizes)
+    if arch == "olmo":  # non-parametric LayerNorm, clipped q/k/v
+        return tf.OlmoConfig(clip_qkv=4.0, **sizes)
+    if arch == "smollm3":  # every other layer without rotary positions
+        return tf.SmolLM3Config(num_key_value_heads=2, no_rope_layer_interval=2, **sizes)
+    if arch == "stablelm":  # parallel attention and MLP, partial rotary, q/k LayerNorms
+        return tf.StableLmConfig(use_parallel_residual=True, partial_rotary_factor=0.5, qk_layernorm=True,
+                                 use_qkv_bias=True, num_key_value_heads=2, **sizes)
+    if arch == "starcoder2":  # plain MLP with biases, LayerNorm, sliding window
+        return tf.Starcoder2Config(num_key_value_heads=2, sliding_window=8, residual_dropout=0.0,
+                                   embedding_dropout=0.0, **sizes)
     return None
 
 

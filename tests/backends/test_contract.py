@@ -8,6 +8,7 @@ masks written out here from the modelling code (never read from the adapters' ta
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ class Family:
     scaled: bool = True  # scores times d_head ** -0.5 (GPT-Neo: unscaled)
     causal: bool = True
     tied: bool = False  # head weight is the token embedding
+    qk_norm: tuple[str, str] | None = None  # per-head norms of q and k before the rotary embedding
 
 
 _LLAMA = Family("model.layers", "pre_norm", "input_layernorm", "post_attention_layernorm", "self_attn",
@@ -75,6 +77,13 @@ HF = {
                        rotary="half"),
     "llama": _LLAMA,
     "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": dataclasses.replace(_LLAMA, qk_norm=("self_attn.q_norm", "self_attn.k_norm")),
+    "olmo": _LLAMA,
+    "smollm3": dataclasses.replace(_LLAMA, tied=True),
+    "stablelm": dataclasses.replace(_LLAMA, layout="parallel", ln2="input_layernorm",
+                        qk_norm=("self_attn.q_layernorm", "self_attn.k_layernorm")),
+    "starcoder2": dataclasses.replace(_LLAMA, fc_in="mlp.c_fc", fc_out="mlp.c_proj", up=None, tied=True),
     "bert": Family("bert.encoder.layer", "post_norm", None, "attention.output.LayerNorm",
                    "attention.output.dense",
                    ("attention.self.query", "attention.self.key", "attention.self.value"),
@@ -544,7 +553,7 @@ def window(adapter, layer: int) -> int | None:
     cfg = getattr(adapter.model, "config", None)
     if adapter.family == "gpt_neo" and cfg.attention_layers[layer] == "local":
         return int(cfg.window_size)
-    if adapter.family == "mistral":
+    if adapter.family in ("mistral", "starcoder2"):
         return cfg.sliding_window
     return None
 
@@ -562,10 +571,12 @@ def allowed_edges(adapter, layer: int, mask: torch.Tensor) -> torch.Tensor:
     return allowed
 
 
-def rotate(adapter, x: torch.Tensor) -> torch.Tensor:
-    """The model's rotary position embedding on per-head q or k ``[B, T, d_head]`` at positions 0..T-1."""
+def rotate(adapter, x: torch.Tensor, layer: int) -> torch.Tensor:
+    """The model's rotary position embedding on per-head q or k ``[B, T, d_head]`` at positions 0..T-1 (none
+    in the layers a SmolLM3 config marks as without rotary positions)."""
     kind = None if is_fairseq(adapter) else family(adapter).rotary
-    if kind is None:
+    no_rope = getattr(getattr(adapter.model, "config", None), "no_rope_layers", None)
+    if kind is None or (no_rope is not None and not no_rope[layer]):
         return x
     cfg, dh, T = adapter.model.config, x.shape[-1], x.shape[-2]
     if kind == "interleaved":  # GPT-J: pairs (0, 1), (2, 3), ... of the first rotary_dim features
@@ -586,7 +597,22 @@ def rotate(adapter, x: torch.Tensor) -> torch.Tensor:
     return torch.cat((xr * cos + turned * sin, rest), dim=-1)
 
 
-def rebuild_attention(adapter, w, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+def head_inputs(adapter, layer: int, which: str, head: int, x: torch.Tensor) -> torch.Tensor:
+    """Per-head q / k / v ``x`` as the model reads them before the rotary embedding: clipped where the config
+    clips (OLMo ``clip_qkv``), and through the family's q / k norm (Qwen3: one norm for every head; StableLM:
+    one LayerNorm per head)."""
+    cfg = getattr(adapter.model, "config", None)
+    clip = getattr(cfg, "clip_qkv", None)
+    if clip is not None:
+        x = x.clamp(-clip, clip)
+    norms = None if is_fairseq(adapter) else family(adapter).qk_norm
+    if norms is None or which == "V":
+        return x
+    norm = blocks_of(adapter)[layer].get_submodule(norms[0 if which == "Q" else 1])
+    return (norm.norms[head] if hasattr(norm, "norms") else norm)(x)
+
+
+def rebuild_attention(adapter, w, x: torch.Tensor, allowed: torch.Tensor, layer: int) -> torch.Tensor:
     """sum_h softmax(rot(q_h) rot(k_g)^T * scale, masked) v_g W_O[h] + b_O from the per-head weights, with
     g = h // (H / G); a row with no allowed key reads nothing (0, then b_O)."""
     H, G = heads_of(adapter)
@@ -594,12 +620,12 @@ def rebuild_attention(adapter, w, x: torch.Tensor, allowed: torch.Tensor) -> tor
 
     def proj(which: str, h: int) -> torch.Tensor:
         W, b = getattr(w, f"W_{which}")[h], getattr(w, f"b_{which}")
-        return x @ W + (0 if b is None else b[h])
+        return head_inputs(adapter, layer, which, h, x @ W + (0 if b is None else b[h]))
 
     out = torch.zeros(*x.shape[:-1], w.W_O.shape[-1])
     for h in range(H):
         g = h // (H // G)
-        q, k, v = rotate(adapter, proj("Q", h)), rotate(adapter, proj("K", g)), proj("V", g)
+        q, k, v = rotate(adapter, proj("Q", h), layer), rotate(adapter, proj("K", g), layer), proj("V", g)
         scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
         out = out + (probs @ v) @ w.W_O[h]
@@ -637,7 +663,7 @@ def test_attention_weights_rebuild_the_attention_output(adapter):
                 W, b = getattr(w, f"W_{which}"), getattr(w, f"b_{which}")
                 mine = torch.einsum("btd,hde->bthe", x, W) + (0 if b is None else b)
                 torch.testing.assert_close(mine[mask], got[mask], **TOL)
-            rebuilt = rebuild_attention(adapter, w, x, allowed_edges(adapter, layer, mask))
+            rebuilt = rebuild_attention(adapter, w, x, allowed_edges(adapter, layer, mask), layer)
         torch.testing.assert_close(rebuilt[mask], ref["attn_out", layer][mask], **ATTN_TOL)
 
 
@@ -696,7 +722,7 @@ def test_blocked_edges_equal_the_attention_rebuilt_without_them(adapter):
     w = adapter.attention_weights(layer)
     x = mine["attn_in", layer]
     with torch.no_grad():
-        want = rebuild_attention(adapter, w, x, allowed_edges(adapter, layer, mask) & ~blocked)
+        want = rebuild_attention(adapter, w, x, allowed_edges(adapter, layer, mask) & ~blocked, layer)
         b_o = torch.zeros(adapter.d_model) if w.b_O is None else w.b_O
         H, G = heads_of(adapter)
         own = sum((x[:, 6] @ w.W_V[h // (H // G)] + (0 if w.b_V is None else w.b_V[h // (H // G)])) @ w.W_O[h]
