@@ -2,21 +2,18 @@
 
 Integrated gradients over the last 6 of its 30 layers (3 steps, 2 paraphrases per fact), refined neurons
 shared by both paraphrases, then the change of the capital's probability when they are suppressed or
-enhanced: on the fact's own prompts, on an unrelated fact (capital -> country), and for as many random neurons
-of the same layers. Settings are small to stay fast on a laptop CPU; analysis/knowledge_neurons.py runs the
-full search.
+enhanced: on the fact's own prompts, on a fact of another relation (the package's multi-relation fact file,
+``fflayers/data/relations.jsonl``), and for as many random neurons of the same layers. Settings are small to
+stay fast on a laptop CPU; analysis/knowledge_neurons.py runs the full search.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
-COUNTRIES = ("FRA", "DEU", "JPN")
-TEMPLATES = {
-    "capital": ("The capital of {} is", "{}'s capital city is"),
-    "country_of_capital": ("{} is the capital of", "The city of {} is the capital of"),
-}
+CAPITALS = ("capital-france", "capital-germany", "capital-japan")
 
 
 def run_neurons(out_dir: Path, adapter=None) -> None:
@@ -31,15 +28,15 @@ def run_neurons(out_dir: Path, adapter=None) -> None:
         summarize,
         summary_table,
     )
-    from fflayers.neurons.facts import countries_paraphrases
+    from fflayers.neurons.facts import load_relations
     from fflayers.plots import plot_knowledge_neuron_effects, save_figure
 
     start = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     adapter = load_smollm2() if adapter is None else adapter
-    facts = [f for f in countries_paraphrases(TEMPLATES) if f.uuid.split("-")[-1] in COUNTRIES]
-    wanted = [i for i, f in enumerate(facts) if f.relation == "capital"]
+    facts = [dataclasses.replace(f, prompts=f.prompts[:2]) for f in load_relations()]  # 2 paraphrases each
+    wanted = [i for i, f in enumerate(facts) if f.uuid in CAPITALS]
     layers = tuple(range(adapter.n_layers - 6, adapter.n_layers))
     config = SearchConfig(steps=3, batch_size=len(layers) * 3, p=0.5, coarse_adaptive_threshold=0.3,
                           layers=layers)
@@ -49,21 +46,22 @@ def run_neurons(out_dir: Path, adapter=None) -> None:
     write_table(out_dir / "results.tsv", table)
     write_table(out_dir / "results_summary.tsv", summary)
     result = summarize(records)
+    keys = ("uuid", "answer", "neurons", "unrelated_uuid", "unrelated_relation")
     write_json(out_dir / "results.json", {"summary": result, "config": config.to_json(),
-                                          "facts": [{k: r[k] for k in ("uuid", "answer", "neurons")}
-                                                    for r in records]})
+                                          "facts": [{k: r[k] for k in keys} for r in records]})
     save_figure(plot_knowledge_neuron_effects(summary,
                                               "SmolLM2-135M: knowledge neurons of country -> capital"),
                 out_dir / "knowledge_neurons")
     for r in records:
         shown = ", ".join(f"L{layer}.{i}" for layer, i in r["neurons"][:8]) + (
             " ..." if len(r["neurons"]) > 8 else "")
-        print(f"  {r['uuid']} ({r['answer']}): {len(r['neurons'])} refined neurons: {shown or 'none'}")
+        print(f"  {r['uuid']} ({r['answer']}): {len(r['neurons'])} refined neurons: {shown or 'none'}; "
+              f"other-relation fact: {r['unrelated_uuid']} ({r['unrelated_relation']})")
     s = result["capital"]
-    print("  % change of the capital's probability (mean over facts):")
+    print("  % change of the answer's probability (mean over facts):")
     for name in ("suppress", "enhance"):
         e = s[name]
-        print(f"    {name:<8}  related {e.get('related', float('nan')):+7.1f}   unrelated "
+        print(f"    {name:<8}  related {e.get('related', float('nan')):+7.1f}   other relation "
               f"{e.get('unrelated', float('nan')):+7.1f}   random neurons "
               f"{e.get('random_related', float('nan')):+7.1f}")
     print(f"  knowledge neurons done in {time.time() - start:.0f} s; outputs in {out_dir}/")

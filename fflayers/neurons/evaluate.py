@@ -4,7 +4,11 @@ For each fact: its refined neurons (all its prompts), then the change of the cor
 those neurons are suppressed (activation 0) or enhanced (doubled) on
 
 * ``related`` prompts: the fact's own prompts, and
-* ``unrelated`` prompts: the prompts of another fact, of another relation where the file has one,
+* ``unrelated`` prompts: the prompts of a fact of another relation (as in the paper), with another answer
+  where there is one; a fact whose relation is the only one in the facts falls back to another fact of its
+  own relation (another answer), with an :class:`UnrelatedFallbackWarning` naming both
+  (:func:`pick_unrelated`); the package's facts of nine relations
+  (:func:`fflayers.neurons.facts.load_relations`) always have another relation,
 
 plus a baseline: as many random neurons of the same layers (none of them refined), on the related prompts.
 The change is ``100 * (after - before) / before`` per prompt, averaged over each fact's prompts, then over
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -65,13 +70,52 @@ def _rng(seed: int, fact: ParaphraseFact, purpose: str) -> random.Random:
     return random.Random(f"{seed}:{purpose}:{fact.uuid}")
 
 
-def pick_unrelated(facts: Sequence[ParaphraseFact], fact: ParaphraseFact,
-                   seed: int = 0) -> ParaphraseFact | None:
-    """A fact of another relation (else one with another answer), chosen by ``seed`` and ``fact.uuid``."""
+class UnrelatedFallbackWarning(UserWarning):
+    """A fact's unrelated prompts cannot come from another relation (none in the facts): they come from
+    another fact of its own relation, or there are none."""
+
+
+def pick_unrelated(facts: Sequence[ParaphraseFact], fact: ParaphraseFact, seed: int = 0,
+                   warn: bool = True) -> ParaphraseFact | None:
+    """The fact whose prompts are ``fact``'s unrelated prompts, chosen by ``seed`` and ``fact.uuid``: one of
+    another relation (another answer than ``fact``'s where there is one). When ``facts`` hold no other
+    relation, another fact of the same relation with another answer, else None; either way (``warn``) an
+    :class:`UnrelatedFallbackWarning` of one line names the relation, the fact and its fallback."""
     others = [f for f in facts if f.relation != fact.relation]
-    if not others:
-        others = [f for f in facts if f.uuid != fact.uuid and f.answer != fact.answer]
-    return _rng(seed, fact, "unrelated").choice(others) if others else None
+    if others:
+        pool = [f for f in others if f.answer != fact.answer] or others
+        return _rng(seed, fact, "unrelated").choice(pool)
+    same = [f for f in facts if f.uuid != fact.uuid and f.answer != fact.answer]
+    chosen = _rng(seed, fact, "unrelated").choice(same) if same else None
+    if warn:
+        head = f"no fact of another relation than {fact.relation!r} in the facts: "
+        tail = (f"the unrelated prompts of {fact.uuid} come from {chosen.uuid}, a fact of the same relation "
+                f"{fact.relation!r}" if chosen is not None else
+                f"{fact.uuid} has no unrelated prompts (no other fact of {fact.relation!r} with another "
+                "answer)")
+        warnings.warn(head + tail, UnrelatedFallbackWarning, stacklevel=2)
+    return chosen
+
+
+def warn_unrelated_fallbacks(facts: Sequence[ParaphraseFact], seed: int = 0, shown: int = 3) -> str | None:
+    """When ``facts`` hold a single relation (so no fact has unrelated prompts of another relation), one
+    :class:`UnrelatedFallbackWarning` line naming the relation and the fallbacks of its first ``shown`` facts;
+    returns its text, or None when nothing needed saying. The text depends on ``facts`` and ``seed`` only, so
+    the shards of a run repeat the same line (shown once by Python's default warning filter)."""
+    relations = {f.relation for f in facts}
+    if len(relations) != 1:
+        return None
+    relation = next(iter(relations))
+    pairs = []
+    for fact in facts[:shown]:
+        chosen = pick_unrelated(facts, fact, seed, warn=False)
+        pairs.append(f"{fact.uuid} -> {chosen.uuid if chosen is not None else 'none'}")
+    more = f", ... ({len(facts) - shown} more)" if len(facts) > shown else ""
+    text = (f"no fact of another relation than {relation!r} in the {len(facts)} facts: unrelated prompts "
+            f"come from another fact of {relation!r} (fact -> fallback: {', '.join(pairs)}{more}); "
+            "fflayers.neurons.facts.load_relations() has facts of several relations")
+    warnings.warn(text, UnrelatedFallbackWarning, stacklevel=2)
+    return text
 
 
 def random_neurons(neurons: Iterable[Sequence[int]], d_ff: int, rng: random.Random) -> list[list[int]]:
@@ -95,13 +139,14 @@ def change_pct(before: float, after: float) -> float:
 
 
 def measure(adapter: LMAdapter, fact: ParaphraseFact, neurons: list[list[int]], prompts: str, kind: str,
-            owner: ParaphraseFact) -> list[dict]:
-    """Rows of suppress and enhance on every prompt of ``fact`` with ``neurons`` (found for ``owner``)."""
+            owner: ParaphraseFact, convention: str = "paper") -> list[dict]:
+    """Rows of suppress and enhance on every prompt of ``fact`` with ``neurons`` (found for ``owner``), at
+    the hook point ``convention`` attributes (see :mod:`fflayers.neurons.modify`)."""
     rows = []
     for name, fn in INTERVENTIONS.items():
         for prompt in fact.prompts:
             try:
-                results, _ = fn(adapter, prompt, fact.answer, neurons)
+                results, _ = fn(adapter, prompt, fact.answer, neurons, convention=convention)
             except FflayersError as err:
                 raise InputError(f"fact {fact.uuid}: {err}") from None
             before, after = results["before"]["gt_prob"], results["after"]["gt_prob"]
@@ -150,37 +195,41 @@ def _refined_in_layers(adapter: LMAdapter, kn, fact: ParaphraseFact, config: Sea
 
 
 def evaluate_fact(adapter: LMAdapter, fact: ParaphraseFact, facts: Sequence[ParaphraseFact],
-                  config: SearchConfig, neurons: list[list[int]] | None = None) -> dict:
+                  config: SearchConfig, neurons: list[list[int]] | None = None, warn: bool = True) -> dict:
     """One fact's record (JSON-ready): its refined neurons (found unless given), the random baseline set, the
-    unrelated fact, and the measured rows (see :data:`ROW_COLUMNS`)."""
+    unrelated fact and its relation (:func:`pick_unrelated`), and the measured rows (see
+    :data:`ROW_COLUMNS`). ``warn``: warn when the unrelated fact is of the same relation (or missing)."""
     neurons = (find_neurons(adapter, fact, config) if neurons is None
                else [[int(x) for x in n] for n in neurons])
-    unrelated = pick_unrelated(facts, fact, config.seed)
-    rows = measure(adapter, fact, neurons, "related", "refined", fact)
+    unrelated = pick_unrelated(facts, fact, config.seed, warn=warn)
+    conv = config.convention
+    rows = measure(adapter, fact, neurons, "related", "refined", fact, conv)
     if unrelated is not None:
-        rows += measure(adapter, unrelated, neurons, "unrelated", "refined", fact)
+        rows += measure(adapter, unrelated, neurons, "unrelated", "refined", fact, conv)
     baseline = (random_neurons(neurons, adapter.d_ff, _rng(config.seed, fact, "random"))
                 if config.random_baseline else [])
     if baseline:
-        rows += measure(adapter, fact, baseline, "related", "random", fact)
+        rows += measure(adapter, fact, baseline, "related", "random", fact, conv)
     return {"uuid": fact.uuid, "relation": fact.relation, "answer": fact.answer, "neurons": neurons,
             "random_neurons": baseline, "unrelated_uuid": None if unrelated is None else unrelated.uuid,
-            "rows": rows}
+            "unrelated_relation": None if unrelated is None else unrelated.relation, "rows": rows}
 
 
 def evaluate_facts(adapter: LMAdapter, facts: Sequence[ParaphraseFact], config: SearchConfig | None = None,
                    indices: Iterable[int] | None = None, progress: bool = True,
                    on_record: Callable[[int, dict], None] | None = None) -> list[dict]:
     """Records of ``facts[i]`` for each ``i`` in ``indices`` (default: all); unrelated facts are drawn from
-    all of ``facts``. ``on_record(i, record)`` is called after each fact (e.g. to save it for
-    ``--resume``)."""
+    all of ``facts`` (facts of a single relation: one :func:`warn_unrelated_fallbacks` line, not one a
+    fact). ``on_record(i, record)`` is called after each fact (e.g. to save it for ``--resume``)."""
     from tqdm.auto import tqdm
 
     config = config or SearchConfig()
     indices = list(range(len(facts))) if indices is None else list(indices)
+    if indices:
+        warn_unrelated_fallbacks(facts, config.seed)
     records = []
     for i in tqdm(indices, desc="facts", unit="fact", disable=not progress):
-        record = evaluate_fact(adapter, facts[i], facts, config)
+        record = evaluate_fact(adapter, facts[i], facts, config, warn=False)
         if on_record is not None:
             on_record(i, record)
         records.append(record)

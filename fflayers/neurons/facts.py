@@ -4,7 +4,14 @@
 "answer": "Paris"}``
 
 For causal LMs the answer follows each prompt; for masked LMs each prompt holds the mask token where the
-answer goes. :func:`countries_paraphrases` builds such a file offline from the countries list
+answer goes. A fact may also carry ``"masked_prompts"``: the same paraphrases for masked LMs, each with
+:data:`MASK_PLACEHOLDER` (``[MASK]``) once where the answer goes; ``read_facts(path, mask_token=...)`` then
+uses those, the placeholder replaced by the model's mask token (facts without them keep ``prompts``).
+
+:data:`RELATIONS_FILE` ships with the package: :func:`load_relations` reads its facts of several relations
+(capitals, countries of cities, languages, continents, currencies, musicians' instruments, scientists' fields,
+companies' countries, chemical symbols), so that unrelated facts can come from another relation.
+:func:`countries_paraphrases` builds capital / country-of-capital facts offline from the countries list
 (:func:`fflayers.data.countries.read_countries`).
 """
 
@@ -18,6 +25,12 @@ from pathlib import Path
 from fflayers.core import InputError
 
 FIELDS = ("uuid", "relation", "prompts", "answer")
+#: Optional field: the prompts for masked LMs, each with :data:`MASK_PLACEHOLDER` once.
+MASKED_FIELD = "masked_prompts"
+#: Where the answer goes in ``masked_prompts``; replaced by the model's mask token when read.
+MASK_PLACEHOLDER = "[MASK]"
+#: Multi-relation paraphrase facts shipped with the package (causal and masked prompts).
+RELATIONS_FILE = Path(__file__).resolve().parent.parent / "data" / "relations.jsonl"
 
 #: Paraphrase templates per relation of the countries list; ``{}`` is the subject.
 COUNTRY_TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -52,29 +65,46 @@ class ParaphraseFact:
         return row
 
 
-def fact_from_row(row: Mapping, where: str = "fact") -> ParaphraseFact:
+def _prompt_list(row: Mapping, name: str, where: str) -> tuple[str, ...]:
+    prompts = row[name]
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+        raise InputError(f"{where}: '{name}' must be a non-empty list of strings")
+    if not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise InputError(f"{where}: every prompt of '{name}' must be a non-empty string")
+    return tuple(prompts)
+
+
+def fact_from_row(row: Mapping, where: str = "fact", mask_token: str | None = None) -> ParaphraseFact:
     """A :class:`ParaphraseFact` from a parsed jsonl row; one-line :class:`~fflayers.core.InputError` naming
-    what is wrong."""
+    what is wrong.
+
+    With ``mask_token`` (masked LMs) a row's ``masked_prompts`` are used as its prompts, with
+    :data:`MASK_PLACEHOLDER` replaced by ``mask_token``; rows without them keep ``prompts``."""
     if not isinstance(row, Mapping):
         raise InputError(f"{where}: expected a JSON object with fields {', '.join(FIELDS)}")
     missing = [f for f in FIELDS if f not in row]
     if missing:
         raise InputError(f"{where}: missing field(s) {', '.join(missing)}; "
                          f"each fact needs {', '.join(FIELDS)}")
-    prompts = row["prompts"]
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
-        raise InputError(f"{where}: 'prompts' must be a non-empty list of strings")
-    if not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise InputError(f"{where}: every prompt must be a non-empty string")
+    prompts = _prompt_list(row, "prompts", where)
     for name in ("uuid", "relation", "answer"):
         value = row[name]
         if not isinstance(value, str | int) or not str(value).strip():
             raise InputError(f"{where}: '{name}' must be a non-empty string")
-    return ParaphraseFact(str(row["uuid"]), str(row["relation"]), tuple(prompts), str(row["answer"]))
+    if MASKED_FIELD in row:
+        masked = _prompt_list(row, MASKED_FIELD, where)
+        bad = [p for p in masked if p.count(MASK_PLACEHOLDER) != 1]
+        if bad:
+            raise InputError(f"{where}: masked prompt {bad[0]!r} must hold {MASK_PLACEHOLDER} exactly once, "
+                             "where the answer goes")
+        if mask_token is not None:
+            prompts = tuple(p.replace(MASK_PLACEHOLDER, mask_token) for p in masked)
+    return ParaphraseFact(str(row["uuid"]), str(row["relation"]), prompts, str(row["answer"]))
 
 
-def read_facts(path: str | Path) -> list[ParaphraseFact]:
-    """Facts of a jsonl file, in file order (blank lines skipped); uuids must be unique."""
+def read_facts(path: str | Path, mask_token: str | None = None) -> list[ParaphraseFact]:
+    """Facts of a jsonl file, in file order (blank lines skipped); uuids must be unique. ``mask_token``
+    (masked LMs): use the facts' ``masked_prompts`` where they have them (see :func:`fact_from_row`)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"fact file {path} does not exist; pass a jsonl file of facts (uuid, relation, "
@@ -92,7 +122,7 @@ def read_facts(path: str | Path) -> list[ParaphraseFact]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise InputError(f"{path}:{n}: not valid JSON ({err.msg}); one JSON object per line") from None
-        fact = fact_from_row(row, f"{path}:{n}")
+        fact = fact_from_row(row, f"{path}:{n}", mask_token)
         if fact.uuid in seen:
             raise InputError(f"{path}:{n}: uuid {fact.uuid!r} appears twice; uuids must be unique")
         seen.add(fact.uuid)
@@ -101,6 +131,27 @@ def read_facts(path: str | Path) -> list[ParaphraseFact]:
         raise InputError(f"fact file {path} holds no facts; one JSON object per line with "
                          f"{', '.join(FIELDS)}")
     return facts
+
+
+def load_relations(relations: Iterable[str] | None = None, mask_token: str | None = None,
+                   path: str | Path | None = None) -> list[ParaphraseFact]:
+    """Facts of :data:`RELATIONS_FILE` (or ``path``), in file order: causal prompts, or with ``mask_token``
+    the masked ones. ``relations`` keeps only these relations (an unknown name is an
+    :class:`~fflayers.core.InputError` naming the file's relations)."""
+    facts = read_facts(RELATIONS_FILE if path is None else path, mask_token)
+    if relations is None:
+        return facts
+    wanted = set(relations)
+    held = relation_names(facts)
+    unknown = sorted(wanted - set(held))
+    if unknown:
+        raise InputError(f"unknown relation(s) {', '.join(unknown)}; the facts hold {', '.join(held)}")
+    return [f for f in facts if f.relation in wanted]
+
+
+def relation_names(facts: Iterable[ParaphraseFact]) -> list[str]:
+    """The relations of ``facts``, in order of first appearance."""
+    return list(dict.fromkeys(f.relation for f in facts))
 
 
 def write_facts(path: str | Path, facts: Iterable[ParaphraseFact]) -> None:

@@ -13,6 +13,7 @@ import torch
 from fflayers.backends.hf import load_hf_lm
 from fflayers.neurons.evaluate import (
     SearchConfig,
+    UnrelatedFallbackWarning,
     evaluate_fact,
     find_neurons,
     pick_unrelated,
@@ -20,7 +21,7 @@ from fflayers.neurons.evaluate import (
     summarize,
     summary_table,
 )
-from fflayers.neurons.facts import ParaphraseFact, countries_paraphrases
+from fflayers.neurons.facts import ParaphraseFact, countries_paraphrases, load_relations
 
 FACTS = [
     ParaphraseFact("c-fr", "capital", ("The capital of France is", "France's capital is"), "Paris"),
@@ -48,26 +49,30 @@ def test_unrelated_facts_come_from_another_relation():
         assert pick_unrelated(FACTS, FACTS[0], seed).relation == "language"
         assert pick_unrelated(FACTS, FACTS[2], seed).relation == "capital"
     same = FACTS[:2]
-    assert pick_unrelated(same, same[0]).uuid == "c-de"  # one relation only: another fact, another answer
-    assert pick_unrelated(FACTS[:1], FACTS[0]) is None
+    with pytest.warns(UnrelatedFallbackWarning, match="'capital'.* c-fr come from c-de"):
+        assert pick_unrelated(same, same[0]).uuid == "c-de"  # one relation only: another fact, another answer
+    with pytest.warns(UnrelatedFallbackWarning, match="c-fr has no unrelated prompts"):
+        assert pick_unrelated(FACTS[:1], FACTS[0]) is None
 
 
 def raw_prob(model, tokenizer, prompt: str, answer: str, edits: dict[int, list[int]] | None = None,
-             factor: float = 1.0) -> float:
-    """P(answer | prompt) with GPT-2's own modules: answer tokens teacher-forced, ``c_proj`` inputs scaled at
-    the positions predicting the answer."""
+             factor: float = 1.0, pre_activation: bool = False) -> float:
+    """P(answer | prompt) with GPT-2's own modules: answer tokens teacher-forced, ``c_proj`` inputs (or, with
+    ``pre_activation``, ``c_fc`` outputs) scaled at the positions predicting the answer."""
     p_ids = tokenizer(prompt)["input_ids"]
     ids = tokenizer(prompt + " " + answer)["input_ids"]
     positions = list(range(len(p_ids) - 1, len(ids) - 1))
     handles = []
     for layer, idx in (edits or {}).items():
-        def hook(_m, args, idx=idx):
-            x = args[0].clone()
+        def scaled(x, idx=idx):
+            x = x.clone()
             for p in positions:
                 x[:, p, idx] *= factor
-            return (x,)
+            return x
 
-        handles.append(model.transformer.h[layer].mlp.c_proj.register_forward_pre_hook(hook))
+        mlp = model.transformer.h[layer].mlp
+        handles.append(mlp.c_fc.register_forward_hook(lambda _m, _a, out, f=scaled: f(out)) if pre_activation
+                       else mlp.c_proj.register_forward_pre_hook(lambda _m, args, f=scaled: (f(args[0]),)))
     try:
         with torch.no_grad():
             lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
@@ -97,6 +102,20 @@ def test_fact_rows_match_raw_recomputation(gpt2):
         assert row.after == pytest.approx(after, rel=1e-4)
         assert row.change_pct == pytest.approx(100 * (row.after - row.before) / row.before)
     assert set(rows["uuid"]) == {"c-fr"}
+
+
+def test_kn_package_convention_edits_the_pre_activation_in_the_evaluation(gpt2):
+    neurons = [[0, 3], [1, 7]]
+    config = SearchConfig(seed=1, convention="kn-package", random_baseline=False)
+    rows = pd.DataFrame(evaluate_fact(gpt2, FACTS[0], FACTS, config, neurons=neurons)["rows"])
+    model, tok = gpt2.model, gpt2.tokenizer
+    enhance = rows[rows.intervention == "enhance"]
+    assert len(enhance) == 3
+    for row in enhance.itertuples():
+        want = raw_prob(model, tok, row.prompt, row.answer, {0: [3], 1: [7]}, 2.0, pre_activation=True)
+        assert row.after == pytest.approx(want, rel=1e-4)
+        paper = raw_prob(model, tok, row.prompt, row.answer, {0: [3], 1: [7]}, 2.0)
+        assert abs(want - paper) > 1e-4 * want  # the two conventions differ on this model
 
 
 def test_summary_means_per_fact_then_over_facts():
@@ -149,9 +168,11 @@ def test_smollm2_refined_neurons_beat_random_ones(smollm2):
     facts = {f.uuid: f
              for f in countries_paraphrases({"capital": ["The capital of {} is", "{}'s capital city is"]})}
     chosen = [facts[u] for u in ("capital-FRA", "capital-JPN")]
+    pool = chosen + load_relations(["official_language"])  # unrelated prompts of another relation
     cfg = SearchConfig(steps=2, batch_size=8, p=0.4, coarse_adaptive_threshold=0.2,
                        layers=tuple(range(smollm2.n_layers - 4, smollm2.n_layers)))
-    records = [evaluate_fact(smollm2, f, chosen, cfg) for f in chosen]
+    records = [evaluate_fact(smollm2, f, pool, cfg) for f in chosen]
+    assert all(r["unrelated_relation"] == "official_language" for r in records)
     summary = summarize(records)["all"]["suppress"]
     print("SmolLM2 suppress % change:", summary)
     assert all(r["neurons"] for r in records)
