@@ -82,6 +82,17 @@ def _predictions(adapter: LMAdapter, batch: FactBatch) -> tuple[torch.Tensor, to
     return target, lp.gather(1, target[:, None])[:, 0].exp()
 
 
+def _window_edges(keys: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Layer -> the last position's blocked edges ``[R, T]`` in that layer: row ``r``'s ``keys[r]`` where
+    ``lo[r] <= layer <= hi[r]``, none elsewhere; layers that no row's window reaches are left out."""
+    out = {}
+    for layer in range(int(lo.min()), int(hi.max()) + 1):
+        inside = (lo <= layer) & (layer <= hi)
+        if inside.any():
+            out[layer] = keys & inside[:, None]
+    return out
+
+
 @torch.inference_mode()
 def _knocked_out(adapter: LMAdapter, batch: FactBatch, rows: torch.Tensor, keys: torch.Tensor,
                  lo: torch.Tensor, hi: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -93,12 +104,9 @@ def _knocked_out(adapter: LMAdapter, batch: FactBatch, rows: torch.Tensor, keys:
     R = len(rows)
     index = torch.arange(R, device=ids.device)
     blocked = {}
-    for layer in range(int(lo.min()), int(hi.max()) + 1):
-        inside = (lo <= layer) & (layer <= hi)
-        if not inside.any():
-            continue
+    for layer, edges in _window_edges(keys, lo, hi).items():
         m = torch.zeros(R, T, T, dtype=torch.bool, device=ids.device)
-        m[index, last] = keys & inside[:, None]
+        m[index, last] = edges
         blocked[layer] = m
     with block_attention(adapter, blocked):
         h = adapter.run(ids, mask)
@@ -117,11 +125,7 @@ def _knocked_out_cached(adapter: LMAdapter, ids: list[int], keys: torch.Tensor, 
     cache = adapter.prefix_cache(prompt[:, : T - 1], R) if T > 1 else None
     if cache is None:
         return None
-    blocked = {}
-    for layer in range(int(lo.min()), int(hi.max()) + 1):
-        inside = (lo <= layer) & (layer <= hi)
-        if inside.any():
-            blocked[layer] = (keys & inside[:, None])[:, None, :]  # [R, 1 query, T keys]
+    blocked = {layer: edges[:, None, :] for layer, edges in _window_edges(keys, lo, hi).items()}  # [R, 1, T]
     with block_attention(adapter, blocked):
         h = adapter.run_cached(cache, prompt[:, T - 1 :].expand(R, 1))
     return adapter.project(h[:, -1])[:, target].double().exp()
