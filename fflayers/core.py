@@ -14,11 +14,12 @@ the base and print its message as one line with exit code 2:
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["BLOCK_LAYOUTS", "HOOK_POINTS", "AdapterError", "FflayersError", "HookSite", "InputError",
-           "ModelError", "RunStateError", "StopForward"]
+__all__ = ["BLOCK_LAYOUTS", "FAIRSEQ_EXTRA", "HOOK_POINTS", "AdapterError", "FflayersError", "HookSite",
+           "InputError", "ModelError", "RunStateError", "StopForward", "fairseq_installed", "require_fairseq"]
 
 
 class FflayersError(ValueError):
@@ -39,6 +40,21 @@ class InputError(FflayersError):
 
 class RunStateError(FflayersError):
     """A run folder that conflicts with the request (another config, another analysis, an older format)."""
+
+
+#: How to add fairseq to an install without it (an optional extra: HuggingFace users skip its build).
+FAIRSEQ_EXTRA = 'install the fairseq extra: pip install "fflayers[fairseq]"'
+
+
+def fairseq_installed() -> bool:
+    """Whether the fairseq package can be imported (checked without importing it)."""
+    return importlib.util.find_spec("fairseq") is not None
+
+
+def require_fairseq(what: str = "this is a fairseq model directory") -> None:
+    """Raise a one-line :class:`ModelError` (``what``; how to install the extra) when fairseq is missing."""
+    if not fairseq_installed():
+        raise ModelError(f"{what}; {FAIRSEQ_EXTRA}")
 
 
 class StopForward(Exception):

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fflayers.core import FAIRSEQ_EXTRA, fairseq_installed
+
 __all__ = [
     "FairseqToolError",
     "cli_path",
@@ -40,13 +42,15 @@ class FairseqToolError(ValueError):
 
 def cli_path(name: str) -> str:
     """Path of a fairseq CLI installed next to the running interpreter (falls back to ``PATH``)."""
+    if not fairseq_installed():
+        raise FairseqToolError(f"{name} needs fairseq, which is not installed; {FAIRSEQ_EXTRA}")
     local = Path(sys.executable).parent / name
     if local.exists():
         return str(local)
     found = shutil.which(name)
     if found is None:
         raise FairseqToolError(f"{name} not found next to {sys.executable} nor on PATH; "
-                               "install fairseq-fixed==0.12.3.1")
+                               f"{FAIRSEQ_EXTRA}")
     return found
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
-from fairseq.data import Dictionary
 
 from fflayers import fairseq_tools
 from fflayers.fairseq_tools import FairseqToolError
+from tests.fixtures.fairseq_models import NO_FAIRSEQ
+
+Dictionary = pytest.importorskip("fairseq.data", reason=NO_FAIRSEQ).Dictionary
 
 
 def test_dict_size_counts_special_symbols(fairseq_plain_lm):

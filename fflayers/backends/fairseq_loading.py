@@ -10,7 +10,7 @@ import torch
 
 from fflayers.backends.checkpoints import load_checkpoint, upgrade_checkpoint
 from fflayers.backends.fairseq_lm import FairseqLMAdapter
-from fflayers.core import ModelError
+from fflayers.core import ModelError, require_fairseq
 
 __all__ = ["find_checkpoint", "load_fairseq_lm"]
 
@@ -41,6 +41,7 @@ def find_checkpoint(model_dir: str | Path, checkpoint: str | None = None) -> Pat
 
 def load_dictionary(dict_path: str | Path):
     """fairseq's ``Dictionary`` of ``dict_path``; a malformed file is a one-line :class:`ModelError`."""
+    require_fairseq()
     from fairseq.data import Dictionary
 
     try:
@@ -116,6 +117,7 @@ def load_fairseq_lm(
     if not dict_path.is_file():
         raise ModelError(f"{model_dir} has no dict.txt; "
                            "put the dictionary the model was trained with next to its checkpoint")
+    require_fairseq()
     path = find_checkpoint(model_dir, checkpoint)
     state = load_checkpoint(path, trust_checkpoint=trust_checkpoint)
     with warnings.catch_warnings():

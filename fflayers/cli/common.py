@@ -223,9 +223,12 @@ class Command:
         return module.command(argv, prog, self.epilog())
 
 
-def command_parser(prog: str, description: str, commands: Sequence[Command], epilog: str) -> Parser:
-    """The parser that lists ``commands`` in its help (``prog --help``)."""
+def command_parser(prog: str, description: str, commands: Sequence[Command], epilog: str,
+                   version: str | None = None) -> Parser:
+    """The parser that lists ``commands`` in its help (``prog --help``; ``prog --version`` if ``version``)."""
     p = Parser(prog=prog, description=description, epilog=epilog)
+    if version is not None:
+        p.add_argument("--version", action="version", version=f"{prog} {version}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands",
                            parser_class=Parser)
     for c in commands:
@@ -234,7 +237,7 @@ def command_parser(prog: str, description: str, commands: Sequence[Command], epi
 
 
 def dispatch(prog: str, description: str, commands: Sequence[Command], argv: Sequence[str] | None,
-             epilog: str) -> int:
+             epilog: str, version: str | None = None) -> int:
     """Run the command named by ``argv[0]`` as ``PROG NAME`` with the rest of ``argv``; ``--help`` lists the
     commands, anything else is a one-line error (exit code 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -245,4 +248,5 @@ def dispatch(prog: str, description: str, commands: Sequence[Command], argv: Seq
     def misplaced(args: argparse.Namespace) -> None:  # e.g. "fflayers -- memories"
         raise CLIError(f"give the command first: {prog} {args.command} ...")
 
-    return run_main(prog, lambda: command_parser(prog, description, commands, epilog), misplaced, argv)
+    return run_main(prog, lambda: command_parser(prog, description, commands, epilog, version), misplaced,
+                    argv)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from fflayers import __version__
 from fflayers.cli.common import Command, dispatch
 
 __all__ = ["COMMANDS", "DESCRIPTION", "PROG", "main"]
@@ -82,4 +83,4 @@ COMMANDS = (
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``fflayers`` console script; returns the exit code (2 for bad input, with one line on stderr)."""
     examples = "examples:\n" + "".join(f"  {c.examples[0]}\n" for c in COMMANDS)
-    return dispatch(PROG, DESCRIPTION, COMMANDS, argv, examples)
+    return dispatch(PROG, DESCRIPTION, COMMANDS, argv, examples, version=__version__)

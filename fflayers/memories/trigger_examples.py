@@ -84,6 +84,10 @@ class TriggerExamples:
             "value": self.values.numpy().reshape(-1)[flat],
         })
 
+    def _repr_html_(self) -> str:
+        """The :meth:`to_frame` table as HTML (how Jupyter shows the object)."""
+        return self.to_frame()._repr_html_()
+
     def to_jsonl_rows(self, texts: Sequence[str]) -> Iterator[dict]:
         """Rows of the original JSONL schema, one per dim::
 

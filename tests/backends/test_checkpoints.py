@@ -11,7 +11,6 @@ import typing
 import numpy as np
 import pytest
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from fflayers.backends.checkpoints import (
     load_checkpoint,
@@ -20,6 +19,11 @@ from fflayers.backends.checkpoints import (
     upgrade_checkpoint,
 )
 from fflayers.core import ModelError
+from tests.fixtures.fairseq_models import NO_FAIRSEQ
+
+# fairseq checkpoints carry omegaconf configs: omegaconf comes with the fairseq extra
+omegaconf = pytest.importorskip("omegaconf", reason=NO_FAIRSEQ)
+DictConfig, OmegaConf = omegaconf.DictConfig, omegaconf.OmegaConf
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fflayers.cli.main import main
-from tests.fixtures.fairseq_models import fairseq_adaptive_lm, fairseq_corpus  # noqa: F401 (fixtures)
+from tests.fixtures.fairseq_models import fairseq_adaptive_lm, fairseq_corpus, needs_fairseq  # noqa: F401
 from tests.fixtures.hf_models import tiny_gpt2_dir  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -178,6 +178,7 @@ def test_numeric_flags_are_range_checked_before_the_model_loads(argv, needle, tm
     assert list(tmp_path.iterdir()) == []
 
 
+@needs_fairseq
 def test_binary_trigger_jsonl_is_one_line_and_writes_nothing(tmp_path, capsys):
     model = tmp_path / "m"
     model.mkdir()
@@ -213,6 +214,7 @@ class _RunsCode:
 
 
 @pytest.mark.parametrize("trust", [False, True])
+@needs_fairseq
 def test_plain_pickle_checkpoint_says_so_and_runs_nothing(trust, tmp_path, capsys):
     import pickle
 

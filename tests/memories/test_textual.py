@@ -19,6 +19,7 @@ from fflayers.memories.textual import (
     vocabulary_digest,
     write_textual,
 )
+from tests.fixtures.fairseq_models import needs_fairseq
 
 TEXT = "the cat sat on the mat"
 
@@ -130,6 +131,7 @@ def test_gpt2_tokenizer_via_cli(jsonl, tmp_path):
     assert (tmp_path / "g" / "0_0.txt").read_text() == "1.5\tthe cat sat *on*\n"
 
 
+@needs_fairseq
 def test_cli_refuses_non_empty_dir_without_overwrite(jsonl, tmp_path, capsys):
     model_dir = tmp_path / "m"
     model_dir.mkdir()
@@ -146,6 +148,7 @@ def test_cli_refuses_non_empty_dir_without_overwrite(jsonl, tmp_path, capsys):
     assert (out / "3_0.txt").read_text().startswith("3.14\tthe cat sat *on*\n")
 
 
+@needs_fairseq
 def test_cli_default_output_dir_and_bad_input(jsonl, tmp_path, capsys):
     model_dir = tmp_path / "m"
     model_dir.mkdir()
