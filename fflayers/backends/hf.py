@@ -73,6 +73,8 @@ class HFAdapter(LMAdapter):
         for name in ("n_positions", "max_position_embeddings"):
             value = getattr(cfg, name, None)
             if isinstance(value, int) and value > 0:
+                if self.spec.positions_after_pad and isinstance(cfg.pad_token_id, int):
+                    return value - cfg.pad_token_id - 1  # RoBERTa: ids 0..pad are never positions
                 return value
         return None
 
@@ -163,7 +165,10 @@ class HFAdapter(LMAdapter):
         return w if self.spec.conv1d else w.T
 
     def input_embeddings(self) -> torch.Tensor:
-        return self.embedding_module.weight
+        weight = self.embedding_module.weight
+        if self.spec.embed_scale:  # the rows as they enter the first block (Gemma: times sqrt(d))
+            return weight * torch.tensor(self.model.config.hidden_size ** 0.5, dtype=weight.dtype)
+        return weight
 
     def _linear(self, block: nn.Module, path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Weight in ``nn.Linear`` layout ``[out, in]`` (GPT-2's Conv1D transposed) and bias of a

@@ -7,7 +7,7 @@ one up.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -52,6 +52,8 @@ class ArchSpec:
     qkv_layout: str = "separate"  # how a fused projection's output features split: a key of QKV_LAYOUTS
     attn_method: str | None = None  # the _attn method edge blocking may wrap (ATTN_METHODS); None: none
     unembed: str | None = None  # module whose weight is the output embedding (None: get_output_embeddings())
+    embed_scale: bool = False  # the embedding module multiplies its rows by sqrt(hidden_size) (Gemma)
+    positions_after_pad: bool = False  # position ids start at pad_token_id + 1 (RoBERTa): fewer usable ones
 
     def __post_init__(self) -> None:
         if self.block_layout not in BLOCK_LAYOUTS:
@@ -133,6 +135,20 @@ _STARCODER2 = ArchSpec(
     mlp_out="mlp", block_layout="pre_norm", mlp="plain",
     attn_proj=_LLAMA.attn_proj, attn_proj_out=_LLAMA.attn_proj_out,
 )
+#: Llama's paths, token embeddings scaled by sqrt(d) inside the embedding module
+_GEMMA = ArchSpec(
+    layers="model.layers", embed="model.embed_tokens", final_norm="model.norm",
+    attn="self_attn", attn_core="self_attn", mlp_in="mlp", fc_in="mlp.gate_proj", fc_out="mlp.down_proj",
+    mlp_out="mlp", block_layout="pre_norm", mlp="gated",
+    attn_proj=_LLAMA.attn_proj, attn_proj_out=_LLAMA.attn_proj_out, embed_scale=True,
+)
+#: a parallel block with one LayerNorm shared by attention and MLP, a plain MLP (Phi-1, Phi-1.5, Phi-2)
+_PHI = ArchSpec(
+    layers="model.layers", embed="model.embed_tokens", final_norm="model.final_layernorm",
+    attn="self_attn", attn_core="self_attn", mlp_in="mlp", fc_in="mlp.fc1", fc_out="mlp.fc2",
+    mlp_out="mlp", block_layout="parallel", mlp="plain",
+    attn_proj=_LLAMA.attn_proj, attn_proj_out="self_attn.dense",
+)
 #: BERT checkpoints without an MLM head (encoders such as sentence-transformers models) load as BertModel,
 #: whose paths have no ``bert.`` prefix.
 _BERT_ENCODER = ArchSpec(
@@ -151,6 +167,11 @@ _BERT = ArchSpec(
     attn_proj=_BERT_ENCODER.attn_proj, attn_proj_out=_BERT_ENCODER.attn_proj_out,
     unembed="cls.predictions.decoder",
 )
+#: BERT's blocks under ``roberta.``; the MLM head ``lm_head`` (dense, GELU, LayerNorm, decoder + bias)
+_ROBERTA = replace(
+    _BERT, layers="roberta.encoder.layer", embed="roberta.embeddings.word_embeddings", head="lm_head",
+    body="roberta", unembed="lm_head.decoder", positions_after_pad=True,
+)
 
 #: model_type -> where its parts live.
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -166,9 +187,13 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen3": _LLAMA,
     "olmo": _LLAMA,
     "smollm3": _LLAMA,
+    "gemma": _GEMMA,
+    "phi": _PHI,
     "stablelm": _STABLELM,
     "starcoder2": _STARCODER2,
     "bert": _BERT,
+    "roberta": _ROBERTA,
+    "xlm-roberta": _ROBERTA,
 }
 
 

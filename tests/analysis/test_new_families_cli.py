@@ -1,5 +1,6 @@
 """The command lines end to end on tiny random models of families added through the architecture table
-(gated Qwen3 with q/k norms, parallel StableLM, plain-MLP StarCoder2), saved with the real GPT-2 tokenizer:
+(gated Qwen3 with q/k norms, parallel StableLM, plain-MLP StarCoder2, Gemma with scaled embeddings, Phi with
+one LayerNorm for a parallel block), saved with the real GPT-2 tokenizer:
 mining checked against plain torch hooks on each family's own key projection, then textual files, key-value
 agreement and attention knockout against transformers' own forward."""
 
@@ -20,7 +21,8 @@ from tests.analysis.test_generate_outputs_cli import LINES, brute_force, check_j
 from tests.backends.conftest import extra_config
 
 #: family -> block-relative module whose output is ``mlp_key`` (written here, not read from fflayers)
-KEY_MODULE = {"qwen3": "mlp.gate_proj", "stablelm": "mlp.gate_proj", "starcoder2": "mlp.c_fc"}
+KEY_MODULE = {"qwen3": "mlp.gate_proj", "stablelm": "mlp.gate_proj", "starcoder2": "mlp.c_fc",
+              "gemma": "mlp.gate_proj", "phi": "mlp.fc1"}
 
 
 @pytest.fixture(scope="module", params=sorted(KEY_MODULE))
@@ -72,9 +74,10 @@ def test_mining_textual_agreement_and_knockout(family_dir, tmp_path, capsys):
     # a value's top token, straight from the model's own weights: down projection row through norm and head
     layer, dim = n_layers - 1, 5
     down = model.model.layers[layer].get_submodule(KEY_MODULE[name].replace("gate_proj", "down_proj")
-                                                   .replace("c_fc", "c_proj"))
+                                                   .replace("c_fc", "c_proj").replace("fc1", "fc2"))
+    norm = model.model.final_layernorm if name == "phi" else model.model.norm
     with torch.no_grad():
-        logits = model.lm_head(model.model.norm(down.weight[:, dim]))
+        logits = model.lm_head(norm(down.weight[:, dim]))
     row = table[(table.layer == layer) & (table.W2_dim == dim)].iloc[0]
     assert row.embedding_index == int(logits.argmax())
 

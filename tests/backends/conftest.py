@@ -51,6 +51,15 @@ def extra_config(arch: str):
     if arch == "starcoder2":  # plain MLP with biases, LayerNorm, sliding window
         return tf.Starcoder2Config(num_key_value_heads=2, sliding_window=8, residual_dropout=0.0,
                                    embedding_dropout=0.0, **sizes)
+    if arch == "gemma":  # embeddings scaled by sqrt(d), (1 + w) RMSNorm, gated tanh-GELU MLP, head size given
+        return tf.GemmaConfig(num_key_value_heads=1, head_dim=D // HEADS, **sizes)
+    if arch == "phi":  # parallel attention and MLP after one shared LayerNorm, partial rotary, head bias
+        return tf.PhiConfig(partial_rotary_factor=0.5, resid_pdrop=0.0, embd_pdrop=0.0, **sizes)
+    if arch in ("roberta", "xlm-roberta"):  # BERT's blocks, positions offset past the padding id, lm_head
+        cls = tf.RobertaConfig if arch == "roberta" else tf.XLMRobertaConfig
+        return cls(hidden_size=D, intermediate_size=FF, num_attention_heads=HEADS, num_hidden_layers=LAYERS,
+                   max_position_embeddings=POS + 2, vocab_size=VOCAB, pad_token_id=1, bos_token_id=0,
+                   eos_token_id=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return None
 
 
@@ -76,7 +85,8 @@ def hf_model(arch: str) -> torch.nn.Module:
         pytest.fail(f"architecture {arch!r} of the HF table has no tiny config: add one to "
                     "tests/fixtures/hf_models.py (or extra_config in tests/backends/conftest.py)")
     torch.manual_seed(0)
-    return perturbed(tf.AutoModelForCausalLM.from_config(cfg), norms=True)
+    auto = tf.AutoModelForMaskedLM if ARCHITECTURES[arch].masked_lm else tf.AutoModelForCausalLM
+    return perturbed(auto.from_config(cfg), norms=True)
 
 
 @pytest.fixture(params=[*ARCHITECTURES, *FAIRSEQ])

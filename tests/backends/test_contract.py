@@ -54,12 +54,33 @@ class Family:
     causal: bool = True
     tied: bool = False  # head weight is the token embedding
     qk_norm: tuple[str, str] | None = None  # per-head norms of q and k before the rotary embedding
+    mlm: MLMHead | None = None  # masked LMs: the MLM head's parts
 
+
+@dataclasses.dataclass(frozen=True)
+class MLMHead:
+    """An MLM head: dense -> activation -> LayerNorm (the transform), then decoder + bias."""
+
+    head: str  # model-relative head module (its forward gives the logits)
+    dense: str
+    norm: str
+    decoder: str
+    bias: str  # model-relative parameter added to the decoder's output
+
+
+_BERT_MLM = MLMHead("cls", "cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm",
+                    "cls.predictions.decoder", "cls.predictions.bias")
+_ROBERTA_MLM = MLMHead("lm_head", "lm_head.dense", "lm_head.layer_norm", "lm_head.decoder", "lm_head.bias")
 
 _LLAMA = Family("model.layers", "pre_norm", "input_layernorm", "post_attention_layernorm", "self_attn",
                 ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "mlp.gate_proj",
                 "mlp.down_proj", "mlp", "hidden_act", up="mlp.up_proj", final_norm="model.norm",
                 rotary="half")
+_ROBERTA = Family("roberta.encoder.layer", "post_norm", None, "attention.output.LayerNorm",
+                  "attention.output.dense",
+                  ("attention.self.query", "attention.self.key", "attention.self.value"),
+                  "intermediate.dense", "output.dense", "output.dense", "hidden_act",
+                  ln_out="output.LayerNorm", causal=False, mlm=_ROBERTA_MLM)
 HF = {
     "gpt2": Family("transformer.h", "pre_norm", "ln_1", "ln_2", "attn", ("attn.c_attn",), "mlp.c_fc",
                    "mlp.c_proj", "mlp", "activation_function", fused="q|k|v", conv1d=True,
@@ -84,11 +105,16 @@ HF = {
     "stablelm": dataclasses.replace(_LLAMA, layout="parallel", ln2="input_layernorm",
                         qk_norm=("self_attn.q_layernorm", "self_attn.k_layernorm")),
     "starcoder2": dataclasses.replace(_LLAMA, fc_in="mlp.c_fc", fc_out="mlp.c_proj", up=None, tied=True),
+    "gemma": dataclasses.replace(_LLAMA, tied=True),
+    "phi": dataclasses.replace(_LLAMA, layout="parallel", ln2="input_layernorm", fc_in="mlp.fc1",
+                               fc_out="mlp.fc2", up=None, final_norm="model.final_layernorm"),
     "bert": Family("bert.encoder.layer", "post_norm", None, "attention.output.LayerNorm",
                    "attention.output.dense",
                    ("attention.self.query", "attention.self.key", "attention.self.value"),
                    "intermediate.dense", "output.dense", "output.dense", "hidden_act",
-                   ln_out="output.LayerNorm", causal=False),
+                   ln_out="output.LayerNorm", causal=False, mlm=_BERT_MLM),
+    "roberta": _ROBERTA,
+    "xlm-roberta": _ROBERTA,
 }
 
 
@@ -353,7 +379,7 @@ def test_input_embeddings_feed_the_first_block(adapter):
             positions = 0 if dec.embed_positions is None else dec.embed_positions(tokens)
         else:
             torch.testing.assert_close(E, adapter.model.get_input_embeddings()(every))
-            if adapter.family == "bert":  # token + position + type embeddings, then a LayerNorm
+            if adapter.is_masked_lm:  # token + position + type embeddings, then a LayerNorm
                 return
             path = family(adapter).pos_embed
             positions = 0 if path is None else adapter.model.get_submodule(path)(torch.arange(ids.shape[1]))
@@ -380,7 +406,8 @@ def head_log_probs(adapter, h: torch.Tensor) -> torch.Tensor:
     if is_fairseq(adapter):
         net = (adapter.model.decoder.output_layer(h), None)
         return adapter.model.get_normalized_probs(net, log_probs=True).float()
-    head = adapter.model.cls if adapter.family == "bert" else adapter.model.get_output_embeddings()
+    mlm = None if is_fairseq(adapter) else family(adapter).mlm
+    head = adapter.model.get_submodule(mlm.head) if mlm else adapter.model.get_output_embeddings()
     return torch.log_softmax(head(h).float(), dim=-1)
 
 
@@ -428,13 +455,19 @@ def test_output_embeddings_give_the_models_logits(adapter):
             torch.testing.assert_close(normed @ E.T, logits, **TOL)
             torch.testing.assert_close(torch.log_softmax(normed @ E.T, -1), adapter.project(stream), **TOL)
             tied = dec.output_projection.weight is dec.embed_tokens.weight
-        elif adapter.family == "bert":
-            preds = model.cls.predictions
-            logits, transformed = logits_and_output_of(model, preds.transform, ids)
-            torch.testing.assert_close(transformed @ E.T + preds.bias, logits, **TOL)
+        elif family(adapter).mlm is not None:
+            mlm = family(adapter).mlm
+            part = model.get_submodule
+            head_bias = part(mlm.head).get_parameter(mlm.bias.split(".", 1)[1])
+            logits, transformed = logits_and_output_of(model, part(mlm.norm), ids)
+            torch.testing.assert_close(transformed @ E.T + head_bias, logits, **TOL)
             h = torch.randn(5, adapter.d_model, generator=torch.Generator().manual_seed(0))
-            t = preds.transform(h)  # also on a random state, through the head's own decoder module
-            torch.testing.assert_close(preds.decoder(t), t @ E.T + preds.bias, **TOL)
+            from transformers.activations import ACT2FN
+
+            act = ACT2FN[model.config.hidden_act]  # the transform by hand, then the head's own decoder module
+            t = part(mlm.norm)(act(part(mlm.dense)(h)))
+            torch.testing.assert_close(part(mlm.decoder)(t), t @ E.T + head_bias, **TOL)
+            torch.testing.assert_close(part(mlm.head)(h), t @ E.T + head_bias, **TOL)
             assert adapter.output_embeddings_kind == "MLM decoder"
             return
         else:
@@ -768,7 +801,7 @@ def test_prefix_cache_then_run_cached_equals_the_whole_run(adapter):
     fairseq have no cache (documented: None; fairseq's run_cached refuses)."""
     ids = batch(adapter, B=1, T=11, pad=0)[0]
     P, B = 6, 3
-    if is_fairseq(adapter) or adapter.family == "bert":
+    if is_fairseq(adapter) or adapter.is_masked_lm:
         assert adapter.prefix_cache(ids[:, :P], B) is None
         if is_fairseq(adapter):
             with pytest.raises(ModelError, match="cannot cache"):
@@ -805,7 +838,10 @@ def test_sizes_match_the_model_config(adapter):
     else:
         cfg = adapter.model.config
         d_ff = getattr(cfg, "intermediate_size", None) or cfg.n_inner
-        want = (cfg.num_hidden_layers, cfg.hidden_size, d_ff, cfg.vocab_size, cfg.max_position_embeddings)
+        positions = cfg.max_position_embeddings
+        if family(adapter).mlm is _ROBERTA_MLM:  # RoBERTa's position ids start after the padding id
+            positions -= cfg.pad_token_id + 1
+        want = (cfg.num_hidden_layers, cfg.hidden_size, d_ff, cfg.vocab_size, positions)
     got = (adapter.n_layers, adapter.d_model, adapter.d_ff, adapter.vocab_size, adapter.max_positions)
     assert got == want
     assert adapter.dtype == torch.float32
@@ -985,6 +1021,6 @@ def test_vocab_without_a_tokenizer(adapter):
     if is_fairseq(adapter):
         assert vocab.pad_id == adapter.model.decoder.dictionary.pad()
         return
-    assert vocab.pad_id == adapter.model.config.pad_token_id == 0
+    assert vocab.pad_id == adapter.model.config.pad_token_id == (1 if "roberta" in adapter.family else 0)
     with pytest.raises(ModelError, match="no tokenizer"):
         vocab.tokenize("The capital")
