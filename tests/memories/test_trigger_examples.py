@@ -279,3 +279,30 @@ def test_bad_arguments(gpt2_adapter, corpus):
         trigger_examples(gpt2_adapter, corpus, k=0, progress=False)
     with pytest.raises(FflayersError, match="no sentences"):
         trigger_examples(gpt2_adapter, [], progress=False)
+
+
+def test_repr_html_is_the_long_table():
+    """Jupyter shows a TriggerExamples as the table of its filled slots (built here from the buffers)."""
+    import numpy as np
+    import pandas as pd
+
+    from fflayers.memories.trigger_examples import TriggerExamples
+
+    values = torch.tensor([[3.5, 1.25, -float("inf")], [-float("inf")] * 3, [0.5, 0.25, 0.125],
+                           [2.0, -float("inf"), -float("inf")]])
+    sentence_ids = torch.tensor([[4, 0, -1], [-1, -1, -1], [1, 2, 3], [7, -1, -1]])
+    positions = torch.tensor([[2, 0, -1], [-1, -1, -1], [5, 1, 1], [3, -1, -1]])
+    te = TriggerExamples(values, sentence_ids, positions, layers=[3, 1], dims=[10, 20], k=3, n_sentences=8)
+    rows = []
+    for li, layer in enumerate(te.layers):
+        for di, dim in enumerate(te.dims):
+            key = li * len(te.dims) + di
+            for rank in range(te.k):
+                if int(sentence_ids[key, rank]) >= 0:
+                    rows.append((layer, dim, rank, int(sentence_ids[key, rank]), int(positions[key, rank]),
+                                 float(values[key, rank])))
+    expected = pd.DataFrame(rows, columns=["layer", "dim", "rank", "sentence_id", "position", "value"])
+    expected = expected.astype({c: np.int64 for c in expected.columns[:5]} | {"value": np.float32})
+    assert len(expected) == 6
+    assert te._repr_html_() == expected._repr_html_()
+    assert "<table" in te._repr_html_()
