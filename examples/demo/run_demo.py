@@ -16,6 +16,8 @@
    five position sets in every layer, attribute extraction, the vocabulary projections of one fact.
 9. Knowledge neurons of a few of those facts on SmolLM2: refined neurons by integrated gradients, the effect
    of suppressing and enhancing them vs unrelated facts and random neurons.
+10. Lenses compared on SmolLM2: a tuned lens and the hybrid (from step 7's maps) on a small token budget,
+    then logit lens, mat, tuned, hybrid and a token-identity Patchscope on the same held-out tokens.
 
 Everything lands in ``runs/demo`` (``--out``); finished steps are reused when the demo runs again.
 
@@ -102,6 +104,7 @@ def main() -> None:
     p.add_argument("--skip_shortcuts", action="store_true", help="skip the linear-shortcuts step")
     p.add_argument("--skip_recall", action="store_true", help="skip the factual-recall step")
     p.add_argument("--skip_neurons", action="store_true", help="skip the knowledge-neurons step")
+    p.add_argument("--skip_lenses", action="store_true", help="skip the lens comparison")
     args = p.parse_args()
     start = time.time()
     out = Path(args.out)
@@ -175,6 +178,14 @@ def main() -> None:
             print(f"  done before: see {out / 'neurons'}/")
         else:
             run_neurons(out / "neurons", smollm2)
+
+    maps = out / "shortcuts" / "smollm2" / "maps.safetensors"
+    if not args.skip_lenses and maps.is_file():
+        from lenses_demo import run_lenses
+
+        banner("10. Lenses compared")
+        run_lenses(out / "lenses", out / "corpus" / "wiki.train.tokens", out / "corpus" / "wiki.valid.tokens",
+                   smollm2_dir, maps)
 
     print(f"\ndemo finished in {time.time() - start:.0f} s; outputs in {out}/")
 

@@ -4,7 +4,8 @@ Each command takes the flags of the ``analysis/*.py`` script it replaces (same p
 outputs): ``memories mine`` = generate_outputs.py, ``memories textual`` =
 trigger_examples_jsonl_to_textual.py, ``memories agreement`` = key_value_agreement.py, ``memories plot`` =
 plot_memories.py, ``recall SUB`` = dissect_recall.py SUB, ``shortcuts SUB`` = linear_shortcuts.py SUB,
-``neurons`` = knowledge_neurons.py, ``embedding SUB`` = embedding_space.py SUB, ``merge`` = merge_shards.py.
+``neurons`` = knowledge_neurons.py, ``embedding SUB`` = embedding_space.py SUB, ``merge`` = merge_shards.py;
+``lenses SUB`` has no script of its own.
 The modules are imported only when their command runs, so ``fflayers --help`` is quick.
 """
 
@@ -75,6 +76,12 @@ COMMANDS = (
              "fflayers embedding heads --hf_model gpt2 --layers 9 --heads 8 --kind ov --n 50",
              "fflayers embedding export --hf_model gpt2 --k 20 --output_file values.parquet"),
             module="embedding"),
+    Command("lenses", "lenses compared: train a tuned / hybrid lens, evaluate the logit, mat, tuned, hybrid "
+            "lenses and a token-identity Patchscope on the same tokens, figures",
+            ("fflayers lenses train --hf_model gpt2 --data_file wiki.train.tokens --output_dir lens_tuned",
+             "fflayers lenses compare --hf_model gpt2 --data_file wiki.valid.tokens --tuned lens_tuned "
+             "--output lenses.parquet --figure lenses",
+             "fflayers lenses plot --input lenses.parquet --output lenses"), module="lenses"),
     Command("merge", "merge the partials of a 'memories mine --shard I/N' job array (merge_shards.py)",
             ("fflayers merge --output_file top50.jsonl",), module="merge"),
 )

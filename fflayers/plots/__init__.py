@@ -42,10 +42,16 @@ Dissecting factual recall (seed 001, :mod:`fflayers.plots.recall`):
 * :func:`plot_attributes_rate`: subject enrichment, attributes rate per layer against the embedding baseline;
 * :func:`plot_sublayer_knockout`: attributes rate and attribute probability when MLP or MHSA sublayers of a
   window of layers are knocked out, per first knocked-out layer.
+
+Lenses compared (:mod:`fflayers.plots.lenses`):
+
+* :func:`plot_lens_comparison`: one panel per metric (KL, cross-entropy, top-1 agreement, precision@k,
+  surprisal, marginal KL), a line per lens, against the state index.
 """
 
 from fflayers.plots.embedding_space import plot_neurons_vs_hidden, plot_token_map
 from fflayers.plots.figures import save_figure
+from fflayers.plots.lenses import plot_lens_comparison
 from fflayers.plots.memories import (
     plot_active_memories,
     plot_agreement,
@@ -85,4 +91,5 @@ __all__ = [
     "plot_attributes_rate",
     "plot_sublayer_knockout",
     "plot_submodule_r2",
+    "plot_lens_comparison",
 ]

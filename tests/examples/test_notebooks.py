@@ -17,6 +17,7 @@ BUDGETS = {
     "linear_shortcuts": 300,
     "knowledge_neurons": 300,
     "embedding_space": 300,
+    "lenses": 300,
 }
 #: the notebooks that display a table (a DataFrame, or an object with ``_repr_html_``)
 WITH_TABLES = set(BUDGETS)
