@@ -5,7 +5,7 @@
 2. evaluation of the logit, mat, tuned and hybrid lenses over N positions vs one forward over them (goal:
    <= 2x), and the Patchscope's own forwards apart.
 
-    python benchmarks/lens_training.py [--sentences 16] [--repeats 3] [--layers 0 10 20]
+    python benchmarks/lens_training.py [--sentences 8] [--repeats 2] [--layers 0 10 20]
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from fflayers.lenses import (  # noqa: E402
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sentences", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sentences", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--layers", type=int, nargs="*", default=None,
                    help="translators trained / states evaluated (default: all)")
     p.add_argument("--device", default="auto")

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Copy one figure per analysis from a finished `make demo` (runs/demo) into docs/figures, where the README and
+# the docs pages show them. Run it after a demo whose numbers the docs quote.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+demo=${1:-runs/demo}
+mkdir -p docs/figures
+copy() { test -f "$demo/$1" || { echo "copy_demo_figures.sh: $demo/$1 is missing; run make demo" >&2; exit 2; }
+         cp "$demo/$1" "docs/figures/$2"; }
+copy memories_fairseq/figures/agreement_by_layer.png memories_agreement.png
+copy recall/knockout.png recall_knockout.png
+copy shortcuts/fairseq/r2.png shortcuts_r2.png
+copy neurons/knowledge_neurons.png neurons_effects.png
+copy embedding_space/smollm2_neurons_vs_hidden.png embedding_neurons_vs_hidden.png
+copy lenses/lenses.png lenses.png
+echo "copy_demo_figures.sh: 6 figures -> docs/figures/"
