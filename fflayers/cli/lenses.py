@@ -50,6 +50,8 @@ def _data(p: argparse.ArgumentParser, default_sentences: int) -> None:
     p.add_argument("--max_sentences", type=int, default=default_sentences, help="sentences read")
     p.add_argument("--raw_wikitext", action="store_true",
                    help="feed WikiText token text as it is to subword models (default: detokenized)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="autocast of the model's forward (lenses stay float32; fp16 needs a GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -109,6 +111,8 @@ def check_args(args: argparse.Namespace) -> None:
     check_model_args(args)
     if not Path(args.data_file).is_file():
         raise CLIError(f"--data_file {args.data_file} does not exist; pass a corpus file")
+    if args.dtype == "fp16" and args.device == "cpu":
+        raise CLIError("--dtype fp16 needs a GPU; use --dtype bf16 on the CPU")
     if args.max_sentences < 1:
         raise CLIError(f"--max_sentences {args.max_sentences} must be >= 1")
     for name in ("shortcuts", "tuned", "hybrid"):
@@ -174,7 +178,7 @@ def run_train(args: argparse.Namespace) -> None:
         adapter = load_adapter(args)
         config = LensTrainConfig(kind=args.kind, steps=args.steps, tokens_per_step=args.tokens_per_step,
                                  lr=args.lr, optimizer=args.optimizer, weight_decay=args.weight_decay,
-                                 batch_tokens=args.batch_tokens,
+                                 batch_tokens=args.batch_tokens, dtype=args.dtype,
                                  layers=None if args.layers is None else tuple(args.layers))
         sequences = corpus_sequences(adapter, args.data_file, args.max_sentences, args.raw_wikitext,
                                      args.seed)
@@ -236,13 +240,13 @@ def run_eval(args: argparse.Namespace) -> None:
     if "patchscope" in lenses and scope_layers is not None:  # the Patchscope runs a forward per state
         scope = {"patchscope": lenses.pop("patchscope")}
         parts = [evaluate_lenses(adapter, lenses, sequences, layers, args.positions, args.seed,
-                                 args.batch_size, not args.quiet),
+                                 args.batch_size, not args.quiet, args.dtype),
                  evaluate_lenses(adapter, scope, sequences, scope_layers, args.positions, args.seed,
-                                 args.batch_size, not args.quiet)]
+                                 args.batch_size, not args.quiet, args.dtype)]
         table = pd.concat(parts, ignore_index=True)
     else:
         table = evaluate_lenses(adapter, lenses, sequences, layers, args.positions, args.seed,
-                                args.batch_size, not args.quiet)
+                                args.batch_size, not args.quiet, args.dtype)
     write_table(args.output, table)
     inputs = {"data_file": args.data_file} | ({"shortcuts": args.shortcuts} if args.shortcuts else {})
     write_json(str(args.output) + ".meta.json", run_metadata({**vars(args), "model": repr(adapter)}, inputs))

@@ -100,8 +100,16 @@ class LinearShortcutLens(VectorLens):
         return out
 
 
-def sequence_states(adapter: LMAdapter, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """States ``[n, L+1, d]`` (float32) of every unmasked token of a right-padded batch, row-major."""
+#: ``--dtype`` names -> the autocast dtype of the model's forward (None: the model's own)
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def sequence_states(adapter: LMAdapter, ids: torch.Tensor, mask: torch.Tensor,
+                    dtype: str = "fp32") -> torch.Tensor:
+    """States ``[n, L+1, d]`` (float32) of every unmasked token of a right-padded batch, row-major; the
+    forward runs under autocast to ``dtype`` (``"fp32"``: as the model is, ``"bf16"``, ``"fp16"``)."""
+    if dtype not in AUTOCAST:
+        raise InputError(f"dtype {dtype!r} unknown; use one of {', '.join(AUTOCAST)}")
     L = adapter.n_layers
     out: list[torch.Tensor | None] = [None] * (L + 1)
     mask = mask.to(adapter.device).bool()
@@ -114,6 +122,8 @@ def sequence_states(adapter: LMAdapter, ids: torch.Tensor, mask: torch.Tensor) -
         return fn
 
     hooks = [("resid_pre", 0, keeper(0))] + [("resid_post", layer, keeper(layer + 1)) for layer in range(L)]
-    with hooked(adapter, hooks), torch.no_grad():  # not inference mode: lens training backpropagates
+    cast = AUTOCAST[dtype]
+    autocast = torch.autocast(adapter.device.type, dtype=cast, enabled=cast is not None)
+    with hooked(adapter, hooks), torch.no_grad(), autocast:  # no_grad, not inference mode: training
         adapter.run(ids.to(adapter.device), mask)
     return torch.stack(out, dim=1)

@@ -91,9 +91,11 @@ def evaluate_lenses(
     seed: int = 0,
     batch_size: int = 8,
     progress: bool = True,
+    dtype: str = "fp32",
 ):
     """One row per (lens, layer): ``lens, layer, n_tokens`` and :data:`METRICS` (a DataFrame), every lens read
-    on the same tokens of ``sequences`` (token ids)."""
+    on the same tokens of ``sequences`` (token ids); ``dtype``: autocast of the forward (see
+    :func:`~fflayers.lenses.lens.sequence_states`)."""
     import pandas as pd
     from tqdm.auto import tqdm
 
@@ -111,7 +113,7 @@ def evaluate_lenses(
         chunk = work[start : start + batch_size]
         seqs = [list(s) for s, _ in chunk]
         ids, mask = pad_right(seqs, pad)
-        states = sequence_states(adapter, ids, mask)  # [n_tokens, L+1, d], row-major over the batch
+        states = sequence_states(adapter, ids, mask, dtype)  # [n_tokens, L+1, d], row-major over the batch
         offsets, flat, targets = 0, [], []
         for s, rows in zip(seqs, (r for _, r in chunk), strict=True):
             flat.extend(offsets + t for t in rows)

@@ -56,6 +56,7 @@ class LensTrainConfig:
     bias: bool = True
     clip_grad_norm: float | None = 1.0  # clip the gradient norm of each step (None: no clipping)
     layers: tuple[int, ...] | None = None  # the translators trained (None: every layer 0..L-1)
+    dtype: str = "fp32"  # autocast of the model's forward that gives the states (the lens stays float32)
 
     def __post_init__(self) -> None:
         if self.kind not in ("tuned", "hybrid"):
@@ -167,7 +168,7 @@ def train_lens(
         for m, group in enumerate(_micro_batches(plan[step], lengths, config.batch_tokens)):
             if info.enabled and m % info.world_size != info.rank:
                 continue
-            states = sequence_states(adapter, *pad_right([sequences[i] for i in group], pad))
+            states = sequence_states(adapter, *pad_right([sequences[i] for i in group], pad), config.dtype)
             yield states, states.shape[0] / step_tokens
 
     return train_lens_on_states(adapter, step_states, config, lens, checkpoint, save_every, progress,

@@ -118,3 +118,14 @@ def test_bad_layers_and_masked_lms(lm):
         LinearShortcutLens(lm, {}).log_probs(torch.zeros(1, lm.d_model), 1)
     with pytest.raises(ModelError, match="masked LM"):
         LogitLens(HFAdapter(tiny_model("bert"), device="cpu"))
+
+
+def test_bf16_autocast_states_are_close_to_fp32(llama):
+    seqs = sequences(2)
+    ids, mask = pad_right(seqs, 0)
+    full = sequence_states(llama, ids, mask)
+    half = sequence_states(llama, ids, mask, "bf16")
+    assert half.dtype == torch.float32 and not torch.equal(half, full)
+    torch.testing.assert_close(half, full, rtol=0.05, atol=0.05)
+    with pytest.raises(InputError, match="dtype 'int8' unknown"):
+        sequence_states(llama, ids, mask, "int8")
