@@ -122,33 +122,14 @@ _LLAMA = ArchSpec(
     attn_proj=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), attn_proj_out="self_attn.o_proj",
 )
 #: Llama's paths with a parallel block where the config says so (StableLM: ``use_parallel_residual``)
-_STABLELM = ArchSpec(
-    layers="model.layers", embed="model.embed_tokens", final_norm="model.norm",
-    attn="self_attn", attn_core="self_attn", mlp_in="mlp", fc_in="mlp.gate_proj", fc_out="mlp.down_proj",
-    mlp_out="mlp", block_layout="parallel", parallel_flag="use_parallel_residual", mlp="gated",
-    attn_proj=_LLAMA.attn_proj, attn_proj_out=_LLAMA.attn_proj_out,
-)
+_STABLELM = replace(_LLAMA, block_layout="parallel", parallel_flag="use_parallel_residual")
 #: Llama's paths with a plain MLP (``c_fc`` -> activation -> ``c_proj``)
-_STARCODER2 = ArchSpec(
-    layers="model.layers", embed="model.embed_tokens", final_norm="model.norm",
-    attn="self_attn", attn_core="self_attn", mlp_in="mlp", fc_in="mlp.c_fc", fc_out="mlp.c_proj",
-    mlp_out="mlp", block_layout="pre_norm", mlp="plain",
-    attn_proj=_LLAMA.attn_proj, attn_proj_out=_LLAMA.attn_proj_out,
-)
+_STARCODER2 = replace(_LLAMA, fc_in="mlp.c_fc", fc_out="mlp.c_proj", mlp="plain")
 #: Llama's paths, token embeddings scaled by sqrt(d) inside the embedding module
-_GEMMA = ArchSpec(
-    layers="model.layers", embed="model.embed_tokens", final_norm="model.norm",
-    attn="self_attn", attn_core="self_attn", mlp_in="mlp", fc_in="mlp.gate_proj", fc_out="mlp.down_proj",
-    mlp_out="mlp", block_layout="pre_norm", mlp="gated",
-    attn_proj=_LLAMA.attn_proj, attn_proj_out=_LLAMA.attn_proj_out, embed_scale=True,
-)
+_GEMMA = replace(_LLAMA, embed_scale=True)
 #: a parallel block with one LayerNorm shared by attention and MLP, a plain MLP (Phi-1, Phi-1.5, Phi-2)
-_PHI = ArchSpec(
-    layers="model.layers", embed="model.embed_tokens", final_norm="model.final_layernorm",
-    attn="self_attn", attn_core="self_attn", mlp_in="mlp", fc_in="mlp.fc1", fc_out="mlp.fc2",
-    mlp_out="mlp", block_layout="parallel", mlp="plain",
-    attn_proj=_LLAMA.attn_proj, attn_proj_out="self_attn.dense",
-)
+_PHI = replace(_LLAMA, final_norm="model.final_layernorm", fc_in="mlp.fc1", fc_out="mlp.fc2",
+               block_layout="parallel", mlp="plain", attn_proj_out="self_attn.dense")
 #: BERT checkpoints without an MLM head (encoders such as sentence-transformers models) load as BertModel,
 #: whose paths have no ``bert.`` prefix.
 _BERT_ENCODER = ArchSpec(

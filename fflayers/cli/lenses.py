@@ -235,18 +235,14 @@ def run_eval(args: argparse.Namespace) -> None:
     adapter = load_adapter(args)
     sequences = corpus_sequences(adapter, args.data_file, args.max_sentences, args.raw_wikitext)
     lenses = lenses_of(adapter, args)
-    layers = args.layers
+    groups = [(lenses, args.layers)]
     scope_layers = getattr(args, "patchscope_layers", None)
     if "patchscope" in lenses and scope_layers is not None:  # the Patchscope runs a forward per state
         scope = {"patchscope": lenses.pop("patchscope")}
-        parts = [evaluate_lenses(adapter, lenses, sequences, layers, args.positions, args.seed,
-                                 args.batch_size, not args.quiet, args.dtype),
-                 evaluate_lenses(adapter, scope, sequences, scope_layers, args.positions, args.seed,
-                                 args.batch_size, not args.quiet, args.dtype)]
-        table = pd.concat(parts, ignore_index=True)
-    else:
-        table = evaluate_lenses(adapter, lenses, sequences, layers, args.positions, args.seed,
-                                args.batch_size, not args.quiet, args.dtype)
+        groups = [(lenses, args.layers), (scope, scope_layers)]
+    table = pd.concat([evaluate_lenses(adapter, group, sequences, layers, args.positions, args.seed,
+                                       args.batch_size, not args.quiet, args.dtype)
+                       for group, layers in groups], ignore_index=True)
     write_table(args.output, table)
     inputs = {"data_file": args.data_file} | ({"shortcuts": args.shortcuts} if args.shortcuts else {})
     write_json(str(args.output) + ".meta.json", run_metadata({**vars(args), "model": repr(adapter)}, inputs))

@@ -15,7 +15,7 @@ import torch
 
 from fflayers.backends.base import LMAdapter
 from fflayers.core import InputError, ModelError
-from fflayers.hooks import hooked
+from fflayers.hooks import capture
 
 __all__ = ["Lens", "LinearShortcutLens", "LogitLens", "VectorLens", "check_lens_layer", "sequence_states"]
 
@@ -110,20 +110,12 @@ def sequence_states(adapter: LMAdapter, ids: torch.Tensor, mask: torch.Tensor,
     forward runs under autocast to ``dtype`` (``"fp32"``: as the model is, ``"bf16"``, ``"fp16"``)."""
     if dtype not in AUTOCAST:
         raise InputError(f"dtype {dtype!r} unknown; use one of {', '.join(AUTOCAST)}")
-    L = adapter.n_layers
-    out: list[torch.Tensor | None] = [None] * (L + 1)
-    mask = mask.to(adapter.device).bool()
-
-    def keeper(s: int):
-        def fn(x: torch.Tensor):
-            out[s] = x[mask].float()
-            return None
-
-        return fn
-
-    hooks = [("resid_pre", 0, keeper(0))] + [("resid_post", layer, keeper(layer + 1)) for layer in range(L)]
     cast = AUTOCAST[dtype]
     autocast = torch.autocast(adapter.device.type, dtype=cast, enabled=cast is not None)
-    with hooked(adapter, hooks), torch.no_grad(), autocast:  # no_grad, not inference mode: training
+    mask = mask.to(adapter.device).bool()
+    # no_grad, not inference mode: lens training backpropagates through what it does with the states
+    with capture(adapter, "resid_pre", [0]) as first, capture(adapter, "resid_post") as blocks, \
+            torch.no_grad(), autocast:
         adapter.run(ids.to(adapter.device), mask)
-    return torch.stack(out, dim=1)
+    states = [first["resid_pre", 0]] + [blocks["resid_post", layer] for layer in range(adapter.n_layers)]
+    return torch.stack([s[mask].float() for s in states], dim=1)

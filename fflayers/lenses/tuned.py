@@ -42,12 +42,10 @@ class TunedLens(VectorLens):
     """Translators ``h -> h + A_l h + b_l`` for the states 0..L-1 (zero: the logit lens); state L is read as
     it is. ``translators`` is an ``nn.ModuleList`` of ``nn.Linear(d, d)`` (float32, trainable)."""
 
-    name = "tuned"
-
     def __init__(self, adapter: LMAdapter, bias: bool = True, kind: str = "tuned") -> None:
         super().__init__(adapter)
         d, L = adapter.d_model, adapter.n_layers
-        self.kind = kind
+        self.kind = self.name = kind  # tables name a lens by its kind
         self.translators = nn.ModuleList(nn.Linear(d, d, bias=bias) for _ in range(L))
         with torch.no_grad():
             for t in self.translators:
@@ -63,7 +61,6 @@ class TunedLens(VectorLens):
         """The hybrid: translator l starts at the shortcut map ``A_{L,l}`` (weight ``A - I``, bias 0), so it
         starts as the ``mat`` lens; training then goes on from there."""
         lens = cls(adapter, bias=bias, kind="hybrid")
-        lens.name = "hybrid"
         L, d = adapter.n_layers, adapter.d_model
         eye = torch.eye(d)
         with torch.no_grad():
@@ -161,7 +158,6 @@ def load_lens(folder: str | os.PathLike, adapter: LMAdapter) -> TunedLens:
     if not isinstance(state, dict):
         raise InputError(f"{params_path} holds {type(state).__name__}, not a state dict of translators")
     lens = TunedLens(adapter, bias=bool(config.get("bias", True)), kind=str(meta.get("kind", "tuned")))
-    lens.name = lens.kind
     try:
         lens.translators.load_state_dict({k: v.float() for k, v in state.items()})
     except RuntimeError as e:
