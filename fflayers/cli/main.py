@@ -5,7 +5,7 @@ outputs): ``memories mine`` = generate_outputs.py, ``memories textual`` =
 trigger_examples_jsonl_to_textual.py, ``memories agreement`` = key_value_agreement.py, ``memories plot`` =
 plot_memories.py, ``recall SUB`` = dissect_recall.py SUB, ``shortcuts SUB`` = linear_shortcuts.py SUB,
 ``neurons`` = knowledge_neurons.py, ``embedding SUB`` = embedding_space.py SUB, ``merge`` = merge_shards.py;
-``lenses SUB`` has no script of its own.
+``lenses SUB`` and ``explore`` have no script of their own.
 The modules are imported only when their command runs, so ``fflayers --help`` is quick.
 """
 
@@ -82,6 +82,10 @@ COMMANDS = (
              "fflayers lenses compare --hf_model gpt2 --data_file wiki.valid.tokens --tuned lens_tuned "
              "--output lenses.parquet --figure lenses",
              "fflayers lenses plot --input lenses.parquet --output lenses"), module="lenses"),
+    Command("explore", "the explorer: a local web page to trace a prompt through the layers, read and switch "
+            "memories, search them",
+            ("fflayers explore --hf_model gpt2 --memories top50_textual --agreement kv.tsv",),
+            module="explore"),
     Command("merge", "merge the partials of a 'memories mine --shard I/N' job array (merge_shards.py)",
             ("fflayers merge --output_file top50.jsonl",), module="merge"),
 )

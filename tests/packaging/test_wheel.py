@@ -79,6 +79,11 @@ def test_package_data(installed):
     out = _run([str(py), "-c", code], cwd=work).stdout.split()
     assert Path(out[0]).is_file() and not Path(out[0]).is_relative_to(ROOT)
     assert int(out[1]) > 0
+    # the explorer's page ships with the package
+    code = "from fflayers.explore.app import STATIC; print(STATIC)"
+    static = Path(_run([str(py), "-c", code], cwd=work).stdout.strip())
+    assert not static.is_relative_to(ROOT)
+    assert {p.name for p in static.iterdir()} >= {"index.html", "explorer.js", "explorer.css"}
 
 
 def test_an_analysis_on_a_tiny_model(installed, tiny_gpt2_dir):

@@ -1,0 +1,7 @@
+"""``python -m fflayers.explore``: the same as ``fflayers explore``."""
+
+import sys
+
+from fflayers.cli.explore import main
+
+sys.exit(main())
