@@ -42,6 +42,17 @@ if [ ! -f /usr/share/misc/countries.gz ]; then
   fi
 fi
 
+# Headless chromium for the explorer's page tests and the demo's screenshot (Playwright drives it through
+# executable_path; `playwright install`, which downloads a browser, is never run).
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null && [ -z "${FFLAYERS_CHROMIUM:-}" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
+      || echo "install.sh: apt-get install chromium failed; the browser tests will skip" >&2
+  else
+    echo "install.sh: no chromium found; the explorer's browser tests will skip (apt-get install chromium)" >&2
+  fi
+fi
+
 test -x "$venv/bin/python" || python3 -m venv "$venv"
 py="$venv/bin/python"
 pip=("$py" -m pip install -q)
