@@ -13,4 +13,8 @@ copy shortcuts/fairseq/r2.png shortcuts_r2.png
 copy neurons/knowledge_neurons.png neurons_effects.png
 copy embedding_space/smollm2_neurons_vs_hidden.png embedding_neurons_vs_hidden.png
 copy lenses/lenses.png lenses.png
-echo "copy_demo_figures.sh: 6 figures -> docs/figures/"
+copy explorer/explorer.png explorer.png
+# the explorer's full-page screenshot at half size (it is 1400 px wide and several thousand tall)
+"${PYTHON:-.venv/bin/python}" -c "from PIL import Image; im = Image.open('docs/figures/explorer.png'); \
+im.resize((im.width // 2, im.height // 2), Image.LANCZOS).quantize(128).save('docs/figures/explorer.png', optimize=True)"
+echo "copy_demo_figures.sh: 7 figures -> docs/figures/"

@@ -18,6 +18,8 @@
    of suppressing and enhancing them vs unrelated facts and random neurons.
 10. Lenses compared on SmolLM2: a tuned lens and the hybrid (from step 7's maps) on a small token budget,
     then logit lens, mat, tuned, hybrid and a token-identity Patchscope on the same held-out tokens.
+11. The explorer page on SmolLM2 with the outputs above: a permalink of the France/Paris prompt with one value
+    switched off, saved from headless chromium as ``explorer.png``.
 
 Everything lands in ``runs/demo`` (``--out``); finished steps are reused when the demo runs again.
 
@@ -105,6 +107,7 @@ def main() -> None:
     p.add_argument("--skip_recall", action="store_true", help="skip the factual-recall step")
     p.add_argument("--skip_neurons", action="store_true", help="skip the knowledge-neurons step")
     p.add_argument("--skip_lenses", action="store_true", help="skip the lens comparison")
+    p.add_argument("--skip_explorer", action="store_true", help="skip the explorer screenshot")
     args = p.parse_args()
     start = time.time()
     out = Path(args.out)
@@ -186,6 +189,12 @@ def main() -> None:
         banner("10. Lenses compared")
         run_lenses(out / "lenses", out / "corpus" / "wiki.train.tokens", out / "corpus" / "wiki.valid.tokens",
                    smollm2_dir, maps)
+
+    if not args.skip_explorer:
+        from explorer_demo import run_explorer
+
+        banner("11. The explorer")
+        run_explorer(out / "explorer", smollm2, out)
 
     print(f"\ndemo finished in {time.time() - start:.0f} s; outputs in {out}/")
 

@@ -9,7 +9,9 @@ them before the next request runs); nothing here edits a weight.
 
 from __future__ import annotations
 
+import copy
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,6 +36,7 @@ __all__ = ["Limits", "Explorer", "LogitReading"]
 
 #: the three states of a layer that the trace reads: hook point, state index of the lens
 STATES = ("resid_pre", "attn", "mlp")
+UNEDITED_CACHE = 32   # unedited traces kept per server
 
 
 class LogitReading:
@@ -41,6 +44,10 @@ class LogitReading:
 
     def __init__(self, adapter: LMAdapter) -> None:
         self.adapter = adapter
+
+    def transform(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """The state as it is (so a trace projects every state of every layer in one head call)."""
+        return h
 
     def log_probs(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         return self.adapter.project(h).float()
@@ -90,6 +97,7 @@ class Explorer:
         self.memories = memories or NoMemories()
         self.values = values or NoValues(adapter)
         self.notes = notes
+        self._unedited: OrderedDict[tuple, dict] = OrderedDict()   # the last unedited runs
 
     # ----- request checks -----------------------------------------------------------------------------------
     def tokenize(self, prompt: object) -> list[int]:
@@ -193,19 +201,39 @@ class Explorer:
         with applied(a, interventions, len(ids)), capture(a, ["resid_pre", "attn_out", "resid_post"]) as c:
             lp = a.log_probs(x)[0, position].float()
         target = int(lp.argmax()) if target is None else target
-        layers = []
+        states: list[tuple[int, str, int, torch.Tensor]] = []   # (layer, reading, state index, vector)
         for layer in range(a.n_layers):
             pre = c["resid_pre", layer][0, position]
-            states = {"resid_pre": (pre, layer), "attn": (pre + c["attn_out", layer][0, position], layer + 1),
-                      "mlp": (c["resid_post", layer][0, position], layer + 1)}
-            row: dict = {"layer": layer, "target": {}}
-            for name, (h, state) in states.items():
-                slp = lens.log_probs(h.float()[None], state)[0].float()
-                row[name] = self._top(slp, k)
-                row["target"][name] = {"rank": int((slp > slp[target]).sum()),
-                                       "prob": float(slp[target].exp())}
-            layers.append(row)
+            states += [(layer, "resid_pre", layer, pre),
+                       (layer, "attn", layer + 1, pre + c["attn_out", layer][0, position]),
+                       (layer, "mlp", layer + 1, c["resid_post", layer][0, position])]
+        slp = read_states(lens, a, [(state, h) for _, _, state, h in states])
+        top = slp.topk(k)
+        probs, top_ids = top.values.exp().tolist(), top.indices.tolist()
+        seen = sorted({i for row in top_ids for i in row})
+        token_of = dict(zip(seen, self._tokens(seen), strict=True))
+        ranks = (slp > slp[:, target : target + 1]).sum(-1).tolist()
+        target_probs = slp[:, target].exp().tolist()
+        layers: list[dict] = []
+        for n, (layer, name, _, _) in enumerate(states):
+            if name == "resid_pre":
+                layers.append({"layer": layer, "target": {}})
+            row = layers[-1]
+            row[name] = [{"token": token_of[i], "id": i, "prob": p}
+                         for i, p in zip(top_ids[n], probs[n], strict=True)]
+            row["target"][name] = {"rank": int(ranks[n]), "prob": float(target_probs[n])}
         return {"prediction": self._top(lp, k), "layers": layers, "target_id": target}
+
+    def _original(self, ids: list[int], pos: int, name: str, lens: Reading, k: int, tid: int | None) -> dict:
+        """The unedited run (a copy): the page retraces the same prompt under each new intervention, so the
+        last ``UNEDITED_CACHE`` of them are kept (the model is never edited but through a request's hooks)."""
+        key = (tuple(ids), pos, name, k, tid)
+        if key not in self._unedited:
+            self._unedited[key] = self._run(ids, [], pos, lens, k, tid)
+            while len(self._unedited) > UNEDITED_CACHE:
+                self._unedited.popitem(last=False)
+        self._unedited.move_to_end(key)
+        return copy.deepcopy(self._unedited[key])
 
     def trace(self, prompt: str, position: int = -1, lens: str = "logit", k: int = 10,
               target: str | None = None, interventions: object = None) -> dict:
@@ -217,7 +245,7 @@ class Explorer:
         tid = None if target in (None, "") else self.token_id(target)
         ivs = self.interventions(interventions, len(ids))
         with self.lock:
-            original = self._run(ids, [], pos, chosen, k, tid)
+            original = self._original(ids, pos, lens, chosen, k, tid)
             tid = original.pop("target_id")
             edited = None
             if ivs:
@@ -345,3 +373,23 @@ class Explorer:
         ivs = self.interventions(interventions, len(ids))
         return {"json": {"prompt": prompt, "interventions": [iv.to_json() for iv in ivs]},
                 "python": python_snippet(prompt, ivs, self.load_code), "text": interventions_json(ivs)}
+
+
+def read_states(lens: Reading, adapter: LMAdapter,
+                states: Sequence[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """Log-probabilities ``[N, V]`` of ``N`` (state index, vector) pairs through ``lens``: one lens call per
+    state index and, for a lens that maps states to the last layer (``transform``), one head projection of
+    them all."""
+    groups: dict[int, list[int]] = {}
+    for n, (state, _) in enumerate(states):
+        groups.setdefault(state, []).append(n)
+    order = [n for rows in groups.values() for n in rows]
+    stacked = {state: torch.stack([states[n][1].float() for n in rows]) for state, rows in groups.items()}
+    transform = getattr(lens, "transform", None)
+    if callable(transform):
+        out = adapter.project(torch.cat([transform(h, state) for state, h in stacked.items()])).float()
+    else:
+        out = torch.cat([lens.log_probs(h, state).float() for state, h in stacked.items()])
+    result = torch.empty_like(out)
+    result[torch.tensor(order, device=out.device)] = out
+    return result

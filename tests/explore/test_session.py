@@ -91,6 +91,37 @@ def test_trace_equals_projection_of_captured_states(case):
 
 
 @torch.no_grad()
+def test_trace_through_mat_equals_maps_applied_by_hand(case):
+    """The mat lens reads state l as the head of ``A_{L,l} h`` (maps planted at random); a repeated trace is
+    served from the kept unedited run and equals the first one, even after the caller edits its answer."""
+    from fflayers.lenses import LinearShortcutLens
+
+    name, adapter, _ = case
+    L, d = adapter.n_layers, adapter.d_model
+    g = torch.Generator().manual_seed(3)
+    maps = {(L, i): torch.randn(d, d, generator=g) / d**0.5 for i in range(L)}
+    ex = Explorer(adapter, load_code="", lenses={"mat": LinearShortcutLens(adapter, maps)})
+    prompt = PROMPTS[name]
+    out = ex.trace(prompt, lens="mat", k=4)
+    with capture(adapter, ["resid_pre", "attn_out", "resid_post"]) as c:
+        adapter.log_probs(ids_of(adapter, prompt))
+    target = out["target"]["id"]
+    for layer, row in enumerate(out["original"]["layers"]):
+        pre = c["resid_pre", layer][0, -1]
+        states = {"resid_pre": (pre, layer), "attn": (pre + c["attn_out", layer][0, -1], layer + 1),
+                  "mlp": (c["resid_post", layer][0, -1], layer + 1)}
+        for point, (h, state) in states.items():
+            mapped = h if state == L else maps[L, state] @ h
+            plp = adapter.project(mapped[None])[0]
+            assert [t["id"] for t in row[point]] == plp.topk(4).indices.tolist()
+            assert row[point][0]["prob"] == pytest.approx(float(plp.max().exp()), rel=1e-4)
+            assert row["target"][point]["rank"] == int((plp > plp[target]).sum())
+    first = ex.trace(prompt, lens="mat", k=4)
+    first["original"]["layers"].clear()
+    assert ex.trace(prompt, lens="mat", k=4) == out
+
+
+@torch.no_grad()
 def test_subupdates_equal_recomputation(case):
     name, adapter, ex = case
     prompt, layer = PROMPTS[name], adapter.n_layers - 1
