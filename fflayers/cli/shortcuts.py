@@ -12,7 +12,8 @@ exit.
 (``python analysis/linear_shortcuts.py SUBCOMMAND ...`` is the same.) ``fit`` reads the corpus (WikiText
 ``.tokens`` (detokenized for subword models), text or ``.jsonl``), shuffles its sentences with ``--seed``,
 takes ``--train_sentences`` then ``--val_sentences``, draws one random position per sentence (causal LMs: the
-prefix up to it; masked LMs: that token replaced by the mask token), writes ``positions.parquet`` (split,
+prefix up to it; masked LMs: that token replaced by the mask token; for training
+``--positions_per_sentence N`` or ``--positions all`` take more), writes ``positions.parquet`` (split,
 sentence_index, position, input_ids: anyone can recompute the states) and fits every A_{j,i}, 0 <= i < j <= L,
 by least squares without intercept from Gram matrices accumulated in one pass (``maps.safetensors``, tensor
 ``A_{j}_{i}`` applied as ``x_j = A @ x_i``); both are written after the pass. The pass is a run of
@@ -113,6 +114,10 @@ def _fit_args(s: argparse.ArgumentParser) -> None:
                    help="ridge penalty relative to the mean diagonal of X_i^T X_i, e.g. 1e-3 "
                         "(needed when positions < d or a state's Gram matrix is singular)")
     s.add_argument("--raw_wikitext", action="store_true", help="subword models read .tokens text as it is")
+    s.add_argument("--positions", choices=("random", "all"), default="random", help="training positions per "
+                   "sentence: random (--positions_per_sentence of them) or all (validation: one at random)")
+    s.add_argument("--positions_per_sentence", type=int, default=1, help="random training positions per "
+                   "sentence (default 1, the paper's)")
     _resume_args(s, "maps.safetensors.ckpt")
 
 
@@ -126,19 +131,15 @@ def _resume_args(s: argparse.ArgumentParser, folder: str) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     check_range(args, "lambdas", 0, 1, why="a lambda is a probability threshold of the top-1 prediction")
+    for name in ("batch_size", "shard_positions", "train_sentences", "val_sentences",
+                 "positions_per_sentence"):
+        check_range(args, name, 1)
     if args.command in MODEL_COMMANDS:
         check_model_args(args)
-        if args.batch_size < 1:
-            raise CLIError(f"--batch_size {args.batch_size} must be >= 1")
-    if args.command in PASS_COMMANDS and args.shard_positions < 1:
-        raise CLIError(f"--shard_positions {args.shard_positions} must be >= 1")
     if args.command in ("fit", "all"):
         if not Path(args.data_file).is_file():
             raise CLIError(f"--data_file {args.data_file} does not exist; pass a corpus file")
-        if args.train_sentences < 1 or args.val_sentences < 1:
-            raise CLIError("--train_sentences and --val_sentences must be >= 1")
-        if args.ridge < 0:
-            raise CLIError(f"--ridge {args.ridge} must be >= 0")
+        check_range(args, "ridge", 0)
     elif not Path(args.output_dir).is_dir():
         raise CLIError(f"--output_dir {args.output_dir} does not exist; run `{prog_name()} fit` first")
 
@@ -176,11 +177,13 @@ def run_fit(adapter, args, out: Path) -> bool:
 
     train_ids, val_ids = corpus_sentences(adapter, args.data_file, args.train_sentences,
                                           args.val_sentences, args.seed, args.raw_wikitext)
-    train = sample_positions(adapter, train_ids, seed=args.seed)
+    train = sample_positions(adapter, train_ids, seed=args.seed, mode=args.positions,
+                             per_sentence=args.positions_per_sentence)
     val = sample_positions(adapter, val_ids, seed=args.seed + 1)
     _check_determined(len(train), adapter.d_model, args.ridge)
     config = FitConfig(args.train_sentences, args.val_sentences, args.seed, args.raw_wikitext,
-                       args.batch_size, args.shard_positions, len(train))
+                       args.batch_size, args.shard_positions, len(train), args.positions,
+                       args.positions_per_sentence)
     task = StatesPass(adapter, train, args.shard_positions, args.batch_size)
     prints = {"data_file": file_digest(args.data_file), "positions": positions_digest(train)}
     ran = run_fit_pass(task, config, args, out, "fit", prints, desc="fit: states")

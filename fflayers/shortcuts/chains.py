@@ -19,7 +19,7 @@ from fflayers.core import InputError
 from fflayers.hooks import hooked
 from fflayers.shortcuts.linear_maps import solve_least_squares
 from fflayers.shortcuts.positions import Position
-from fflayers.shortcuts.states import check_positions, collate_positions
+from fflayers.shortcuts.states import check_positions, collate_shared
 
 __all__ = ["CAPTURED", "CHAINS", "Step", "SubmoduleGram", "chain", "iter_submodule_points"]
 
@@ -75,8 +75,8 @@ def iter_submodule_points(
     layers = adapter.check_layers(layers, sort=True)
     dev = adapter.device
     for start in range(0, len(positions), batch_size):
-        ids, mask, read_at = collate_positions(positions[start : start + batch_size], adapter.vocab.pad_id)
-        rows, read_at = torch.arange(ids.shape[0], device=dev), read_at.to(dev)
+        batch = positions[start : start + batch_size]
+        ids, mask, rows, read_at = (t.to(dev) for t in collate_shared(batch, adapter.vocab.pad_id))
         got: dict[tuple[int, str], torch.Tensor] = {}
 
         def keeper(key, got=got, rows=rows, read_at=read_at):
@@ -88,7 +88,7 @@ def iter_submodule_points(
 
         hooks = [(p, layer, keeper((layer, p))) for layer in layers for p in CAPTURED]
         with hooked(adapter, hooks), torch.inference_mode():
-            adapter.run(ids.to(dev), mask.to(dev))
+            adapter.run(ids, mask)
         out = {}
         for layer in layers:
             for p, value in _points({p: got[layer, p] for p in CAPTURED}).items():

@@ -50,6 +50,8 @@ class FitConfig:
     batch_size: int
     shard_positions: int
     n_positions: int
+    position_mode: str = "random"
+    positions_per_sentence: int = 1
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
-"""Sample one position per sentence for fitting linear shortcuts between layers.
+"""Sample positions of sentences for fitting linear shortcuts between layers.
 
 Causal LMs read the prediction of a position at that position after seeing its prefix, so a position's input
-is the prefix ending there. Masked LMs read it at a masked copy of the token inside the whole sentence.
+is the prefix ending there; several positions of one sentence share one input (the sentence up to the last of
+them), read at their own rows in one forward pass. Masked LMs read it at a masked copy of the token inside the
+whole sentence (one input per position).
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import numpy as np
 
 from fflayers.backends.base import LMAdapter
 from fflayers.core import InputError
+
+#: how positions are drawn from each sentence: one or more at random, or every eligible one
+POSITION_MODES = ("random", "all")
 
 
 @dataclass(frozen=True)
@@ -36,20 +41,27 @@ def _ids(sentence: Sequence[int], i: int) -> list[int]:
 
 
 def sample_positions(
-    adapter: LMAdapter, sentences: Sequence[Sequence[int]], seed: int = 0, mask_id: int | None = None
+    adapter: LMAdapter, sentences: Sequence[Sequence[int]], seed: int = 0, mask_id: int | None = None,
+    mode: str = "random", per_sentence: int = 1,
 ) -> list[Position]:
-    """One random position per sentence (``numpy.random.default_rng(seed)``, one draw per kept sentence, in
-    order).
+    """Positions of each sentence: ``per_sentence`` distinct random ones (``mode="random"``, the paper's
+    protocol at the default 1) or every eligible one (``mode="all"``), in sentence then position order.
+    Random draws use ``numpy.random.default_rng(seed)``: one draw per kept sentence, in order, for one
+    position (``rng.choice`` without replacement, sorted, for more).
 
     Causal LMs: a real token (not a leading ``adapter.vocab.bos_id``) within the model's window; the input is
-    the prefix ending there and ``read_at`` its last row. Masked LMs: a non-special token
+    the prefix ending at the sentence's last chosen position and ``read_at`` the position's own row (with one
+    position per sentence, the prefix ending there). Masked LMs: a non-special token
     (``adapter.vocab.special_ids``), replaced by the mask id (``mask_id``, else the tokenizer's, else the
     config's); the input is the whole sentence and ``read_at`` the masked row. Sentences without an eligible
-    position (a lone BOS, only special tokens) are skipped: the result may be shorter than ``sentences``;
-    :class:`~fflayers.core.InputError` if none remain.
+    position (a lone BOS, only special tokens) are skipped; :class:`~fflayers.core.InputError` if none remain.
     """
     if isinstance(sentences, (str, bytes)) or len(sentences) == 0:
         raise InputError("no sentences to sample positions from; pass a non-empty list of token-id sequences")
+    if mode not in POSITION_MODES:
+        raise InputError(f"positions mode {mode!r} is unknown; use one of {', '.join(POSITION_MODES)}")
+    if isinstance(per_sentence, bool) or not isinstance(per_sentence, int) or per_sentence < 1:
+        raise InputError(f"per_sentence={per_sentence!r} must be a positive integer")
     rng = np.random.default_rng(seed)
     limit = adapter.max_positions
     masked = adapter.is_masked_lm
@@ -73,16 +85,30 @@ def sample_positions(
             eligible = list(range(start, stop))
         if not eligible:
             continue
-        p = eligible[int(rng.integers(len(eligible)))]
+        chosen = _choose(eligible, mode, per_sentence, rng)
         if masked:
-            ids[p] = mask_id
-            out.append(Position(si, p, tuple(ids), p))
+            for p in chosen:
+                masked_ids = list(ids)
+                masked_ids[p] = mask_id
+                out.append(Position(si, p, tuple(masked_ids), p))
         else:
-            out.append(Position(si, p, tuple(ids[: p + 1]), p))
+            prefix = tuple(ids[: chosen[-1] + 1])
+            out.extend(Position(si, p, prefix, p) for p in chosen)
     if not out:
         raise InputError(f"none of the {len(sentences)} sentences has a position to sample (only BOS or "
                          "special tokens); pass longer sentences")
     return out
+
+
+def _choose(eligible: list[int], mode: str, per_sentence: int, rng: np.random.Generator) -> list[int]:
+    """The chosen positions of one sentence, ascending."""
+    if mode == "all":
+        return list(eligible)
+    if per_sentence == 1:
+        return [eligible[int(rng.integers(len(eligible)))]]
+    if per_sentence >= len(eligible):
+        return list(eligible)
+    return sorted(int(eligible[k]) for k in rng.choice(len(eligible), size=per_sentence, replace=False))
 
 
 def positions_frame(positions: Sequence[Position], split: str):

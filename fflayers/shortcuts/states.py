@@ -2,8 +2,9 @@
 
 State 0 is the stream entering block 0 (hook point ``resid_pre`` of layer 0); state ``l`` (1..L) is the
 output of block ``l - 1`` (``resid_post``), so state L is before the final norm. Positions are run in their
-given order in right-padded batches with an attention mask; each hook keeps only the row ``read_at`` of every
-sequence, so memory holds ``[b, L+1, d]`` per batch, not whole activations.
+given order in right-padded batches with an attention mask; positions that share one input (several of a
+sentence) are read from one sequence of the batch; each hook keeps only the rows read, so memory holds
+``[b, L+1, d]`` per batch, not whole activations.
 """
 
 from __future__ import annotations
@@ -41,13 +42,24 @@ def collate_positions(batch: Sequence[Position],
     return ids, mask, read_at
 
 
-def _read_states(adapter: LMAdapter, ids: torch.Tensor, mask: torch.Tensor,
-                 read_at: torch.Tensor) -> torch.Tensor:
-    """Run one padded batch and keep row ``read_at[r]`` of sequence ``r`` at every state: ``[b, L+1, d]``."""
+def collate_shared(batch: Sequence[Position],
+                   pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Like :func:`collate_positions` with each distinct input once: right-padded ids ``[s, T]``, attention
+    mask ``[s, T]``, and per position the sequence ``rows[b]`` and row ``read_at[b]`` that hold its state (for
+    reading states only: an edit at one position of a shared sequence would reach its later positions)."""
+    index: dict[tuple[int, ...], int] = {}
+    rows = [index.setdefault(p.input_ids, len(index)) for p in batch]
+    ids, mask = pad_right(list(index), pad_id)
+    read_at = torch.tensor([p.read_at for p in batch], dtype=torch.long)
+    return ids, mask, torch.tensor(rows, dtype=torch.long), read_at
+
+
+def _read_states(adapter: LMAdapter, batch: Sequence[Position]) -> torch.Tensor:
+    """Run one batch of positions (each distinct input once) and keep, per position, its row at every state:
+    ``[b, L+1, d]``."""
     dev = adapter.device
-    rows = torch.arange(ids.shape[0], device=dev)
-    read_at = read_at.to(dev)
-    out = torch.empty(ids.shape[0], adapter.n_layers + 1, adapter.d_model, dtype=torch.float32, device=dev)
+    ids, mask, rows, read_at = (t.to(dev) for t in collate_shared(batch, adapter.vocab.pad_id))
+    out = torch.empty(len(batch), adapter.n_layers + 1, adapter.d_model, dtype=torch.float32, device=dev)
 
     def keeper(s: int):
         def fn(x: torch.Tensor):
@@ -65,13 +77,13 @@ def _read_states(adapter: LMAdapter, ids: torch.Tensor, mask: torch.Tensor,
 
 def iter_state_batches(adapter: LMAdapter, positions: Sequence[Position],
                        batch_size: int = 32) -> Iterator[torch.Tensor]:
-    """States ``[b, L+1, d]`` (float32, on the adapter's device) of consecutive chunks of ``positions``."""
+    """States ``[b, L+1, d]`` (float32, on the adapter's device) of consecutive chunks of ``batch_size``
+    positions, one forward pass each."""
     check_positions(positions, batch_size)
-    pad_id = adapter.vocab.pad_id
 
     def generate() -> Iterator[torch.Tensor]:
         for start in range(0, len(positions), batch_size):
-            yield _read_states(adapter, *collate_positions(positions[start : start + batch_size], pad_id))
+            yield _read_states(adapter, positions[start : start + batch_size])
 
     return generate()
 

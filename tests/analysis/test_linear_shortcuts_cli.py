@@ -107,6 +107,8 @@ def test_bad_input(tiny_gpt2_dir, corpus, tmp_path, capsys):
         "no block size": (["fit", *model, "--data_file", corpus, "--shard_positions", 0, "--output_dir",
                            tmp_path / "d"], "--shard_positions 0 must be >= 1"),
         "plot without tables": (["plot", "--output_dir", tmp_path], "no r2.tsv"),
+        "no positions per sentence": (["fit", *model, "--data_file", corpus, "--positions_per_sentence", 0,
+                                       "--output_dir", tmp_path / "e"], "--positions_per_sentence 0 must be"),
     }
     for name, (argv, needle) in cases.items():
         rc, _, err = run_cli(argv, capsys)
@@ -114,3 +116,35 @@ def test_bad_input(tiny_gpt2_dir, corpus, tmp_path, capsys):
         assert rc == 2 and len(lines) == 1 and needle in lines[0], (name, err)
     for name in "abcd":  # refused before the pass (underdetermined: from the positions): nothing left behind
         assert not (tmp_path / name).exists(), name
+
+
+def test_fit_on_every_position_of_a_few_sentences(tiny_gpt2_dir, corpus, tmp_path, capsys):
+    """``--positions all``: every token of 12 training sentences (each position read from one forward pass of
+    its sentence); the maps equal numpy least squares on the states of each position's own prefix."""
+    import numpy as np
+
+    from fflayers.backends.hf import load_hf_lm
+    from fflayers.shortcuts import Position, collect_states, load_maps
+    from fflayers.shortcuts.positions import corpus_sentences
+
+    out = tmp_path / "all"
+    rc, _, err = run_cli(["fit", "--hf_model", tiny_gpt2_dir, "--device", "cpu", "--quiet", "--data_file",
+                          corpus, "--train_sentences", 12, "--val_sentences", 4, "--positions", "all",
+                          "--output_dir", out], capsys)
+    assert rc == 0, err
+    adapter = load_hf_lm(str(tiny_gpt2_dir), device="cpu")
+    train_ids, _ = corpus_sentences(adapter, str(corpus), 12, 4, 0)
+    table = pd.read_parquet(out / "positions.parquet")
+    train = table[table.split == "train"]
+    assert len(train) == sum(len(s) for s in train_ids) > 100  # more positions than d = 32 from 12 sentences
+    assert (table.split == "val").sum() == 4                     # validation: one random position each
+    prefixes = [Position(int(r.sentence_index), int(r.position), tuple(r.input_ids[: r.position + 1]),
+                         int(r.position)) for r in train.itertuples(index=False)]
+    for p, ids in zip(prefixes, (train_ids[p.sentence_index] for p in prefixes), strict=True):
+        assert p.input_ids == tuple(ids[: p.position + 1])
+    states = collect_states(adapter, prefixes).double().numpy()
+    maps, meta = load_maps(out / "maps.safetensors", adapter)
+    assert meta["positions"] == str(len(train))
+    for (j, i), A in maps.items():
+        want = np.linalg.lstsq(states[:, i], states[:, j], rcond=None)[0].T
+        np.testing.assert_allclose(A.double().numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
