@@ -185,9 +185,7 @@ class HFAdapter(LMAdapter):
         if not spec.attn_proj or not spec.attn_proj_out:
             raise ModelError(f"the ArchSpec of this {self.family} model names no attention projections "
                                "(set attn_proj and attn_proj_out)")
-        cfg = self.model.config
-        n_heads = int(cfg.num_attention_heads)
-        n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
+        n_heads = int(self.model.config.num_attention_heads)
         if len(spec.attn_proj) == 3:
             (q, qb), (k, kb), (v, vb) = (self._linear(block, path) for path in spec.attn_proj)
         elif len(spec.attn_proj) == 1 and spec.qkv_layout in QKV_LAYOUTS:
@@ -197,6 +195,7 @@ class HFAdapter(LMAdapter):
             raise ModelError(f"ArchSpec.attn_proj must name 3 modules, or 1 fused module with qkv_layout "
                                f"in {sorted(QKV_LAYOUTS)}; got {spec.attn_proj} with {spec.qkv_layout!r}")
         o, ob = self._linear(block, spec.attn_proj_out)
+        n_kv = k.shape[0] // (q.shape[0] // n_heads)  # grouped and multi-query heads: from the weights
         return AttentionWeights.from_linear(q, k, v, o, qb, kb, vb, ob, n_heads=n_heads, n_kv_heads=n_kv)
 
     def _unembed_module(self) -> nn.Module:

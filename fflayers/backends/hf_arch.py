@@ -84,8 +84,19 @@ def _split_per_head_qkv(w: torch.Tensor, b: torch.Tensor | None, n_heads: int) -
     return ws, bs
 
 
-#: fused q/k/v projection layouts: name -> split of the ``nn.Linear``-layout weight ``[3 * d, d]`` and bias
-QKV_LAYOUTS = {"qkv_blocks": _split_qkv_blocks, "per_head_qkv": _split_per_head_qkv}
+def _split_query_then_kv(w: torch.Tensor, b: torch.Tensor | None, n_heads: int) -> _QKVSplit:
+    """GPT-BigCode ``c_attn``: multi-query ``q | k | v`` with q ``d`` wide and k, v one head each (the
+    ``[d + 2 * d_head, d]`` weight); without multi-query (``[3 * d, d]``) GPT-NeoX's per-head layout."""
+    d = w.shape[1]
+    if w.shape[0] == 3 * d:
+        return _split_per_head_qkv(w, b, n_heads)
+    sizes = (d, (w.shape[0] - d) // 2, (w.shape[0] - d) // 2)
+    return w.split(sizes, dim=0), ((None,) * 3 if b is None else b.split(sizes))
+
+
+#: fused q/k/v projection layouts: name -> split of the ``nn.Linear``-layout weight ``[out, d]`` and bias
+QKV_LAYOUTS = {"qkv_blocks": _split_qkv_blocks, "per_head_qkv": _split_per_head_qkv,
+               "query_then_kv": _split_query_then_kv}
 
 
 _GPT2 = ArchSpec(
@@ -94,6 +105,8 @@ _GPT2 = ArchSpec(
     block_layout="pre_norm", mlp="plain", conv1d=True,
     attn_proj=("attn.c_attn",), attn_proj_out="attn.c_proj", qkv_layout="qkv_blocks",
 )
+#: GPT-2's block with nn.Linear projections and a fused multi-query c_attn (StarCoder, SantaCoder)
+_GPT_BIGCODE = replace(_GPT2, conv1d=False, qkv_layout="query_then_kv")
 _GPT_NEO = ArchSpec(
     layers="transformer.h", embed="transformer.wte", final_norm="transformer.ln_f",
     attn="attn", attn_core="attn.attention", mlp_in="mlp", fc_in="mlp.c_fc", fc_out="mlp.c_proj",
@@ -158,6 +171,7 @@ _ROBERTA = replace(
 ARCHITECTURES: dict[str, ArchSpec] = {
     "gpt2": _GPT2,
     "gpt_neo": _GPT_NEO,
+    "gpt_bigcode": _GPT_BIGCODE,
     "gptj": _GPTJ,
     "gpt_neox": _GPT_NEOX,
     "llama": _LLAMA,

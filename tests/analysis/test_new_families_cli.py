@@ -1,6 +1,6 @@
 """The command lines end to end on tiny random models of families added through the architecture table
 (gated Qwen3 with q/k norms, parallel StableLM, plain-MLP StarCoder2, Gemma with scaled embeddings, Phi with
-one LayerNorm for a parallel block), saved with the real GPT-2 tokenizer:
+one LayerNorm for a parallel block, multi-query GPT-BigCode), saved with the real GPT-2 tokenizer:
 mining checked against plain torch hooks on each family's own key projection, then textual files, key-value
 agreement and attention knockout against transformers' own forward."""
 
@@ -22,7 +22,7 @@ from tests.backends.conftest import extra_config
 
 #: family -> block-relative module whose output is ``mlp_key`` (written here, not read from fflayers)
 KEY_MODULE = {"qwen3": "mlp.gate_proj", "stablelm": "mlp.gate_proj", "starcoder2": "mlp.c_fc",
-              "gemma": "mlp.gate_proj", "phi": "mlp.fc1"}
+              "gemma": "mlp.gate_proj", "phi": "mlp.fc1", "gpt_bigcode": "mlp.c_fc"}
 
 
 @pytest.fixture(scope="module", params=sorted(KEY_MODULE))
@@ -50,7 +50,8 @@ def test_mining_textual_agreement_and_knockout(family_dir, tmp_path, capsys):
     model = tf.AutoModelForCausalLM.from_pretrained(folder).eval()
     tok = tf.AutoTokenizer.from_pretrained(folder)
     assert model.config.model_type == name
-    d_ff, n_layers = model.config.intermediate_size, model.config.num_hidden_layers
+    d_ff = getattr(model.config, "intermediate_size", None) or model.config.n_inner  # GPT-BigCode: n_inner
+    n_layers = model.config.num_hidden_layers
 
     top = tmp_path / "top.jsonl"
     assert go.main(["--data_file", str(corpus), "--hf_model", str(folder), "--get_trigger_examples",
@@ -58,7 +59,9 @@ def test_mining_textual_agreement_and_knockout(family_dir, tmp_path, capsys):
                     "--device", "cpu", "--batch_tokens", "64", "--quiet"]) == 0, capsys.readouterr().err
     sentences = shuffled_sentences(read_corpus(corpus), seed=0xDEAD, pretokenized=False)
     ids = [tok(s)["input_ids"] for s in sentences]
-    keys = [block.get_submodule(KEY_MODULE[name]) for block in model.model.layers]
+    body = model.base_model  # Llama's paths (model.layers, model.norm) or GPT-2's (transformer.h, .ln_f)
+    blocks = body.layers if hasattr(body, "layers") else body.h
+    keys = [block.get_submodule(KEY_MODULE[name]) for block in blocks]
     columns = brute_force(lambda seq: model(input_ids=torch.tensor([seq])), ids, keys, range(d_ff))
     check_jsonl(top, columns, sentences, range(d_ff), n_layers, k=3)
 
@@ -73,9 +76,10 @@ def test_mining_textual_agreement_and_knockout(family_dir, tmp_path, capsys):
     assert len(table) == n_layers * d_ff
     # a value's top token, straight from the model's own weights: down projection row through norm and head
     layer, dim = n_layers - 1, 5
-    down = model.model.layers[layer].get_submodule(KEY_MODULE[name].replace("gate_proj", "down_proj")
-                                                   .replace("c_fc", "c_proj").replace("fc1", "fc2"))
-    norm = model.model.final_layernorm if name == "phi" else model.model.norm
+    down = blocks[layer].get_submodule(KEY_MODULE[name].replace("gate_proj", "down_proj")
+                                       .replace("c_fc", "c_proj").replace("fc1", "fc2"))
+    norm = {"phi": "final_layernorm", "gpt_bigcode": "ln_f"}.get(name, "norm")
+    norm = body.get_submodule(norm)
     with torch.no_grad():
         logits = model.lm_head(norm(down.weight[:, dim]))
     row = table[(table.layer == layer) & (table.W2_dim == dim)].iloc[0]

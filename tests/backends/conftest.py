@@ -55,6 +55,10 @@ def extra_config(arch: str):
         return tf.GemmaConfig(num_key_value_heads=1, head_dim=D // HEADS, **sizes)
     if arch == "phi":  # parallel attention and MLP after one shared LayerNorm, partial rotary, head bias
         return tf.PhiConfig(partial_rotary_factor=0.5, resid_pdrop=0.0, embd_pdrop=0.0, **sizes)
+    if arch == "gpt_bigcode":  # GPT-2's block, nn.Linear projections, multi-query fused c_attn
+        return tf.GPTBigCodeConfig(n_embd=D, n_inner=FF, n_head=HEADS, n_layer=LAYERS, n_positions=POS,
+                                   multi_query=True, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                   vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     if arch in ("roberta", "xlm-roberta"):  # BERT's blocks, positions offset past the padding id, lm_head
         cls = tf.RobertaConfig if arch == "roberta" else tf.XLMRobertaConfig
         return cls(hidden_size=D, intermediate_size=FF, num_attention_heads=HEADS, num_hidden_layers=LAYERS,

@@ -44,7 +44,8 @@ class Family:
     mlp: str  # output is the MLP output
     act: str  # config attribute naming the activation
     ln_out: str | None = None  # post-LN: the block's output LayerNorm
-    fused: str | None = None  # fused q/k/v: "q|k|v" (three d-wide blocks) or "per-head" ([H, 3, d_head])
+    fused: str | None = None  # fused q/k/v: "q|k|v" (three d-wide blocks), "per-head" ([H, 3, d_head]) or
+    #                           "q|kv" (multi-query: a d-wide q, then one k and one v head)
     up: str | None = None  # gated MLP: up projection
     conv1d: bool = False  # GPT-2 Conv1D: weight [in, out]
     final_norm: str | None = None  # model-relative norm before the head
@@ -85,6 +86,9 @@ HF = {
     "gpt2": Family("transformer.h", "pre_norm", "ln_1", "ln_2", "attn", ("attn.c_attn",), "mlp.c_fc",
                    "mlp.c_proj", "mlp", "activation_function", fused="q|k|v", conv1d=True,
                    final_norm="transformer.ln_f", pos_embed="transformer.wpe", tied=True),
+    "gpt_bigcode": Family("transformer.h", "pre_norm", "ln_1", "ln_2", "attn", ("attn.c_attn",), "mlp.c_fc",
+                          "mlp.c_proj", "mlp", "activation_function", fused="q|kv",
+                          final_norm="transformer.ln_f", pos_embed="transformer.wpe", tied=True),
     "gpt_neo": Family("transformer.h", "pre_norm", "ln_1", "ln_2", "attn",
                       ("attn.attention.q_proj", "attn.attention.k_proj", "attn.attention.v_proj"), "mlp.c_fc",
                       "mlp.c_proj", "mlp", "activation_function", final_norm="transformer.ln_f",
@@ -578,6 +582,8 @@ def heads_of(adapter) -> tuple[int, int]:
         return n, n
     cfg = adapter.model.config
     n = int(cfg.num_attention_heads)
+    if getattr(cfg, "multi_query", False):  # GPT-BigCode: one key/value head
+        return n, 1
     return n, int(getattr(cfg, "num_key_value_heads", None) or n)
 
 
@@ -675,6 +681,9 @@ def split_projections(adapter, ref: dict, layer: int, d_head: int):
     B, T, n = out.shape
     if fused == "q|k|v":  # three d-wide blocks, each head-major
         return tuple(part.reshape(B, T, -1, d_head) for part in out.split(n // 3, dim=-1))
+    if fused == "q|kv":  # multi-query: a d-wide q block, then one k and one v head
+        q, k, v = out.split((n - 2 * d_head, d_head, d_head), dim=-1)
+        return q.reshape(B, T, -1, d_head), k[:, :, None], v[:, :, None]
     return out.reshape(B, T, -1, 3 * d_head).chunk(3, dim=-1)  # per head: q | k | v
 
 

@@ -185,3 +185,39 @@ def test_edge_blocking_without_interface_or_method_is_a_one_line_error():
             adapter.run(torch.zeros(1, T, dtype=torch.long))
     msg = str(err.value)
     assert "\n" not in msg and "mystery" in msg and transformers.__version__ in msg
+
+
+@pytest.mark.parametrize("multi_query", [True, False])
+def test_gpt_bigcode_attention_weights_equal_the_models_own_qkv(multi_query):
+    """GPT-BigCode's fused ``c_attn`` in both layouts (multi-query: one key/value head; else per head): the
+    per-head weights give the query, key and value the attention module computes (captured at transformers'
+    attention-function call, the module's own split)."""
+    import transformers as tf
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    torch.manual_seed(0)
+    cfg = tf.GPTBigCodeConfig(n_embd=16, n_inner=32, n_head=4, n_layer=2, n_positions=32, vocab_size=50,
+                              multi_query=multi_query, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    adapter = HFAdapter(model, device="cpu")
+    seen = {}
+
+    def keep(module, query, key, value, *args, **kwargs):
+        seen.setdefault("qkv", (query, key, value))
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, *args, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS.register("fflayers_test_keep", keep)
+    model.set_attn_implementation("fflayers_test_keep")
+    ids = torch.randint(0, 50, (1, 6))
+    with torch.no_grad(), capture(adapter, ["attn_in"], [0]) as c:
+        model(ids)
+    w = adapter.attention_weights(0)
+    assert (w.n_heads, w.n_kv_heads) == (4, 1 if multi_query else 4)
+    x = c["attn_in", 0][0]
+    for name, got in zip("QKV", seen["qkv"], strict=True):  # [1, heads, T, d_head]
+        W, b = getattr(w, f"W_{name}"), getattr(w, f"b_{name}")
+        mine = torch.einsum("td,hde->hte", x, W) + b[:, None]
+        torch.testing.assert_close(mine, got[0], atol=1e-5, rtol=1e-5)
