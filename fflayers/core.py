@@ -85,9 +85,12 @@ class HookSite:
     ``module`` is hooked on its ``"input"`` (first positional argument, or keyword ``arg_name``) or its
     ``"output"`` (the tensor, or element 0 of a tuple). ``time_first`` marks modules whose tensors are
     ``[positions, batch, features]`` (fairseq); the hook machinery transposes them to batch-first.
+    ``features`` ``(start, stop)``: the point is that slice of the last axis (a fused projection's part, such
+    as the gate half of Phi-3's ``gate_up_proj``); edits write that slice only.
     """
 
     module: Any  # a torch.nn.Module (not imported here to keep this module a leaf)
     side: str  # "input" or "output"
     time_first: bool = False
     arg_name: str = "hidden_states"
+    features: tuple[int, int] | None = None

@@ -58,11 +58,25 @@ def site_of(adapter: LMAdapter, point: str, layer: int) -> HookSite:
     return adapter.hook_site(point, layer)
 
 
+def _on_slice(fn: Callable[[torch.Tensor], torch.Tensor | None], start: int,
+              stop: int) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    """``fn`` applied to features ``start:stop`` of the last axis; its replacement put back in that slice."""
+
+    def sliced(x: torch.Tensor) -> torch.Tensor | None:
+        new = fn(x[..., start:stop])
+        return None if new is None else torch.cat([x[..., :start], new, x[..., stop:]], dim=-1)
+
+    return sliced
+
+
 def _install(site: HookSite, fn: Callable[[torch.Tensor], torch.Tensor | None]):
     """Hook ``fn`` (batch-first tensor -> replacement or None) onto a site; returns the handle."""
 
     def to_bf(x: torch.Tensor) -> torch.Tensor:
         return x.transpose(0, 1) if site.time_first else x
+
+    if site.features is not None:  # the point is a slice of the last axis: fn sees and replaces that slice
+        fn = _on_slice(fn, *site.features)
 
     if site.side == "input":
 

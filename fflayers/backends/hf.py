@@ -158,6 +158,8 @@ class HFAdapter(LMAdapter):
 
     def ffn_keys(self, layer: int) -> torch.Tensor:
         w = self._weight(layer, self.spec.fc_in)
+        if self.spec.gate_up:  # the gate rows of a fused gate | up projection
+            w = w[: w.shape[0] // 2]
         return w.T if self.spec.conv1d else w
 
     def ffn_values(self, layer: int) -> torch.Tensor:
@@ -241,7 +243,8 @@ class HFAdapter(LMAdapter):
         if point not in table:
             raise ModelError(f"unknown hook point {point!r}")
         module, side = table[point]
-        return HookSite(module, side, time_first=False, arg_name="hidden_states")
+        features = (0, self.d_ff) if point == "mlp_key" and spec.gate_up else None
+        return HookSite(module, side, time_first=False, arg_name="hidden_states", features=features)
 
     @property
     def block_layout(self) -> str:

@@ -54,6 +54,7 @@ class ArchSpec:
     unembed: str | None = None  # module whose weight is the output embedding (None: get_output_embeddings())
     embed_scale: bool = False  # the embedding module multiplies its rows by sqrt(hidden_size) (Gemma)
     positions_after_pad: bool = False  # position ids start at pad_token_id + 1 (RoBERTa): fewer usable ones
+    gate_up: bool = False  # fc_in's output is gate | up (fused, Phi-3): mlp_key is its first d_ff features
 
     def __post_init__(self) -> None:
         if self.block_layout not in BLOCK_LAYOUTS:
@@ -85,18 +86,24 @@ def _split_per_head_qkv(w: torch.Tensor, b: torch.Tensor | None, n_heads: int) -
 
 
 def _split_query_then_kv(w: torch.Tensor, b: torch.Tensor | None, n_heads: int) -> _QKVSplit:
-    """GPT-BigCode ``c_attn``: multi-query ``q | k | v`` with q ``d`` wide and k, v one head each (the
-    ``[d + 2 * d_head, d]`` weight); without multi-query (``[3 * d, d]``) GPT-NeoX's per-head layout."""
+    """Phi-3 ``qkv_proj``: blocks ``q | k | v``, q ``d`` wide and k, v of equal width (grouped-query heads:
+    narrower than q)."""
     d = w.shape[1]
-    if w.shape[0] == 3 * d:
-        return _split_per_head_qkv(w, b, n_heads)
     sizes = (d, (w.shape[0] - d) // 2, (w.shape[0] - d) // 2)
     return w.split(sizes, dim=0), ((None,) * 3 if b is None else b.split(sizes))
 
 
+def _split_bigcode(w: torch.Tensor, b: torch.Tensor | None, n_heads: int) -> _QKVSplit:
+    """GPT-BigCode ``c_attn``: multi-query ``q | k | v`` blocks with k and v one head each (the
+    ``[d + 2 * d_head, d]`` weight); without multi-query (``[3 * d, d]``) GPT-NeoX's per-head layout."""
+    if w.shape[0] == 3 * w.shape[1]:
+        return _split_per_head_qkv(w, b, n_heads)
+    return _split_query_then_kv(w, b, n_heads)
+
+
 #: fused q/k/v projection layouts: name -> split of the ``nn.Linear``-layout weight ``[out, d]`` and bias
 QKV_LAYOUTS = {"qkv_blocks": _split_qkv_blocks, "per_head_qkv": _split_per_head_qkv,
-               "query_then_kv": _split_query_then_kv}
+               "query_then_kv": _split_query_then_kv, "bigcode": _split_bigcode}
 
 
 _GPT2 = ArchSpec(
@@ -106,7 +113,7 @@ _GPT2 = ArchSpec(
     attn_proj=("attn.c_attn",), attn_proj_out="attn.c_proj", qkv_layout="qkv_blocks",
 )
 #: GPT-2's block with nn.Linear projections and a fused multi-query c_attn (StarCoder, SantaCoder)
-_GPT_BIGCODE = replace(_GPT2, conv1d=False, qkv_layout="query_then_kv")
+_GPT_BIGCODE = replace(_GPT2, conv1d=False, qkv_layout="bigcode")
 _GPT_NEO = ArchSpec(
     layers="transformer.h", embed="transformer.wte", final_norm="transformer.ln_f",
     attn="attn", attn_core="attn.attention", mlp_in="mlp", fc_in="mlp.c_fc", fc_out="mlp.c_proj",
@@ -143,6 +150,9 @@ _GEMMA = replace(_LLAMA, embed_scale=True)
 #: a parallel block with one LayerNorm shared by attention and MLP, a plain MLP (Phi-1, Phi-1.5, Phi-2)
 _PHI = replace(_LLAMA, final_norm="model.final_layernorm", fc_in="mlp.fc1", fc_out="mlp.fc2",
                block_layout="parallel", mlp="plain", attn_proj_out="self_attn.dense")
+#: Llama's layout with a fused q | k | v projection and a fused gate | up projection (Phi-3, Phi-4)
+_PHI3 = replace(_LLAMA, fc_in="mlp.gate_up_proj", gate_up=True, attn_proj=("self_attn.qkv_proj",),
+                qkv_layout="query_then_kv")
 #: BERT checkpoints without an MLM head (encoders such as sentence-transformers models) load as BertModel,
 #: whose paths have no ``bert.`` prefix.
 _BERT_ENCODER = ArchSpec(
@@ -184,6 +194,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "smollm3": _LLAMA,
     "gemma": _GEMMA,
     "phi": _PHI,
+    "phi3": _PHI3,
     "stablelm": _STABLELM,
     "starcoder2": _STARCODER2,
     "bert": _BERT,

@@ -1,6 +1,7 @@
 """The command lines end to end on tiny random models of families added through the architecture table
 (gated Qwen3 with q/k norms, parallel StableLM, plain-MLP StarCoder2, Gemma with scaled embeddings, Phi with
-one LayerNorm for a parallel block, multi-query GPT-BigCode), saved with the real GPT-2 tokenizer:
+one LayerNorm for a parallel block, multi-query GPT-BigCode, Phi-3 with fused gate | up and q | k | v),
+saved with the real GPT-2 tokenizer:
 mining checked against plain torch hooks on each family's own key projection, then textual files, key-value
 agreement and attention knockout against transformers' own forward."""
 
@@ -22,7 +23,8 @@ from tests.backends.conftest import extra_config
 
 #: family -> block-relative module whose output is ``mlp_key`` (written here, not read from fflayers)
 KEY_MODULE = {"qwen3": "mlp.gate_proj", "stablelm": "mlp.gate_proj", "starcoder2": "mlp.c_fc",
-              "gemma": "mlp.gate_proj", "phi": "mlp.fc1", "gpt_bigcode": "mlp.c_fc"}
+              "gemma": "mlp.gate_proj", "phi": "mlp.fc1", "gpt_bigcode": "mlp.c_fc",
+              "phi3": "mlp.gate_up_proj"}  # Phi-3: the keys are the first d_ff (gate) features of its output
 
 
 @pytest.fixture(scope="module", params=sorted(KEY_MODULE))
@@ -76,7 +78,8 @@ def test_mining_textual_agreement_and_knockout(family_dir, tmp_path, capsys):
     assert len(table) == n_layers * d_ff
     # a value's top token, straight from the model's own weights: down projection row through norm and head
     layer, dim = n_layers - 1, 5
-    down = blocks[layer].get_submodule(KEY_MODULE[name].replace("gate_proj", "down_proj")
+    down = blocks[layer].get_submodule(KEY_MODULE[name].replace("gate_up_proj", "down_proj")
+                                       .replace("gate_proj", "down_proj")
                                        .replace("c_fc", "c_proj").replace("fc1", "fc2"))
     norm = {"phi": "final_layernorm", "gpt_bigcode": "ln_f"}.get(name, "norm")
     norm = body.get_submodule(norm)

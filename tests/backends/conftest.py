@@ -55,6 +55,8 @@ def extra_config(arch: str):
         return tf.GemmaConfig(num_key_value_heads=1, head_dim=D // HEADS, **sizes)
     if arch == "phi":  # parallel attention and MLP after one shared LayerNorm, partial rotary, head bias
         return tf.PhiConfig(partial_rotary_factor=0.5, resid_pdrop=0.0, embd_pdrop=0.0, **sizes)
+    if arch == "phi3":  # fused q | k | v (grouped-query heads) and fused gate | up projections
+        return tf.Phi3Config(num_key_value_heads=2, **sizes)
     if arch == "gpt_bigcode":  # GPT-2's block, nn.Linear projections, multi-query fused c_attn
         return tf.GPTBigCodeConfig(n_embd=D, n_inner=FF, n_head=HEADS, n_layer=LAYERS, n_positions=POS,
                                    multi_query=True, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,

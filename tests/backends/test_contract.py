@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -45,7 +46,7 @@ class Family:
     act: str  # config attribute naming the activation
     ln_out: str | None = None  # post-LN: the block's output LayerNorm
     fused: str | None = None  # fused q/k/v: "q|k|v" (three d-wide blocks), "per-head" ([H, 3, d_head]) or
-    #                           "q|kv" (multi-query: a d-wide q, then one k and one v head)
+    #                           "q|kv" (blocks: every q head, then the k heads, then the v heads)
     up: str | None = None  # gated MLP: up projection
     conv1d: bool = False  # GPT-2 Conv1D: weight [in, out]
     final_norm: str | None = None  # model-relative norm before the head
@@ -55,6 +56,7 @@ class Family:
     causal: bool = True
     tied: bool = False  # head weight is the token embedding
     qk_norm: tuple[str, str] | None = None  # per-head norms of q and k before the rotary embedding
+    gate_up: bool = False  # fc_in is a fused gate | up projection (Phi-3): gate = first half of its output
     mlm: MLMHead | None = None  # masked LMs: the MLM head's parts
 
 
@@ -110,6 +112,8 @@ HF = {
                         qk_norm=("self_attn.q_layernorm", "self_attn.k_layernorm")),
     "starcoder2": dataclasses.replace(_LLAMA, fc_in="mlp.c_fc", fc_out="mlp.c_proj", up=None, tied=True),
     "gemma": dataclasses.replace(_LLAMA, tied=True),
+    "phi3": dataclasses.replace(_LLAMA, qkv=("self_attn.qkv_proj",), fused="q|kv", fc_in="mlp.gate_up_proj",
+                                up=None, gate_up=True),
     "phi": dataclasses.replace(_LLAMA, layout="parallel", ln2="input_layernorm", fc_in="mlp.fc1",
                                fc_out="mlp.fc2", up=None, final_norm="model.final_layernorm"),
     "bert": Family("bert.encoder.layer", "post_norm", None, "attention.output.LayerNorm",
@@ -148,11 +152,11 @@ class BlockParts:
     ln_out: Callable | None
     attn: torch.nn.Module
     attn_in: torch.nn.Module  # its input is what the attention reads
-    fc_in: torch.nn.Module
+    fc_in: Any  # a torch.nn.Module, or a HalfOf one
     fc_out: torch.nn.Module
     mlp_out: torch.nn.Module
     act: Callable
-    up: torch.nn.Module | None
+    up: Any  # a torch.nn.Module, a HalfOf one, or None
     conv1d: bool  # GPT-2 Conv1D: weights stored [in, out] (fc_in [d, d_ff], fc_out [d_ff, d])
 
 
@@ -169,10 +173,33 @@ def parts(adapter, layer: int) -> BlockParts:
     fam = family(adapter)
     get = block.get_submodule
     act = ACT2FN[getattr(adapter.model.config, fam.act)]
+    fc_in, up = get(fam.fc_in), None if fam.up is None else get(fam.up)
+    if fam.gate_up:
+        half = fc_in.out_features // 2
+        fc_in, up = HalfOf(fc_in, 0, half), HalfOf(fc_in, half, 2 * half)
     return BlockParts(fam.layout, None if fam.ln1 is None else get(fam.ln1), get(fam.ln2),
                       None if fam.ln_out is None else get(fam.ln_out), get(fam.attn), get(fam.qkv[0]),
-                      get(fam.fc_in), get(fam.fc_out), get(fam.mlp), act,
-                      None if fam.up is None else get(fam.up), fam.conv1d)
+                      fc_in, get(fam.fc_out), get(fam.mlp), act, up, fam.conv1d)
+
+
+class HalfOf:
+    """Output features ``start:stop`` of a fused ``nn.Linear`` (Phi-3's gate | up), as a projection of its
+    own: called, its weight and bias, and forward hooks that see that slice."""
+
+    def __init__(self, linear: torch.nn.Linear, start: int, stop: int) -> None:
+        self.linear, self.start, self.stop = linear, start, stop
+        self.weight = linear.weight[start:stop]
+        self.bias = None if linear.bias is None else linear.bias[start:stop]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)[..., self.start : self.stop]
+
+    def register_forward_pre_hook(self, hook, **kwargs):
+        return self.linear.register_forward_pre_hook(hook, **kwargs)
+
+    def register_forward_hook(self, hook):
+        return self.linear.register_forward_hook(
+            lambda module, args, output: hook(module, args, output[..., self.start : self.stop]))
 
 
 def final_norm(adapter) -> torch.nn.Module | None:
@@ -681,9 +708,9 @@ def split_projections(adapter, ref: dict, layer: int, d_head: int):
     B, T, n = out.shape
     if fused == "q|k|v":  # three d-wide blocks, each head-major
         return tuple(part.reshape(B, T, -1, d_head) for part in out.split(n // 3, dim=-1))
-    if fused == "q|kv":  # multi-query: a d-wide q block, then one k and one v head
-        q, k, v = out.split((n - 2 * d_head, d_head, d_head), dim=-1)
-        return q.reshape(B, T, -1, d_head), k[:, :, None], v[:, :, None]
+    if fused == "q|kv":  # blocks: all query heads, then the key heads, then the value heads
+        kv = heads_of(adapter)[1] * d_head
+        return tuple(part.reshape(B, T, -1, d_head) for part in out.split((n - 2 * kv, kv, kv), dim=-1))
     return out.reshape(B, T, -1, 3 * d_head).chunk(3, dim=-1)  # per head: q | k | v
 
 

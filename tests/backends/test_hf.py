@@ -221,3 +221,40 @@ def test_gpt_bigcode_attention_weights_equal_the_models_own_qkv(multi_query):
         W, b = getattr(w, f"W_{name}"), getattr(w, f"b_{name}")
         mine = torch.einsum("td,hde->hte", x, W) + b[:, None]
         torch.testing.assert_close(mine, got[0], atol=1e-5, rtol=1e-5)
+
+
+def test_phi3_key_edits_reach_the_gate_half_only():
+    """Phi-3's keys are the gate half of the fused ``gate_up_proj`` output: capturing them, replacing some and
+    scaling others equals plain torch hooks that read and edit features ``:d_ff`` of that output (the up half
+    untouched)."""
+    from tests.backends.conftest import hf_model
+
+    model = hf_model("phi3")
+    adapter = HFAdapter(model, device="cpu")
+    d_ff, layer = adapter.d_ff, 1
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+    fused = adapter.blocks[layer].mlp.gate_up_proj
+    assert fused.out_features == 2 * d_ff
+
+    def by_hand(module, args, output):
+        out = output.clone()
+        out[..., 3] = 0.5
+        out[:, 2:4, 7] *= -2.0
+        return out
+
+    with torch.no_grad():
+        seen = {}
+        handle = fused.register_forward_hook(lambda m, a, out: seen.update(gate=out[..., :d_ff]))
+        plain = adapter.log_probs(ids)
+        handle.remove()
+        handle = fused.register_forward_hook(by_hand)
+        want = adapter.log_probs(ids)
+        handle.remove()
+        with capture(adapter, ["mlp_key"], [layer]) as c:
+            adapter.log_probs(ids)
+        with intervene(adapter, [replace("mlp_key", layer, 0.5, index=[3]),
+                                 scale("mlp_key", layer, -2.0, positions=[2, 3], index=[7])]):
+            got = adapter.log_probs(ids)
+    torch.testing.assert_close(c["mlp_key", layer], seen["gate"])
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, plain)
