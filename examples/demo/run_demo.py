@@ -124,11 +124,10 @@ def main() -> None:
     fairseq_lm = load_fairseq_lm(model_dir, device=args.device)
     print(f"  {fairseq_lm}")
     smollm2_dir = out / "smollm2"
-    if (smollm2_dir / "config.json").is_file():
-        smollm2 = load_hf_lm(str(smollm2_dir), device=args.device)
-    else:  # dequantise the GGUF file once; every later step (and command) loads the plain copy in a second
-        smollm2 = load_smollm2(device=args.device)
-        save_dequantized(smollm2, smollm2_dir)
+    if not (smollm2_dir / "config.json").is_file():
+        # dequantise the GGUF file once; every later step (and command) loads the plain copy in a second
+        save_dequantized(load_smollm2(device=args.device), smollm2_dir)
+    smollm2 = load_hf_lm(str(smollm2_dir), device=args.device)  # the model every command's outputs name
     print(f"  SmolLM2-135M: {smollm2} (plain copy in {smollm2_dir})")
 
     logging.getLogger().setLevel(logging.WARNING)  # importing fairseq sets the root logger to DEBUG

@@ -131,10 +131,13 @@ class LMAdapter(ABC):
     #: True for masked LMs (BERT): the prediction for a position is read at that position, not the next one.
     is_masked_lm: bool = False
 
-    def __init__(self, model: nn.Module, device: torch.device | str | None = None) -> None:
+    def __init__(self, model: nn.Module, device: torch.device | str | None = None, move: bool = True) -> None:
+        """``move=False`` leaves the model where it is (a model placed over several devices); ``device`` is
+        then where inputs go."""
         self.model = model
         self.device = resolve_device(device)
-        self.model.to(self.device)
+        if move:
+            self.model.to(self.device)
         self.model.eval()
 
     # ----- sizes -------------------------------------------------------------------------------------------

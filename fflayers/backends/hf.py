@@ -15,8 +15,16 @@ from torch import nn
 from fflayers.backends.base import AttentionWeights, LMAdapter, resolve_device
 from fflayers.backends.hf_arch import QKV_LAYOUTS, ArchSpec, arch_spec
 from fflayers.backends.hf_attention import prepare_edge_blocking
+from fflayers.backends.hf_placement import (
+    dispatched,
+    input_device,
+    is_offloaded,
+    parse_device_map,
+    parse_max_memory,
+    read_tensor,
+)
 from fflayers.backends.hf_vocab import HFVocabulary
-from fflayers.core import HookSite, ModelError, StopForward
+from fflayers.core import HookSite, InputError, ModelError, StopForward
 
 __all__ = ["HFAdapter", "load_hf_lm"]
 
@@ -36,7 +44,8 @@ class HFAdapter(LMAdapter):
                 spec = arch_spec(model_type, model)
             except ModelError as err:
                 raise ModelError(f"{err} (or pass spec=ArchSpec(...) with its module paths)") from None
-        super().__init__(model, device)
+        placed = dispatched(model)  # a device map: the blocks stay where transformers put them
+        super().__init__(model, input_device(model, spec.embed) if placed else device, move=not placed)
         self.family = model_type
         self.spec = spec
         self.tokenizer = tokenizer
@@ -154,7 +163,9 @@ class HFAdapter(LMAdapter):
 
     # ----- weights -----------------------------------------------------------------------------------------
     def _weight(self, layer: int, path: str) -> torch.Tensor:
-        return _get(self.blocks[self.check_layer(layer)], path).weight
+        """The weight of a block's module: the parameter itself, or a copy where the block is offloaded."""
+        block = self.blocks[self.check_layer(layer)]
+        return read_tensor(block, _get(block, path))
 
     def ffn_keys(self, layer: int) -> torch.Tensor:
         w = self._weight(layer, self.spec.fc_in)
@@ -162,12 +173,18 @@ class HFAdapter(LMAdapter):
             w = w[: w.shape[0] // 2]
         return w.T if self.spec.conv1d else w
 
+    def write_ffn_values(self, layer: int, index, rows: torch.Tensor) -> None:
+        if is_offloaded(_get(self.blocks[self.check_layer(layer)], self.spec.fc_out).weight):
+            raise ModelError(f"block {layer} is offloaded by the device map, so its weights cannot be edited "
+                             "in place; give it more --max_memory, or edit activations (fflayers.hooks)")
+        super().write_ffn_values(layer, index, rows)
+
     def ffn_values(self, layer: int) -> torch.Tensor:
         w = self._weight(layer, self.spec.fc_out)
         return w if self.spec.conv1d else w.T
 
     def input_embeddings(self) -> torch.Tensor:
-        weight = self.embedding_module.weight
+        weight = read_tensor(self.embedding_module, self.embedding_module)
         if self.spec.embed_scale:  # the rows as they enter the first block (Gemma: times sqrt(d))
             return weight * torch.tensor(self.model.config.hidden_size ** 0.5, dtype=weight.dtype)
         return weight
@@ -176,8 +193,9 @@ class HFAdapter(LMAdapter):
         """Weight in ``nn.Linear`` layout ``[out, in]`` (GPT-2's Conv1D transposed) and bias of a
         projection."""
         module = _get(block, path)
-        w = module.weight.detach()
-        b = module.bias.detach() if getattr(module, "bias", None) is not None else None
+        w = read_tensor(block, module).detach()
+        b = read_tensor(block, module, "bias")
+        b = None if b is None else b.detach()
         return (w.t() if self.spec.conv1d else w), b
 
     def attention_weights(self, layer: int) -> AttentionWeights:
@@ -212,7 +230,8 @@ class HFAdapter(LMAdapter):
         """``[V, d]``: the LM head's weight (tied or not); BERT: the MLM decoder, which reads the hidden state
         after the head's transform (dense + activation + LayerNorm). Logits = ``h @ E.T`` + the head's
         bias."""
-        return self._unembed_module().weight.detach()
+        head = self._unembed_module()
+        return read_tensor(head, head).detach()
 
     @property
     def output_embeddings_kind(self) -> str:
@@ -266,12 +285,19 @@ class HFAdapter(LMAdapter):
 
 def load_hf_lm(name_or_path: str, device: torch.device | str | None = None,
                dtype: torch.dtype | str | None = None, gguf_file: str | None = None,
-               tokenizer_path: str | None = None) -> HFAdapter:
+               tokenizer_path: str | None = None, device_map: str | dict | None = None,
+               max_memory: str | dict | None = None, offload_folder: str | None = None) -> HFAdapter:
     """Load a HuggingFace causal LM (or BERT masked LM) and its tokenizer into an :class:`HFAdapter`.
 
     ``name_or_path`` is a hub id (needs the internet unless cached) or a local folder; ``gguf_file`` loads a
     GGUF checkpoint from that folder (dequantised). BERT checkpoints without an MLM head load as an encoder
-    whose ``project`` is unavailable.
+    whose ``project`` is unavailable. ``dtype``: the weights' dtype (``"bfloat16"``, ``torch.float16``...).
+
+    A model larger than one device: ``device_map`` (``"auto"``, ``"balanced"``, ``"balanced_low_0"``,
+    ``"sequential"``, or module name -> device, ``"disk"`` included), ``max_memory`` (device -> size, e.g.
+    ``{0: "20GiB", "cpu": "60GiB"}`` or ``"0=20GiB,cpu=60GiB"``) and ``offload_folder`` (for blocks put on
+    disk) go to transformers' ``from_pretrained``, which places the blocks with accelerate; ``device`` is
+    then ignored (inputs go to the embedding's device).
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
@@ -294,6 +320,11 @@ def load_hf_lm(name_or_path: str, device: torch.device | str | None = None,
     check_config(config, name_or_path)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     load = {"dtype": dtype or torch.float32, "output_loading_info": True, **kwargs}
+    if device_map is not None:
+        load |= {"device_map": parse_device_map(device_map), "max_memory": parse_max_memory(max_memory),
+                 "offload_folder": offload_folder}
+    elif max_memory is not None or offload_folder is not None:
+        raise InputError("max_memory and offload_folder go with a device_map (e.g. device_map='auto')")
     try:
         if spec.masked_lm:
             model, info = AutoModelForMaskedLM.from_pretrained(name_or_path, **load)
@@ -302,6 +333,9 @@ def load_hf_lm(name_or_path: str, device: torch.device | str | None = None,
         else:
             model, info = AutoModelForCausalLM.from_pretrained(name_or_path, **load)
     except (OSError, RuntimeError, ValueError) as err:
+        if device_map is not None:
+            raise ModelError(f"cannot place {name_or_path!r} with the device map ({first_line(err)}); give "
+                             "every block a device this machine has, or use device_map='auto'") from None
         raise ModelError(f"cannot load the weights of {name_or_path!r} ({first_line(err)}); the weights do "
                          "not match the config: use the config.json saved with them") from None
     check_loading_info(info, name_or_path)

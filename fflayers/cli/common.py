@@ -44,9 +44,15 @@ class Parser(argparse.ArgumentParser):
         raise CLIError(f"{message} (see --help)")
 
 
-def add_model_args(parser: argparse.ArgumentParser, tokenizer_only: bool = False) -> None:
-    """Add ``--model_dir``, ``--hf_model``, ``--gguf_file`` and (unless ``tokenizer_only``) ``--device`` and
-    ``--trust-checkpoint``."""
+#: ``--load_dtype`` choices -> torch dtype names
+LOAD_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def add_model_args(parser: argparse.ArgumentParser, tokenizer_only: bool = False,
+                   dtype_flags: Sequence[str] = ("--load_dtype",)) -> None:
+    """Add ``--model_dir``, ``--hf_model``, ``--gguf_file`` and (unless ``tokenizer_only``) ``--device``,
+    ``--trust-checkpoint`` and the HuggingFace loading options (``dtype_flags``: the weights' dtype at load
+    time; ``--device_map``, ``--max_memory``, ``--offload_folder``: a model larger than one device)."""
     if tokenizer_only:
         parser.add_argument("--model_dir", type=str, default=None, help="fairseq model dir (dict.txt)")
         parser.add_argument("--hf_model", type=str, default=None,
@@ -66,6 +72,16 @@ def add_model_args(parser: argparse.ArgumentParser, tokenizer_only: bool = False
         parser.add_argument("--trust-checkpoint", dest="trust_checkpoint", action="store_true",
                             help="allow full unpickling of a fairseq checkpoint you trust (old Namespace "
                                  "checkpoints)")
+        hf = parser.add_argument_group("HuggingFace loading (a model larger than one device)")
+        hf.add_argument(*dtype_flags, dest="load_dtype", choices=list(LOAD_DTYPES), default="fp32",
+                        help="the weights' dtype at load time (fp16 wants a GPU)")
+        hf.add_argument("--device_map", type=str, default=None,
+                        help="auto, balanced, balanced_low_0, sequential, or a JSON object / file of module "
+                             "-> device (0, cuda:1, cpu, disk): transformers and accelerate place the blocks")
+        hf.add_argument("--max_memory", type=str, default=None,
+                        help="with --device_map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
+        hf.add_argument("--offload_folder", type=str, default=None,
+                        help="with --device_map: folder for the blocks it puts on disk")
 
 
 def check_model_args(args: argparse.Namespace) -> None:
@@ -74,6 +90,12 @@ def check_model_args(args: argparse.Namespace) -> None:
         raise CLIError("pass exactly one of --model_dir (fairseq) and --hf_model (HuggingFace)")
     if args.gguf_file and not args.hf_model:
         raise CLIError("--gguf_file goes with --hf_model")
+    placement = [f"--{k}" for k in ("device_map", "max_memory", "offload_folder") if getattr(args, k, None)]
+    if args.model_dir is not None and (placement or getattr(args, "load_dtype", "fp32") != "fp32"):
+        raise CLIError(f"{' '.join(placement) or '--load_dtype'} applies to HuggingFace models (--hf_model); "
+                       "fairseq models load whole, in float32")
+    if placement and getattr(args, "device_map", None) is None:
+        raise CLIError(f"{placement[0]} goes with --device_map (e.g. --device_map auto)")
     if getattr(args, "device", None) is not None:
         from fflayers.backends.base import resolve_device
 
@@ -141,7 +163,15 @@ def load_adapter(args: argparse.Namespace, **fairseq_kwargs: Any) -> LMAdapter:
                                    **fairseq_kwargs)
         from fflayers.backends.hf import load_hf_lm
 
-        return load_hf_lm(args.hf_model, device=args.device, gguf_file=args.gguf_file)
+        return load_hf_lm(args.hf_model, device=args.device, gguf_file=args.gguf_file,
+                          **hf_load_options(args))
+
+
+def hf_load_options(args: argparse.Namespace) -> dict:
+    """The keywords of ``load_hf_lm`` set by the HuggingFace loading options (those not at their default)."""
+    options = {"dtype": LOAD_DTYPES[getattr(args, "load_dtype", "fp32")], "device_map": args.device_map,
+               "max_memory": args.max_memory, "offload_folder": args.offload_folder}
+    return {k: v for k, v in options.items() if v is not None and v != "float32"}
 
 
 #: the name of the running command, for its messages (set by run_main)

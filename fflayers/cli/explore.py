@@ -16,7 +16,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fflayers.cli.common import CLIError, Parser, add_model_args, check_model_args, load_adapter, run_command
+from fflayers.cli.common import (
+    CLIError,
+    Parser,
+    add_model_args,
+    check_model_args,
+    hf_load_options,
+    load_adapter,
+    run_command,
+)
 
 if TYPE_CHECKING:
     from fflayers.backends.base import LMAdapter
@@ -25,14 +33,11 @@ if TYPE_CHECKING:
 __all__ = ["PROG", "build_explorer", "build_parser", "command", "load_code", "main", "run"]
 
 PROG = "fflayers explore"
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def build_parser(prog: str = PROG, epilog: str | None = None) -> argparse.ArgumentParser:
     p = Parser(prog=prog, description=__doc__.split("\n\n")[0], epilog=epilog)
-    add_model_args(p)
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
-                   help="weights' dtype at load time (HuggingFace models; fp16 needs a GPU)")
+    add_model_args(p, dtype_flags=("--dtype", "--load_dtype"))
     p.add_argument("--memories", type=str, default=None,
                    help="trigger examples: the folder of `fflayers memories textual` (DIM_LAYER.txt files)")
     p.add_argument("--agreement", type=str, default=None, help="the .tsv of `fflayers memories agreement`")
@@ -60,8 +65,6 @@ def check_args(args: argparse.Namespace) -> None:
             raise CLIError(f"--{flag} {path} does not exist")
     if not 0 < args.port < 65536:
         raise CLIError(f"--port {args.port} must be in 1..65535")
-    if args.dtype != "fp32" and args.model_dir is not None:
-        raise CLIError("--dtype applies to HuggingFace models (--hf_model); fairseq models load in float32")
     if args.token is not None and len(args.token) < 8:
         raise CLIError("--token must be at least 8 characters")
 
@@ -72,8 +75,7 @@ def load_code(args: argparse.Namespace) -> str:
         return (f"from fflayers.backends.fairseq_loading import load_fairseq_lm\n"
                 f"adapter = load_fairseq_lm({args.model_dir!r})")
     extra = f", gguf_file={args.gguf_file!r}" if args.gguf_file else ""
-    if args.dtype != "fp32":
-        extra += f", dtype={DTYPES[args.dtype]!r}"
+    extra += "".join(f", {k}={v!r}" for k, v in hf_load_options(args).items())
     return f"from fflayers.backends.hf import load_hf_lm\nadapter = load_hf_lm({args.hf_model!r}{extra})"
 
 
@@ -111,15 +113,7 @@ def run(args: argparse.Namespace) -> None:
     from fflayers.explore.server import serve
 
     check_args(args)
-    if args.dtype != "fp32" and args.hf_model is not None:
-        from fflayers.backends.hf import load_hf_lm
-        from fflayers.cli.common import quiet_loading
-
-        with quiet_loading(args.verbose):
-            adapter = load_hf_lm(args.hf_model, device=args.device, dtype=DTYPES[args.dtype],
-                                 gguf_file=args.gguf_file)
-    else:
-        adapter = load_adapter(args)
+    adapter = load_adapter(args)
     name = Path(args.model_dir).name if args.model_dir else args.hf_model
     explorer = build_explorer(adapter, memories=args.memories, agreement=args.agreement, values=args.values,
                               shortcuts=args.shortcuts, neurons=args.neurons, notes=args.notes,

@@ -254,3 +254,35 @@ def test_an_empty_facts_file_says_how_to_build_one(tiny_gpt2_dir, tmp_path, caps
     code, err = run_cli(["recall", "knockout", "--hf_model", str(tiny_gpt2_dir), "--facts", str(facts),
                          "--output", str(tmp_path / "k.parquet")], capsys)
     assert_one_line_error(code, err, "holds no facts", "fflayers recall facts --countries")
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    (["--model_dir", "d", "--device_map", "auto"], "--device_map applies to HuggingFace models"),
+    (["--model_dir", "d", "--load_dtype", "bf16"], "--load_dtype applies to HuggingFace models"),
+    (["--hf_model", "m", "--max_memory", "cpu=1GiB"], "--max_memory goes with --device_map"),
+    (["--hf_model", "m", "--offload_folder", "off"], "--offload_folder goes with --device_map"),
+])
+def test_placement_flags_are_checked_before_the_model_loads(extra, needle, tmp_path, capsys):
+    code, err = run_cli(keys(extra, tmp_path), capsys)
+    assert_one_line_error(code, err, needle)
+
+
+def test_a_command_with_a_block_on_disk_writes_what_the_whole_model_writes(tiny_gpt2_dir, tmp_path,  # noqa: F811
+                                                                         capsys):
+    """``fflayers embedding values`` of the last block with that block offloaded to disk (--device_map JSON
+    file, --offload_folder; safetensors weights are read from their own file) writes the same table as the
+    model loaded whole; a map naming a device that does not exist is one line."""
+    mapping = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.h.0": "cpu",
+               "transformer.h.1": "disk", "transformer.ln_f": "cpu", "lm_head": "cpu"}
+    (tmp_path / "map.json").write_text(json.dumps(mapping))
+    values = ["embedding", "values", "--hf_model", str(tiny_gpt2_dir), "--layers", "1", "--neurons", "0", "5",
+              "--k", "4"]
+    assert main([*values, "--output_file", str(tmp_path / "whole.tsv")]) == 0
+    assert main([*values, "--output_file", str(tmp_path / "placed.tsv"), "--device_map",
+                 str(tmp_path / "map.json"), "--offload_folder", str(tmp_path / "offload")]) == 0, \
+        capsys.readouterr().err
+    assert (tmp_path / "placed.tsv").read_text() == (tmp_path / "whole.tsv").read_text()
+    code, err = run_cli([*values, "--output_file", str(tmp_path / "bad.tsv"), "--device_map",
+                         json.dumps({"": "gpu7"})], capsys)
+    assert_one_line_error(code, err, "cannot place", "a device this machine has")
+    assert not (tmp_path / "bad.tsv").exists()
