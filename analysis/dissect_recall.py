@@ -4,9 +4,9 @@ enrichment, sublayer-knockout, plot; see :mod:`fflayers.cli.recall`)."""
 import sys
 
 from fflayers.cli.recall import PROG, build_parser, main, run
-from fflayers.cli.tables import config_of, read_table
+from fflayers.cli.tables import read_table
 
-__all__ = ["PROG", "build_parser", "config_of", "main", "read_table", "run"]
+__all__ = ["PROG", "build_parser", "main", "read_table", "run"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,13 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from fflayers.cli.common import CLIError, load_adapter, prog_name
 from fflayers.cli.recall_base import Subcommand, encoded_facts, read_facts
-from fflayers.cli.tables import (
-    check_table_output,
-    config_of,
-    finish_table_run,
-    register_table_kind,
-    table_over_facts,
-)
+from fflayers.cli.recall_configs import table_config
+from fflayers.cli.tables import check_table_output, finish_table_run, register_table_kind, table_over_facts
 
 if TYPE_CHECKING:
     from fflayers.backends.base import LMAdapter
@@ -48,11 +43,13 @@ def register(command: Subcommand) -> Subcommand:
 def run_table(args: argparse.Namespace, adapter: LMAdapter, encoded: list, compute: Callable,
               inputs: dict | None = None) -> Any:
     """The table of ``compute`` over the facts (see :func:`fflayers.cli.tables.table_over_facts`), written
-    with its metadata on rank 0; None on the other ranks."""
-    table = table_over_facts(args, adapter, encoded, compute, kind=run_kind(args.command),
+    with its metadata on rank 0; None on the other ranks. The subcommand's config
+    (:func:`fflayers.cli.recall_configs.table_config`) is the resume key and the metadata's config."""
+    config = table_config(args)
+    table = table_over_facts(args, adapter, encoded, compute, kind=run_kind(args.command), config=config,
                              facts_per_unit=FACTS_PER_UNIT[args.command], inputs=inputs)
     if table is not None:
-        finish_table_run(args, table, inputs=inputs)
+        finish_table_run(args, table, config, inputs=inputs)
     return table
 
 
@@ -79,7 +76,8 @@ def run_facts(args: argparse.Namespace) -> None:
         return
     save_facts([e.fact for e in encoded], args.output)
     write_json(str(args.output) + ".meta.json",
-               run_metadata(config_of(args), inputs={"facts": args.facts} if args.facts else {}))
+               run_metadata({k: v for k, v in vars(args).items() if k not in ("resume", "quiet", "verbose")},
+                            inputs={"facts": args.facts} if args.facts else {}))
     print(f"{prog_name()}: {len(encoded)} of {len(facts)} facts kept -> {args.output}")
 
 

@@ -7,13 +7,15 @@ result is a :class:`fflayers.runs.UnitPieces` of row blocks (its state merged by
 table (:func:`blocks_table`) is the same rows in the same order for any number of torchrun ranks and after
 any resume. ``--resume`` keeps the run
 folder ``OUTPUT.ckpt`` (manifest and shard files), removed once the output is written; its resume key is the
-options that change the rows (:func:`resume_options`), the block size, the model fingerprint and the content
-digest of each input file (facts or countries list, paragraphs, ...), never their paths.
+subcommand's config (:mod:`fflayers.cli.recall_configs`: the options that change the rows), the block size,
+the model fingerprint and the content digest of each input file (facts or countries list, paragraphs, ...),
+never their paths.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -26,24 +28,8 @@ from fflayers.runs.accumulators import PiecesTask, UnitPieces
 if TYPE_CHECKING:
     from fflayers.backends.base import LMAdapter
 
-__all__ = ["FactBlocks", "KEY_EXCLUDED", "blocks_table", "check_table_output", "config_of",
-           "finish_table_run", "input_files", "read_table", "register_table_kind",
-           "resume_options", "run_folder", "table_over_facts", "write_output"]
-
-#: options that say where things are or how the run looks, not what it computes: left out of the resume key
-#: (input files and the model enter it through their content fingerprints instead)
-KEY_EXCLUDED = frozenset({"command", "output", "resume", "quiet", "verbose", "device", "trust_checkpoint",
-                          "model_dir", "hf_model", "gguf_file", "facts", "countries_file", "paragraphs"})
-
-
-def config_of(args: argparse.Namespace) -> dict:
-    """The run's options (for metadata)."""
-    return {k: v for k, v in vars(args).items() if k not in ("resume", "quiet", "verbose")}
-
-
-def resume_options(args: argparse.Namespace) -> dict:
-    """The options of the resume key: those of :func:`config_of` that change the rows."""
-    return {k: v for k, v in config_of(args).items() if k not in KEY_EXCLUDED}
+__all__ = ["FactBlocks", "blocks_table", "check_table_output", "finish_table_run", "input_files",
+           "read_table", "register_table_kind", "run_folder", "table_over_facts", "write_output"]
 
 
 def input_files(args: argparse.Namespace, inputs: Mapping[str, str | os.PathLike] | None = None) -> dict:
@@ -64,14 +50,17 @@ def run_folder(args: argparse.Namespace) -> Path:
     return Path(str(args.output) + ".ckpt")
 
 
-def write_output(args: argparse.Namespace, table: Any, inputs: dict | None = None) -> None:
-    """Write the table (format from the extension) and ``OUTPUT.meta.json`` (hashes of the facts file and of
-    ``inputs``, name -> path)."""
+def write_output(args: argparse.Namespace, table: Any, config: Any, inputs: dict | None = None) -> None:
+    """Write the table (format from the extension) and ``OUTPUT.meta.json``: ``config`` (a dataclass, as in
+    the resume key), ``where`` (paths, the model and how it was loaded), hashes of the facts file and of
+    ``inputs`` (name -> path)."""
+    from fflayers.cli.recall_configs import where_of
     from fflayers.io import run_metadata, write_json, write_table
 
     write_table(args.output, table)
     inputs = ({"facts": args.facts} if getattr(args, "facts", None) else {}) | (inputs or {})
-    write_json(str(args.output) + ".meta.json", run_metadata(config_of(args), inputs=inputs))
+    meta = run_metadata(dataclasses.asdict(config), inputs=inputs) | {"where": where_of(args)}
+    write_json(str(args.output) + ".meta.json", meta)
 
 
 def blocks_table(pieces: Any) -> Any:
@@ -122,12 +111,13 @@ class FactBlocks(PiecesTask):
 
 
 def table_over_facts(args: argparse.Namespace, adapter: LMAdapter, encoded: Sequence, compute: Callable, *,
-                     kind: str, facts_per_unit: int = 64,
+                     kind: str, config: Any, facts_per_unit: int = 64,
                      inputs: Mapping[str, str | os.PathLike] | None = None) -> Any:
     """Run ``compute(facts, on_facts_done) -> DataFrame`` over blocks of the facts (a run of ``kind``) with
     :func:`fflayers.runs.run_units`: over the torchrun ranks, and with ``--resume`` from and into the run
-    folder ``OUTPUT.ckpt``. ``inputs`` (name -> path) are the input files read besides the facts. Returns the
-    table, its rows in input order, on rank 0; None on the other ranks."""
+    folder ``OUTPUT.ckpt``; ``config`` (a dataclass) and the block size are the resume key. ``inputs`` (name
+    -> path) are the input files read besides the facts. Returns the table, its rows in input order, on rank
+    0; None on the other ranks."""
     from fflayers.distributed import dist_info
     from fflayers.runs import file_digest, model_fingerprint, run_units
 
@@ -135,7 +125,7 @@ def table_over_facts(args: argparse.Namespace, adapter: LMAdapter, encoded: Sequ
     run_dir = run_folder(args) if args.resume else None
     fingerprints = {"model": model_fingerprint(adapter)}
     fingerprints |= {name: file_digest(path) for name, path in input_files(args, inputs).items()}
-    key = {**resume_options(args), "facts_per_unit": facts_per_unit}
+    key = {**dataclasses.asdict(config), "facts_per_unit": facts_per_unit}
     done = run_units(FactBlocks(encoded, compute, facts_per_unit), key, kind=kind,
                      run_dir=run_dir, fingerprints=fingerprints, unit_name="facts",
                      shard_weight=facts_per_unit, progress=not args.quiet, desc=args.command)
@@ -148,9 +138,9 @@ def table_over_facts(args: argparse.Namespace, adapter: LMAdapter, encoded: Sequ
     return blocks_table(done.result)
 
 
-def finish_table_run(args: argparse.Namespace, table: Any, inputs: dict | None = None) -> None:
+def finish_table_run(args: argparse.Namespace, table: Any, config: Any, inputs: dict | None = None) -> None:
     """Write the result and metadata, then remove the run folder (``--resume``)."""
-    write_output(args, table, inputs)
+    write_output(args, table, config, inputs)
     if args.resume:
         shutil.rmtree(run_folder(args), ignore_errors=True)
     print(f"{prog_name()}: {len(table)} rows -> {args.output}")

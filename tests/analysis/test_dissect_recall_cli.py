@@ -81,9 +81,10 @@ def test_resume_writes_the_same_table_and_removes_its_run_folder(tiny_gpt2_dir, 
     assert "1 shard(s) of 3 facts; computed 1, reused 0 finished shard(s)" in stdout
     assert again.read_bytes() == out.read_bytes()
     assert not (tmp_path / "again.parquet.ckpt").exists() and not list(tmp_path.glob("*.partial.*"))
-    meta = json.loads((tmp_path / "again.parquet.meta.json").read_text())["config"]
-    plain = json.loads((tmp_path / "k.parquet.meta.json").read_text())["config"]
-    assert meta == {**plain, "output": str(again)}
+    meta = json.loads((tmp_path / "again.parquet.meta.json").read_text())
+    plain = json.loads((tmp_path / "k.parquet.meta.json").read_text())
+    assert meta["config"] == plain["config"] and meta["config"]["window"] == 1
+    assert meta["where"] == {**plain["where"], "output": str(again), "resume": True}
 
 
 def test_facts_filter_keeps_what_the_model_predicts(tiny_gpt2_dir, tmp_path, capsys):
