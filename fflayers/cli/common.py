@@ -44,6 +44,18 @@ class Parser(argparse.ArgumentParser):
         raise CLIError(f"{message} (see --help)")
 
 
+#: options that are not part of an analysis's config: paths, the model and how to load it, the run's own
+#: switches (the model and input files enter a resume key through their content fingerprints instead)
+PLACE_OPTIONS = frozenset({"command", "output", "resume", "quiet", "verbose", "device", "trust_checkpoint",
+                           "model_dir", "hf_model", "gguf_file", "facts", "countries_file", "paragraphs",
+                           "device_map", "max_memory", "offload_folder"})
+
+
+def where_of(args: argparse.Namespace) -> dict:
+    """The place options that were given (paths and the model), for the metadata beside a config."""
+    return {k: v for k, v in vars(args).items() if k in PLACE_OPTIONS and v not in (None, False)}
+
+
 #: ``--load_dtype`` choices -> torch dtype names
 LOAD_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 

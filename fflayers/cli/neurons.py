@@ -29,10 +29,13 @@ and writes the outputs (the same as a one-process run). Bad input: one line, exi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fflayers.cli.common import (
     CLIError,
@@ -44,17 +47,30 @@ from fflayers.cli.common import (
     prog_name,
     run_command,
     run_main,
+    where_of,
 )
 
-__all__ = ["PROG", "RESUME_OPTIONS", "SHARD_FACTS", "build_parser", "check_args", "resume_config",
+__all__ = ["PROG", "FactsRunConfig", "SHARD_FACTS", "build_parser", "check_args", "resume_config",
            "input_fingerprints", "run", "main", "command"]
 
 PROG = "knowledge_neurons.py"
 #: Facts per shard of a run folder (at least four shards per worker): what a killed run loses at most.
 SHARD_FACTS = 8
-#: The options a result depends on: the resume key, with the fingerprints of the model and the facts.
-RESUME_OPTIONS = ("countries", "relations", "max_facts", "steps", "batch_size", "p", "adaptive_threshold",
-                  "threshold", "percentile", "layers", "convention", "seed", "no_random")
+
+if TYPE_CHECKING:
+    from fflayers.neurons.evaluate import SearchConfig
+
+
+@dataclass(frozen=True)
+class FactsRunConfig:
+    """What a run's results depend on besides the model and the facts file (their fingerprints): which facts
+    (``--countries``, ``--relations`` as a sorted set, ``--max_facts`` per relation) and how neurons are
+    searched. Its ``asdict`` is the resume key and the metadata's config."""
+
+    search: SearchConfig
+    countries: bool = False
+    relations: tuple[str, ...] | None = None
+    max_facts: int | None = None
 
 
 def build_parser(prog: str = PROG, epilog: str | None = None) -> argparse.ArgumentParser:
@@ -144,12 +160,10 @@ def _search_config(args: argparse.Namespace):
                         layers=None if args.layers is None else tuple(args.layers))
 
 
-def resume_config(args: argparse.Namespace) -> dict:
-    """The options of :data:`RESUME_OPTIONS` (``--relations`` as a sorted set: its order changes nothing)."""
-    config = {name: getattr(args, name) for name in RESUME_OPTIONS}
-    if config["relations"] is not None:
-        config["relations"] = sorted(set(config["relations"]))
-    return config
+def resume_config(args: argparse.Namespace) -> FactsRunConfig:
+    """The run's :class:`FactsRunConfig` from the parsed options."""
+    relations = None if args.relations is None else tuple(sorted(set(args.relations)))
+    return FactsRunConfig(_search_config(args), args.countries, relations, args.max_facts)
 
 
 def input_fingerprints(args: argparse.Namespace, adapter) -> dict[str, str]:
@@ -165,7 +179,7 @@ def input_fingerprints(args: argparse.Namespace, adapter) -> dict[str, str]:
     return {"model": model_fingerprint(adapter), **source}
 
 
-def write_outputs(out: Path, records: list[dict], config, args) -> None:
+def write_outputs(out: Path, records: list[dict], config: FactsRunConfig, args) -> None:
     from fflayers.io import run_metadata, write_json, write_table
     from fflayers.neurons.evaluate import results_table, summarize, summary_table
     from fflayers.plots import plot_knowledge_neuron_effects, save_figure
@@ -177,9 +191,10 @@ def write_outputs(out: Path, records: list[dict], config, args) -> None:
     write_table(Path(f"{stem}_summary.tsv"), summary)
     facts = [{k: r[k] for k in ("uuid", "relation", "answer", "neurons", "random_neurons", "unrelated_uuid")}
              for r in records]
-    write_json(out, {"summary": summarize(records), "config": config.to_json(), "facts": facts})
+    write_json(out, {"summary": summarize(records), "config": config.search.to_json(), "facts": facts})
     inputs = {"facts": args.facts} if args.facts else {}
-    write_json(stem.with_suffix(".meta.json"), run_metadata(dict(vars(args)), inputs=inputs))
+    meta = run_metadata(dataclasses.asdict(config), inputs=inputs) | {"where": where_of(args)}
+    write_json(stem.with_suffix(".meta.json"), meta)
     if len(summary):
         save_figure(plot_knowledge_neuron_effects(summary), stem)
 
@@ -218,10 +233,10 @@ def run(args: argparse.Namespace) -> None:
         facts = load_facts(args, mask)
         if not facts:
             raise CLIError("no facts left after --relations / --max_facts; loosen the filters")
-        config = _search_config(args)
-        task = FactsTask(adapter, facts, config)
+        config = resume_config(args)
+        task = FactsTask(adapter, facts, config.search)
         run_dir = Path(f"{out}.ckpt") if args.resume else None
-        done = run_units(task, resume_config(args), kind=KIND, run_dir=run_dir,
+        done = run_units(task, config, kind=KIND, run_dir=run_dir,
                          fingerprints=input_fingerprints(args, adapter), unit_name="facts",
                          shard_weight=SHARD_FACTS, progress=info.is_main and not args.quiet, desc="facts")
         computed = sum(dist.gather_objects(task.evaluated))

@@ -1,10 +1,10 @@
 """The configs of the ``recall`` table subcommands: one dataclass each, built from the parsed options, whose
 ``asdict`` is both the ``.meta.json`` config and (with the block size) the resume key of a run.
 
-A config holds every option that changes the rows; :data:`PLACE_OPTIONS` are the options that say where things
-are, which model to load, or how the run looks (the model and the input files enter the resume key through
-their content fingerprints instead). Every option of a table subcommand is one or the other (a test checks
-that the parsers and these classes agree).
+A config holds every option that changes the rows; :data:`fflayers.cli.common.PLACE_OPTIONS` are the options
+that say where things are, which model to load, or how the run looks (the model and the input files enter the
+resume key through their content fingerprints instead). Every option of a table subcommand is one or the other
+(a test checks that the parsers and these classes agree).
 """
 
 from __future__ import annotations
@@ -13,14 +13,8 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["PLACE_OPTIONS", "CONFIGS", "TableConfig", "KnockoutConfig", "ProjectConfig", "ExtractionConfig",
-           "EnrichmentConfig", "SublayerKnockoutConfig", "table_config", "where_of"]
-
-#: options that are not part of a config: paths, the model and how to load it, the run's own switches
-PLACE_OPTIONS = frozenset({"command", "output", "resume", "quiet", "verbose", "device", "trust_checkpoint",
-                           "model_dir", "hf_model", "gguf_file", "facts", "countries_file", "paragraphs",
-                           "device_map", "max_memory", "offload_folder"})
-
+__all__ = ["CONFIGS", "TableConfig", "KnockoutConfig", "ProjectConfig", "ExtractionConfig",
+           "EnrichmentConfig", "SublayerKnockoutConfig", "table_config"]
 
 @dataclass(frozen=True)
 class TableConfig:
@@ -109,8 +103,3 @@ def table_config(args: argparse.Namespace) -> TableConfig:
     """The config of the table subcommand ``args.command`` from its parsed options."""
     cls = CONFIGS[args.command]
     return cls(**{f.name: _frozen(getattr(args, f.name)) for f in dataclasses.fields(cls)})
-
-
-def where_of(args: argparse.Namespace) -> dict:
-    """The place options that were given (paths and the model), for the metadata beside the config."""
-    return {k: v for k, v in vars(args).items() if k in PLACE_OPTIONS and v not in (None, False)}

@@ -54,7 +54,7 @@ def write_output(args: argparse.Namespace, table: Any, config: Any, inputs: dict
     """Write the table (format from the extension) and ``OUTPUT.meta.json``: ``config`` (a dataclass, as in
     the resume key), ``where`` (paths, the model and how it was loaded), hashes of the facts file and of
     ``inputs`` (name -> path)."""
-    from fflayers.cli.recall_configs import where_of
+    from fflayers.cli.common import where_of
     from fflayers.io import run_metadata, write_json, write_table
 
     write_table(args.output, table)

@@ -33,15 +33,18 @@ def _short(value: Any, width: int = 40) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def config_differences(here: dict, stored: dict) -> list[tuple[str, str, str]]:
+def config_differences(here: dict, stored: dict, prefix: str = "") -> list[tuple[str, str, str]]:
     """``(key, value here, value stored)`` for each key whose values differ, sorted by key; values as short
-    text (``(not set)`` for a key one side lacks)."""
+    text (``(not set)`` for a key one side lacks). A nested config (a dict on both sides) names the option
+    inside it: ``search.steps``."""
     missing = "(not set)"
     out = []
     for key in sorted(set(here) | set(stored)):
         a, b = here.get(key, missing), stored.get(key, missing)
-        if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
-            out.append((key, _short(a), _short(b)))
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+            out.append((prefix + key, _short(a), _short(b)))
     return out
 
 

@@ -128,7 +128,7 @@ def test_resume_with_other_option_or_facts_content_is_refused(tiny_gpt2_dir, fac
     capsys.readouterr()
     assert cli.main(argv(tiny_gpt2_dir, facts_file, out, "--resume", "--seed", "3")) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "(differs in: seed);" in err
+    assert err.count("\n") == 1 and "(differs in: search.seed);" in err
     assert "seed is 3 here, 0 in the run folder" in err
     # the same path with another content (as many facts, one answer changed)
     write_facts(facts_file, [*FACTS[:-1], ParaphraseFact(FACTS[-1].uuid, FACTS[-1].relation,

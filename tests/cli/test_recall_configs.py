@@ -10,8 +10,9 @@ import json
 
 import pytest
 
+from fflayers.cli.common import PLACE_OPTIONS
 from fflayers.cli.recall import build_parser
-from fflayers.cli.recall_configs import CONFIGS, PLACE_OPTIONS, table_config
+from fflayers.cli.recall_configs import CONFIGS, table_config
 
 
 def subparsers() -> dict[str, argparse.ArgumentParser]:

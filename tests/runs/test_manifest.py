@@ -92,3 +92,14 @@ def test_fingerprints_are_part_of_the_key(tmp_path):
     assert again.reused == again.plan["n_shards"] and again.computed_all == 0
     with pytest.raises(RunStateError, match=r"facts_file is f2 here, f1 in the run folder"):
         run(tmp_path, ToyConfig(), fingerprints={"model": "m1", "facts_file": "f2"})
+
+
+def test_a_nested_config_names_the_option_inside_it():
+    """A config holding another (the knowledge-neuron run's search settings) names ``search.steps``, not
+    ``search``; a key one side lacks is named whole."""
+    from fflayers.runs.manifest import config_differences
+
+    here = {"search": {"steps": 20, "p": 0.5}, "countries": True}
+    stored = {"search": {"steps": 10, "p": 0.5}, "countries": True, "extra": {"a": 1}}
+    assert config_differences(here, stored) == [("extra", "(not set)", '{"a": 1}'),
+                                                ("search.steps", "20", "10")]
