@@ -159,6 +159,9 @@ class HFAdapter(LMAdapter):
         logits = head(h)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
+        cap = getattr(self.model.config, self.spec.logit_softcap, None) if self.spec.logit_softcap else None
+        if cap:  # Gemma 2: the causal-LM class soft-caps the head's logits
+            logits = cap * torch.tanh(logits / cap)
         return torch.log_softmax(logits, dim=-1)
 
     # ----- weights -----------------------------------------------------------------------------------------

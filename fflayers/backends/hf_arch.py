@@ -55,6 +55,7 @@ class ArchSpec:
     embed_scale: bool = False  # the embedding module multiplies its rows by sqrt(hidden_size) (Gemma)
     positions_after_pad: bool = False  # position ids start at pad_token_id + 1 (RoBERTa): fewer usable ones
     gate_up: bool = False  # fc_in's output is gate | up (fused, Phi-3): mlp_key is its first d_ff features
+    logit_softcap: str | None = None  # config attribute c: the model's logits are c * tanh(head(h) / c)
 
     def __post_init__(self) -> None:
         if self.block_layout not in BLOCK_LAYOUTS:
@@ -147,6 +148,10 @@ _STABLELM = replace(_LLAMA, block_layout="parallel", parallel_flag="use_parallel
 _STARCODER2 = replace(_LLAMA, fc_in="mlp.c_fc", fc_out="mlp.c_proj", mlp="plain")
 #: Llama's paths, token embeddings scaled by sqrt(d) inside the embedding module
 _GEMMA = replace(_LLAMA, embed_scale=True)
+#: Gemma's paths with a norm after each sublayer (attn_out / mlp_out: what is added, after it) and
+#: soft-capped logits (Gemma 2; Gemma 3 also has per-head q/k norms)
+_GEMMA2 = replace(_GEMMA, attn="post_attention_layernorm", mlp_out="post_feedforward_layernorm",
+                  block_layout="sandwich", logit_softcap="final_logit_softcapping")
 #: a parallel block with one LayerNorm shared by attention and MLP, a plain MLP (Phi-1, Phi-1.5, Phi-2)
 _PHI = replace(_LLAMA, final_norm="model.final_layernorm", fc_in="mlp.fc1", fc_out="mlp.fc2",
                block_layout="parallel", mlp="plain", attn_proj_out="self_attn.dense")
@@ -193,6 +198,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "olmo": _LLAMA,
     "smollm3": _LLAMA,
     "gemma": _GEMMA,
+    "gemma2": _GEMMA2,
     "phi": _PHI,
     "phi3": _PHI3,
     "stablelm": _STABLELM,

@@ -20,7 +20,7 @@ from fflayers.hooks import attention_with_blocked_edges, blocked_edges
 
 __all__ = ["prepare_edge_blocking", "transformers_errors_only"]
 
-_ATTN_NAME = "fflayers_sdpa"
+_ATTN_NAME = "fflayers_blocking"  # no "sdpa" in it: transformers checks SDPA support for such names
 
 #: attribute set on each attention module while :func:`_interface_reaches` probes a model: the probe's set
 #: of ids of the attention modules that called :func:`_blocking_attention` (absent in ordinary runs)
@@ -47,7 +47,8 @@ def _blocking_attention(module, query, key, value, attention_mask, scaling=None,
     if seen is not None:
         seen.add(id(module))
     blocked = blocked_edges(module)
-    if blocked is None:
+    softcap = kwargs.get("softcap")
+    if blocked is None and not softcap:  # (SDPA has no soft-capping: Gemma 2 always takes the explicit path)
         sdpa = AttentionInterface()["sdpa"]
         return sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     n_rep = query.shape[1] // key.shape[1]
@@ -57,7 +58,13 @@ def _blocking_attention(module, query, key, value, attention_mask, scaling=None,
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     scores = (query.float() @ key.float().transpose(-1, -2)) * scaling
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     allowed = _allowed_from_additive(attention_mask, scores, getattr(module, "is_causal", True))
+    if blocked is None:
+        blocked = torch.zeros(scores.shape[-2:], dtype=torch.bool, device=scores.device)
+    elif blocked.shape[-1] > scores.shape[-1]:  # a sliding-window cache keeps only the last S keys
+        blocked = blocked[..., -scores.shape[-1] :]
     out = attention_with_blocked_edges(scores, allowed, blocked, value.float()).to(value.dtype)
     return out.transpose(1, 2).contiguous(), None
 

@@ -47,6 +47,8 @@ CHAINS: dict[str, tuple[Step, ...]] = {
     "parallel": (Step("ln1", "resid_pre", "attn_in"), Step("attn", "attn_in", "attn_out"),
                  Step("ln2", "resid_pre", "mlp_in"), Step("mlp", "mlp_in", "mlp_out")),
 }
+#: the norms after the sublayers belong to attn and mlp (their outputs are what is added to the stream)
+CHAINS["sandwich"] = CHAINS["pre_norm"]
 
 
 def chain(adapter: LMAdapter) -> tuple[Step, ...]:

@@ -57,6 +57,11 @@ class Family:
     tied: bool = False  # head weight is the token embedding
     qk_norm: tuple[str, str] | None = None  # per-head norms of q and k before the rotary embedding
     gate_up: bool = False  # fc_in is a fused gate | up projection (Phi-3): gate = first half of its output
+    post_attn: str | None = None  # sandwich blocks: the norm after the attention (``attn`` is then this norm)
+    post_mlp: str | None = None  # sandwich blocks: the norm after the MLP (``mlp`` is then this norm)
+    scale_attr: str | None = None  # config attribute s: scores times s ** -0.5 (Gemma 2)
+    softcap_attr: str | None = None  # config attribute c: scores c * tanh(scores / c) (Gemma 2)
+    logit_softcap_attr: str | None = None  # config attribute c: logits c * tanh(head(h) / c) (Gemma 2)
     mlm: MLMHead | None = None  # masked LMs: the MLM head's parts
 
 
@@ -112,6 +117,12 @@ HF = {
                         qk_norm=("self_attn.q_layernorm", "self_attn.k_layernorm")),
     "starcoder2": dataclasses.replace(_LLAMA, fc_in="mlp.c_fc", fc_out="mlp.c_proj", up=None, tied=True),
     "gemma": dataclasses.replace(_LLAMA, tied=True),
+    "gemma2": dataclasses.replace(_LLAMA, layout="sandwich", ln2="pre_feedforward_layernorm",
+                                  act="hidden_activation",
+                                  attn="post_attention_layernorm", mlp="post_feedforward_layernorm",
+                                  post_attn="post_attention_layernorm", post_mlp="post_feedforward_layernorm",
+                                  scale_attr="query_pre_attn_scalar", softcap_attr="attn_logit_softcapping",
+                                  logit_softcap_attr="final_logit_softcapping", tied=True),
     "phi3": dataclasses.replace(_LLAMA, qkv=("self_attn.qkv_proj",), fused="q|kv", fc_in="mlp.gate_up_proj",
                                 up=None, gate_up=True),
     "phi": dataclasses.replace(_LLAMA, layout="parallel", ln2="input_layernorm", fc_in="mlp.fc1",
@@ -158,6 +169,8 @@ class BlockParts:
     act: Callable
     up: Any  # a torch.nn.Module, a HalfOf one, or None
     conv1d: bool  # GPT-2 Conv1D: weights stored [in, out] (fc_in [d, d_ff], fc_out [d_ff, d])
+    post_attn: Callable = lambda x: x  # the norm after the attention (sandwich blocks), else the identity
+    post_mlp: Callable = lambda x: x  # the norm after the MLP (sandwich blocks), else the identity
 
 
 def parts(adapter, layer: int) -> BlockParts:
@@ -177,9 +190,11 @@ def parts(adapter, layer: int) -> BlockParts:
     if fam.gate_up:
         half = fc_in.out_features // 2
         fc_in, up = HalfOf(fc_in, 0, half), HalfOf(fc_in, half, 2 * half)
+    post = {name: get(path) for name, path in (("post_attn", fam.post_attn), ("post_mlp", fam.post_mlp))
+            if path}
     return BlockParts(fam.layout, None if fam.ln1 is None else get(fam.ln1), get(fam.ln2),
                       None if fam.ln_out is None else get(fam.ln_out), get(fam.attn), get(fam.qkv[0]),
-                      fc_in, get(fam.fc_out), get(fam.mlp), act, up, fam.conv1d)
+                      fc_in, get(fam.fc_out), get(fam.mlp), act, up, fam.conv1d, **post)
 
 
 class HalfOf:
@@ -345,7 +360,7 @@ def test_hook_points_follow_the_block_wiring(adapter):
             torch.testing.assert_close(a_in[m], (x if p.ln1 is None else p.ln1(x))[m], **TOL)
             if p.layout == "parallel":
                 want_in, want_post = p.ln2(x), x + a_out + out
-            elif p.layout == "pre_norm":
+            elif p.layout in ("pre_norm", "sandwich"):
                 want_in, want_post = p.ln2(x + a_out), x + a_out + out
             else:
                 want_in = p.ln2(x + a_out)
@@ -356,7 +371,8 @@ def test_hook_points_follow_the_block_wiring(adapter):
             torch.testing.assert_close(key[m], want_key[m], **TOL)
             want_coef = p.act(want_key) * (1.0 if p.up is None else p.up(m_in))
             torch.testing.assert_close(coef[m], want_coef[m], **TOL)
-            torch.testing.assert_close(out[m], (coef @ adapter.ffn_values(layer) + bias(p.fc_out))[m], **TOL)
+            want_out = p.post_mlp(coef @ adapter.ffn_values(layer) + bias(p.fc_out))
+            torch.testing.assert_close(out[m], want_out[m], **TOL)
         if layer + 1 < adapter.n_layers:
             torch.testing.assert_close(c["resid_pre", layer + 1][m], post[m])
 
@@ -375,7 +391,8 @@ def test_edits_of_attn_in_and_mlp_in_reach_their_sublayer(adapter):
     with torch.no_grad():
         b_v = torch.zeros(w.n_kv_heads, w.d_head) if w.b_V is None else w.b_V
         want = sum(b_v[w.kv_head(h)] @ w.W_O[h] for h in range(w.n_heads)) + (0 if w.b_O is None else w.b_O)
-        mlp = p.fc_out(p.act(p.fc_in(v)) * (1.0 if p.up is None else p.up(v)))
+        want = parts(adapter, 1).post_attn(want)
+        mlp = p.post_mlp(p.fc_out(p.act(p.fc_in(v)) * (1.0 if p.up is None else p.up(v))))
     torch.testing.assert_close(c["attn_out", 1], want.expand_as(c["attn_out", 1]), **TOL)
     torch.testing.assert_close(c["mlp_out", 0], mlp.expand_as(c["mlp_out", 0]), **TOL)
 
@@ -439,7 +456,14 @@ def head_log_probs(adapter, h: torch.Tensor) -> torch.Tensor:
         return adapter.model.get_normalized_probs(net, log_probs=True).float()
     mlm = None if is_fairseq(adapter) else family(adapter).mlm
     head = adapter.model.get_submodule(mlm.head) if mlm else adapter.model.get_output_embeddings()
-    return torch.log_softmax(head(h).float(), dim=-1)
+    return torch.log_softmax(softcapped(adapter, head(h).float()), dim=-1)
+
+
+def softcapped(adapter, logits: torch.Tensor) -> torch.Tensor:
+    """``c * tanh(logits / c)`` where the family's causal-LM class soft-caps its logits (Gemma 2)."""
+    attr = None if is_fairseq(adapter) else family(adapter).logit_softcap_attr
+    cap = getattr(adapter.model.config, attr) if attr else None
+    return logits if not cap else cap * torch.tanh(logits / cap)
 
 
 def test_project_with_and_without_the_final_norm(adapter):
@@ -506,7 +530,8 @@ def test_output_embeddings_give_the_models_logits(adapter):
             head_bias = getattr(model.get_output_embeddings(), "bias", None)
             if adapter.family == "gptj":
                 assert head_bias is not None  # the head-bias case is exercised
-            torch.testing.assert_close(normed @ E.T + (0 if head_bias is None else head_bias), logits, **TOL)
+            biased = normed @ E.T + (0 if head_bias is None else head_bias)
+            torch.testing.assert_close(softcapped(adapter, biased), logits, **TOL)
             tied = family(adapter).tied
     want = "tied input/output embedding" if tied else "output embedding (untied)"
     assert adapter.output_embeddings_kind == want
@@ -578,6 +603,8 @@ def test_write_ffn_values_plants_rows_and_undo_restores(adapter):
         m = before["mlp_coef", layer]
         torch.testing.assert_close(after["mlp_coef", layer], m)
         want = before["mlp_out", layer] + m[..., index] @ (rows - saved)
+        if p.layout == "sandwich":  # mlp_out = post_mlp(sum_i m_i v_i + b)
+            want = p.post_mlp(m @ adapter.ffn_values(layer) + bias(p.fc_out))
         torch.testing.assert_close(after["mlp_out", layer][mask], want[mask], **TOL)
         assert not torch.allclose(edited, plain, atol=1e-4)
     finally:
@@ -620,6 +647,8 @@ def window(adapter, layer: int) -> int | None:
     if adapter.family == "gpt_neo" and cfg.attention_layers[layer] == "local":
         return int(cfg.window_size)
     if adapter.family in ("mistral", "starcoder2"):
+        return cfg.sliding_window
+    if getattr(cfg, "layer_types", None) and cfg.layer_types[layer] == "sliding_attention":  # Gemma 2
         return cfg.sliding_window
     return None
 
@@ -683,6 +712,11 @@ def rebuild_attention(adapter, w, x: torch.Tensor, allowed: torch.Tensor, layer:
     g = h // (H / G); a row with no allowed key reads nothing (0, then b_O)."""
     H, G = heads_of(adapter)
     scale = 1.0 if not is_fairseq(adapter) and not family(adapter).scaled else w.d_head ** -0.5
+    fam = None if is_fairseq(adapter) else family(adapter)
+    cfg = getattr(adapter.model, "config", None)
+    if fam is not None and fam.scale_attr:
+        scale = getattr(cfg, fam.scale_attr) ** -0.5
+    cap = getattr(cfg, fam.softcap_attr) if fam is not None and fam.softcap_attr else None
 
     def proj(which: str, h: int) -> torch.Tensor:
         W, b = getattr(w, f"W_{which}")[h], getattr(w, f"b_{which}")
@@ -692,7 +726,9 @@ def rebuild_attention(adapter, w, x: torch.Tensor, allowed: torch.Tensor, layer:
     for h in range(H):
         g = h // (H // G)
         q, k, v = rotate(adapter, proj("Q", h), layer), rotate(adapter, proj("K", g), layer), proj("V", g)
-        scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+        scores = q @ k.transpose(-1, -2) * scale
+        scores = scores if cap is None else cap * torch.tanh(scores / cap)
+        scores = scores.masked_fill(~allowed, float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
         out = out + (probs @ v) @ w.W_O[h]
     return out + (0 if w.b_O is None else w.b_O)
@@ -733,6 +769,7 @@ def test_attention_weights_rebuild_the_attention_output(adapter):
                 mine = torch.einsum("btd,hde->bthe", x, W) + (0 if b is None else b)
                 torch.testing.assert_close(mine[mask], got[mask], **TOL)
             rebuilt = rebuild_attention(adapter, w, x, allowed_edges(adapter, layer, mask), layer)
+            rebuilt = parts(adapter, layer).post_attn(rebuilt)
         torch.testing.assert_close(rebuilt[mask], ref["attn_out", layer][mask], **ATTN_TOL)
 
 
@@ -796,6 +833,8 @@ def test_blocked_edges_equal_the_attention_rebuilt_without_them(adapter):
         H, G = heads_of(adapter)
         own = sum((x[:, 6] @ w.W_V[h // (H // G)] + (0 if w.b_V is None else w.b_V[h // (H // G)])) @ w.W_O[h]
                   for h in range(H)) + b_o
+        post = parts(adapter, layer).post_attn  # sandwich blocks: the norm after the attention
+        want, b_o, own = post(want), post(b_o), post(own)
     got = c["attn_out", layer]
     torch.testing.assert_close(got[mask], want[mask], **ATTN_TOL)
     torch.testing.assert_close(mine["attn_out", layer][mask], want[mask], **ATTN_TOL)

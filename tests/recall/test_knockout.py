@@ -121,9 +121,15 @@ def test_hf_knockout_equals_explicit_mask_recomputation(arch, window):
     check_against_reference(table, facts, lambda *a: reference_hf(reference_model, arch, *a))
 
 
-@pytest.mark.parametrize("arch", CAUSAL_ARCHS)
+@pytest.mark.parametrize("arch", [*CAUSAL_ARCHS, "gemma2"])
 def test_prefix_cache_equals_whole_prompts_row_by_row(arch, monkeypatch):
-    adapter = HFAdapter(tiny_model(arch), device="cpu")
+    """Gemma 2: soft-capped scores, and sliding layers whose cache keeps the last 4 keys of a 9-token fact."""
+    if arch == "gemma2":
+        from tests.backends.conftest import hf_model
+
+        adapter = HFAdapter(hf_model(arch), device="cpu")
+    else:
+        adapter = HFAdapter(tiny_model(arch), device="cpu")
     facts = make_facts(VOCAB)
     whole = attention_knockout(adapter, facts, sets=KNOCKOUT_SETS, window=3, batch_size=7, prefix_cache=False)
     calls = {"cached": 0, "tokens": 0}
