@@ -75,9 +75,10 @@ HOOK_POINTS: tuple[str, ...] = ("resid_pre", "attn_in", "attn_out", "mlp_in", "m
 #: normalize_before);
 #: ``"post_norm"``: m = ln1(x + attn(x)), then ln2(m + mlp(m)) (BERT, fairseq's default transformer_lm);
 #: ``"parallel"``: x + attn(ln1(x)) + mlp(ln2(x)) (GPT-J with one shared norm, GPT-NeoX/Pythia);
-#: ``"sandwich"``: x + post1(attn(ln1(x))) = m, then m + post2(mlp(ln2(m))) (Gemma 2 and 3): a norm after
-#: each sublayer too. The stream adds up as in pre_norm (attn_out and mlp_out are what is added, after post1
-#: and post2); the FFN values are the rows of the down projection, before post2: mlp_out = post2(sum m_i v_i).
+#: ``"sandwich"``: x + post1(attn(ln1(x))) = m, then m + post2(mlp(ln2(m))) (Gemma 2; OLMo 2 without ln1
+#: and ln2): a norm after each sublayer. The stream adds up as in pre_norm (attn_out and mlp_out are what is
+#: added, after post1 and post2); the FFN values are the rows of the down projection, before post2:
+#: mlp_out = post2(sum m_i v_i).
 BLOCK_LAYOUTS: tuple[str, ...] = ("pre_norm", "post_norm", "parallel", "sandwich")
 
 

@@ -152,6 +152,10 @@ _GEMMA = replace(_LLAMA, embed_scale=True)
 #: soft-capped logits (Gemma 2; Gemma 3 also has per-head q/k norms)
 _GEMMA2 = replace(_GEMMA, attn="post_attention_layernorm", mlp_out="post_feedforward_layernorm",
                   block_layout="sandwich", logit_softcap="final_logit_softcapping")
+#: Llama's paths with the norms after the sublayers instead of before them (OLMo 2: attention and MLP read
+#: the stream itself; q/k norms over all heads at once)
+_OLMO2 = replace(_LLAMA, attn="post_attention_layernorm", mlp_out="post_feedforward_layernorm",
+                 block_layout="sandwich")
 #: a parallel block with one LayerNorm shared by attention and MLP, a plain MLP (Phi-1, Phi-1.5, Phi-2)
 _PHI = replace(_LLAMA, final_norm="model.final_layernorm", fc_in="mlp.fc1", fc_out="mlp.fc2",
                block_layout="parallel", mlp="plain", attn_proj_out="self_attn.dense")
@@ -196,6 +200,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
     "olmo": _LLAMA,
+    "olmo2": _OLMO2,
     "smollm3": _LLAMA,
     "gemma": _GEMMA,
     "gemma2": _GEMMA2,

@@ -57,6 +57,8 @@ def extra_config(arch: str):
         return tf.Gemma2Config(num_key_value_heads=2, head_dim=D // HEADS, query_pre_attn_scalar=16,
                                attn_logit_softcapping=5.0, final_logit_softcapping=3.0, sliding_window=4,
                                **sizes)
+    if arch == "olmo2":  # norms after the sublayers only, q/k norms over all heads at once
+        return tf.Olmo2Config(num_key_value_heads=2, **sizes)
     if arch == "phi":  # parallel attention and MLP after one shared LayerNorm, partial rotary, head bias
         return tf.PhiConfig(partial_rotary_factor=0.5, resid_pdrop=0.0, embd_pdrop=0.0, **sizes)
     if arch == "phi3":  # fused q | k | v (grouped-query heads) and fused gate | up projections

@@ -37,7 +37,7 @@ class Family:
     blocks: str  # model-relative ModuleList of blocks
     layout: str
     ln1: str | None  # norm the attention reads (None: it reads resid_pre)
-    ln2: str  # norm whose output the MLP reads (post-LN: the attention sublayer's LayerNorm)
+    ln2: str | None  # norm whose output the MLP reads (post-LN: the attention sublayer's LayerNorm)
     attn: str  # output element 0 is the attention sublayer output
     qkv: tuple[str, ...]  # q, k, v projections, or one fused projection
     fc_in: str
@@ -56,6 +56,7 @@ class Family:
     causal: bool = True
     tied: bool = False  # head weight is the token embedding
     qk_norm: tuple[str, str] | None = None  # per-head norms of q and k before the rotary embedding
+    qk_norm_joint: bool = False  # the q / k norms read all heads at once (OLMo 2), not each head alone
     gate_up: bool = False  # fc_in is a fused gate | up projection (Phi-3): gate = first half of its output
     post_attn: str | None = None  # sandwich blocks: the norm after the attention (``attn`` is then this norm)
     post_mlp: str | None = None  # sandwich blocks: the norm after the MLP (``mlp`` is then this norm)
@@ -112,6 +113,11 @@ HF = {
     "qwen2": _LLAMA,
     "qwen3": dataclasses.replace(_LLAMA, qk_norm=("self_attn.q_norm", "self_attn.k_norm")),
     "olmo": _LLAMA,
+    "olmo2": dataclasses.replace(_LLAMA, layout="sandwich", ln1=None, ln2=None,
+                                 attn="post_attention_layernorm", mlp="post_feedforward_layernorm",
+                                 post_attn="post_attention_layernorm", post_mlp="post_feedforward_layernorm",
+                                 qk_norm_joint=True,
+                                 qk_norm=("self_attn.q_norm", "self_attn.k_norm")),
     "smollm3": dataclasses.replace(_LLAMA, tied=True),
     "stablelm": dataclasses.replace(_LLAMA, layout="parallel", ln2="input_layernorm",
                         qk_norm=("self_attn.q_layernorm", "self_attn.k_layernorm")),
@@ -192,7 +198,8 @@ def parts(adapter, layer: int) -> BlockParts:
         fc_in, up = HalfOf(fc_in, 0, half), HalfOf(fc_in, half, 2 * half)
     post = {name: get(path) for name, path in (("post_attn", fam.post_attn), ("post_mlp", fam.post_mlp))
             if path}
-    return BlockParts(fam.layout, None if fam.ln1 is None else get(fam.ln1), get(fam.ln2),
+    return BlockParts(fam.layout, None if fam.ln1 is None else get(fam.ln1),
+                      (lambda x: x) if fam.ln2 is None else get(fam.ln2),
                       None if fam.ln_out is None else get(fam.ln_out), get(fam.attn), get(fam.qkv[0]),
                       fc_in, get(fam.fc_out), get(fam.mlp), act, up, fam.conv1d, **post)
 
@@ -719,8 +726,12 @@ def rebuild_attention(adapter, w, x: torch.Tensor, allowed: torch.Tensor, layer:
     cap = getattr(cfg, fam.softcap_attr) if fam is not None and fam.softcap_attr else None
 
     def proj(which: str, h: int) -> torch.Tensor:
-        W, b = getattr(w, f"W_{which}")[h], getattr(w, f"b_{which}")
-        return head_inputs(adapter, layer, which, h, x @ W + (0 if b is None else b[h]))
+        W, b = getattr(w, f"W_{which}"), getattr(w, f"b_{which}")
+        if fam is not None and fam.qk_norm_joint and which != "V":  # one norm over every head's projection
+            full = torch.cat([x @ W[g] + (0 if b is None else b[g]) for g in range(W.shape[0])], dim=-1)
+            norm = blocks_of(adapter)[layer].get_submodule(fam.qk_norm[0 if which == "Q" else 1])
+            return norm(full)[..., h * w.d_head : (h + 1) * w.d_head]
+        return head_inputs(adapter, layer, which, h, x @ W[h] + (0 if b is None else b[h]))
 
     out = torch.zeros(*x.shape[:-1], w.W_O.shape[-1])
     for h in range(H):
