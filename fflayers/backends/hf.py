@@ -159,7 +159,10 @@ class HFAdapter(LMAdapter):
         logits = head(h)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
-        cap = getattr(self.model.config, self.spec.logit_softcap, None) if self.spec.logit_softcap else None
+        config, spec = self.model.config, self.spec
+        if spec.logit_scale:  # Cohere: the causal-LM class scales the head's logits
+            logits = logits * getattr(config, spec.logit_scale)
+        cap = getattr(config, spec.logit_softcap, None) if spec.logit_softcap else None
         if cap:  # Gemma 2: the causal-LM class soft-caps the head's logits
             logits = cap * torch.tanh(logits / cap)
         return torch.log_softmax(logits, dim=-1)

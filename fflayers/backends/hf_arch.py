@@ -56,6 +56,7 @@ class ArchSpec:
     positions_after_pad: bool = False  # position ids start at pad_token_id + 1 (RoBERTa): fewer usable ones
     gate_up: bool = False  # fc_in's output is gate | up (fused, Phi-3): mlp_key is its first d_ff features
     logit_softcap: str | None = None  # config attribute c: the model's logits are c * tanh(head(h) / c)
+    logit_scale: str | None = None  # config attribute s: the model's logits are s * head(h) (Cohere)
 
     def __post_init__(self) -> None:
         if self.block_layout not in BLOCK_LAYOUTS:
@@ -156,6 +157,8 @@ _GEMMA2 = replace(_GEMMA, attn="post_attention_layernorm", mlp_out="post_feedfor
 #: the stream itself; q/k norms over all heads at once)
 _OLMO2 = replace(_LLAMA, attn="post_attention_layernorm", mlp_out="post_feedforward_layernorm",
                  block_layout="sandwich")
+#: Llama's paths in a parallel block with one norm, logits scaled by ``logit_scale`` (Cohere Command R)
+_COHERE = replace(_LLAMA, block_layout="parallel", logit_scale="logit_scale")
 #: a parallel block with one LayerNorm shared by attention and MLP, a plain MLP (Phi-1, Phi-1.5, Phi-2)
 _PHI = replace(_LLAMA, final_norm="model.final_layernorm", fc_in="mlp.fc1", fc_out="mlp.fc2",
                block_layout="parallel", mlp="plain", attn_proj_out="self_attn.dense")
@@ -203,6 +206,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "olmo2": _OLMO2,
     "smollm3": _LLAMA,
     "gemma": _GEMMA,
+    "cohere": _COHERE,
     "gemma2": _GEMMA2,
     "phi": _PHI,
     "phi3": _PHI3,

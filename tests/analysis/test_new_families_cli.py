@@ -1,7 +1,8 @@
 """The command lines end to end on tiny random models of families added through the architecture table
 (gated Qwen3 with q/k norms, parallel StableLM, plain-MLP StarCoder2, Gemma with scaled embeddings, Phi with
 one LayerNorm for a parallel block, multi-query GPT-BigCode, Phi-3 with fused gate | up and q | k | v,
-Gemma 2 with norms after the sublayers and soft-capped logits, OLMo 2 with norms after the sublayers only),
+Gemma 2 with norms after the sublayers and soft-capped logits, OLMo 2 with norms after the sublayers only,
+Cohere's parallel block and scaled logits),
 saved with the real GPT-2 tokenizer:
 mining checked against plain torch hooks on each family's own key projection, then textual files, key-value
 agreement and attention knockout against transformers' own forward."""
@@ -26,7 +27,7 @@ from tests.backends.conftest import extra_config
 KEY_MODULE = {"qwen3": "mlp.gate_proj", "stablelm": "mlp.gate_proj", "starcoder2": "mlp.c_fc",
               "gemma": "mlp.gate_proj", "phi": "mlp.fc1", "gpt_bigcode": "mlp.c_fc",
               "phi3": "mlp.gate_up_proj",  # Phi-3: the keys are the first d_ff (gate) features of its output
-              "gemma2": "mlp.gate_proj", "olmo2": "mlp.gate_proj"}
+              "gemma2": "mlp.gate_proj", "olmo2": "mlp.gate_proj", "cohere": "mlp.gate_proj"}
 
 
 @pytest.fixture(scope="module", params=sorted(KEY_MODULE))

@@ -59,6 +59,8 @@ def extra_config(arch: str):
                                **sizes)
     if arch == "olmo2":  # norms after the sublayers only, q/k norms over all heads at once
         return tf.Olmo2Config(num_key_value_heads=2, **sizes)
+    if arch == "cohere":  # a parallel block with one bias-free LayerNorm, interleaved rotary, scaled logits
+        return tf.CohereConfig(num_key_value_heads=2, logit_scale=0.5, **sizes)
     if arch == "phi":  # parallel attention and MLP after one shared LayerNorm, partial rotary, head bias
         return tf.PhiConfig(partial_rotary_factor=0.5, resid_pdrop=0.0, embd_pdrop=0.0, **sizes)
     if arch == "phi3":  # fused q | k | v (grouped-query heads) and fused gate | up projections

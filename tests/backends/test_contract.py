@@ -63,6 +63,7 @@ class Family:
     scale_attr: str | None = None  # config attribute s: scores times s ** -0.5 (Gemma 2)
     softcap_attr: str | None = None  # config attribute c: scores c * tanh(scores / c) (Gemma 2)
     logit_softcap_attr: str | None = None  # config attribute c: logits c * tanh(head(h) / c) (Gemma 2)
+    logit_scale_attr: str | None = None  # config attribute s: logits s * head(h) (Cohere)
     mlm: MLMHead | None = None  # masked LMs: the MLM head's parts
 
 
@@ -123,6 +124,8 @@ HF = {
                         qk_norm=("self_attn.q_layernorm", "self_attn.k_layernorm")),
     "starcoder2": dataclasses.replace(_LLAMA, fc_in="mlp.c_fc", fc_out="mlp.c_proj", up=None, tied=True),
     "gemma": dataclasses.replace(_LLAMA, tied=True),
+    "cohere": dataclasses.replace(_LLAMA, layout="parallel", ln2="input_layernorm", rotary="interleaved",
+                                  logit_scale_attr="logit_scale", tied=True),
     "gemma2": dataclasses.replace(_LLAMA, layout="sandwich", ln2="pre_feedforward_layernorm",
                                   act="hidden_activation",
                                   attn="post_attention_layernorm", mlp="post_feedforward_layernorm",
@@ -467,8 +470,12 @@ def head_log_probs(adapter, h: torch.Tensor) -> torch.Tensor:
 
 
 def softcapped(adapter, logits: torch.Tensor) -> torch.Tensor:
-    """``c * tanh(logits / c)`` where the family's causal-LM class soft-caps its logits (Gemma 2)."""
-    attr = None if is_fairseq(adapter) else family(adapter).logit_softcap_attr
+    """The head's logits as the family's causal-LM class returns them: times ``logit_scale`` (Cohere), then
+    ``c * tanh(logits / c)`` (Gemma 2)."""
+    fam = None if is_fairseq(adapter) else family(adapter)
+    if fam is not None and fam.logit_scale_attr:
+        logits = logits * getattr(adapter.model.config, fam.logit_scale_attr)
+    attr = None if fam is None else fam.logit_softcap_attr
     cap = getattr(adapter.model.config, attr) if attr else None
     return logits if not cap else cap * torch.tanh(logits / cap)
 
@@ -681,8 +688,9 @@ def rotate(adapter, x: torch.Tensor, layer: int) -> torch.Tensor:
     if kind is None or (no_rope is not None and not no_rope[layer]):
         return x
     cfg, dh, T = adapter.model.config, x.shape[-1], x.shape[-2]
-    if kind == "interleaved":  # GPT-J: pairs (0, 1), (2, 3), ... of the first rotary_dim features
-        rd, theta = int(cfg.rotary_dim), 10000.0
+    if kind == "interleaved":  # GPT-J, Cohere: pairs (0, 1), (2, 3), ... of the first rotary_dim features
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        rd, theta = int(getattr(cfg, "rotary_dim", None) or dh), float(rope.get("rope_theta", 10000.0))
     else:  # GPT-NeoX / Llama: halves of the first rd features
         rope = cfg.rope_parameters
         assert rope.get("rope_type", "default") == "default", rope
