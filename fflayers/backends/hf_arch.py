@@ -208,6 +208,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma": _GEMMA,
     "cohere": _COHERE,
     "gemma2": _GEMMA2,
+    # Gemma 2's block and paths, with per-head q/k norms and a rotary base per layer type (Gemma 3 text)
+    "gemma3_text": _GEMMA2,
     "phi": _PHI,
     "phi3": _PHI3,
     "stablelm": _STABLELM,

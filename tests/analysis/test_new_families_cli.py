@@ -27,7 +27,8 @@ from tests.backends.conftest import extra_config
 KEY_MODULE = {"qwen3": "mlp.gate_proj", "stablelm": "mlp.gate_proj", "starcoder2": "mlp.c_fc",
               "gemma": "mlp.gate_proj", "phi": "mlp.fc1", "gpt_bigcode": "mlp.c_fc",
               "phi3": "mlp.gate_up_proj",  # Phi-3: the keys are the first d_ff (gate) features of its output
-              "gemma2": "mlp.gate_proj", "olmo2": "mlp.gate_proj", "cohere": "mlp.gate_proj"}
+              "gemma2": "mlp.gate_proj", "olmo2": "mlp.gate_proj", "cohere": "mlp.gate_proj",
+              "gemma3_text": "mlp.gate_proj"}
 
 
 @pytest.fixture(scope="module", params=sorted(KEY_MODULE))

@@ -61,6 +61,11 @@ def extra_config(arch: str):
         return tf.Olmo2Config(num_key_value_heads=2, **sizes)
     if arch == "cohere":  # a parallel block with one bias-free LayerNorm, interleaved rotary, scaled logits
         return tf.CohereConfig(num_key_value_heads=2, logit_scale=0.5, **sizes)
+    if arch == "gemma3_text":  # Gemma 2's block, per-head q/k norms, a rotary base per layer type
+        return tf.Gemma3TextConfig(num_key_value_heads=2, head_dim=D // HEADS, query_pre_attn_scalar=16,
+                                   sliding_window=4, final_logit_softcapping=3.0,
+                                   layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                   **sizes)
     if arch == "phi":  # parallel attention and MLP after one shared LayerNorm, partial rotary, head bias
         return tf.PhiConfig(partial_rotary_factor=0.5, resid_pdrop=0.0, embd_pdrop=0.0, **sizes)
     if arch == "phi3":  # fused q | k | v (grouped-query heads) and fused gate | up projections

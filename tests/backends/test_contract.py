@@ -144,6 +144,7 @@ HF = {
     "roberta": _ROBERTA,
     "xlm-roberta": _ROBERTA,
 }
+HF["gemma3_text"] = dataclasses.replace(HF["gemma2"], qk_norm=("self_attn.q_norm", "self_attn.k_norm"))
 
 
 def is_fairseq(adapter) -> bool:
@@ -693,6 +694,8 @@ def rotate(adapter, x: torch.Tensor, layer: int) -> torch.Tensor:
         rd, theta = int(getattr(cfg, "rotary_dim", None) or dh), float(rope.get("rope_theta", 10000.0))
     else:  # GPT-NeoX / Llama: halves of the first rd features
         rope = cfg.rope_parameters
+        if getattr(cfg, "layer_types", None) and cfg.layer_types[layer] in rope:  # Gemma 3: per layer type
+            rope = rope[cfg.layer_types[layer]]
         assert rope.get("rope_type", "default") == "default", rope
         rd, theta = int(dh * rope.get("partial_rotary_factor", 1.0)), float(rope["rope_theta"])
     inv = 1.0 / theta ** (torch.arange(0, rd, 2, dtype=torch.float32) / rd)
