@@ -149,7 +149,9 @@ class HFAdapter(LMAdapter):
     def _project_rows(self, h: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
         if final_norm and self.spec.final_norm is not None:
             h = _get(self.model, self.spec.final_norm)(h)
-        if self.spec.head is not None:
+        if self.spec.head_chain:  # an MLM head the model class computes inline (DistilBERT)
+            head = nn.Sequential(*(_get(self.model, path) for path in self.spec.head_chain))
+        elif self.spec.head is not None:
             head = _get(self.model, self.spec.head)
         else:
             head = self.model.get_output_embeddings()
@@ -334,7 +336,8 @@ def load_hf_lm(name_or_path: str, device: torch.device | str | None = None,
     try:
         if spec.masked_lm:
             model, info = AutoModelForMaskedLM.from_pretrained(name_or_path, **load)
-            if any(k.startswith(f"{spec.head}.") for k in info.get("missing_keys", [])):
+            heads = spec.head_chain or (spec.head,)
+            if any(k.startswith(f"{head}.") for k in info.get("missing_keys", []) for head in heads):
                 model, info = AutoModel.from_pretrained(name_or_path, **load)
         else:
             model, info = AutoModelForCausalLM.from_pretrained(name_or_path, **load)

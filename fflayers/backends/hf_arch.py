@@ -44,6 +44,7 @@ class ArchSpec:
     mlp: str  # one of MLP_KINDS
     conv1d: bool = False  # GPT-2's Conv1D stores weights as [in, out]
     head: str | None = None  # output head module (None: model.get_output_embeddings())
+    head_chain: tuple[str, ...] = ()  # an MLM head computed inline: modules applied in order (DistilBERT)
     masked_lm: bool = False  # a masked-LM encoder (AutoModelForMaskedLM), not a causal LM
     encoder: ArchSpec | None = None  # spec of the same checkpoint loaded without its head (AutoModel)
     body: str | None = None  # attribute holding the body in the model with head; absent: use ``encoder``
@@ -189,6 +190,20 @@ _ROBERTA = replace(
     body="roberta", unembed="lm_head.decoder", positions_after_pad=True,
 )
 
+#: DistilBERT: post-norm blocks, one attention module with q/k/v/out projections; its MLM head is computed
+#: inline by the model class (transform, activation, LayerNorm, projector), so it is a chain of modules
+_DISTILBERT_ENCODER = ArchSpec(
+    layers="transformer.layer", embed="embeddings.word_embeddings", final_norm=None,
+    attn="attention", attn_core="attention", mlp_in="ffn", fc_in="ffn.lin1", fc_out="ffn.lin2", mlp_out="ffn",
+    block_layout="post_norm", mlp="plain", masked_lm=True,
+    attn_proj=("attention.q_lin", "attention.k_lin", "attention.v_lin"), attn_proj_out="attention.out_lin",
+)
+_DISTILBERT = replace(
+    _DISTILBERT_ENCODER, layers="distilbert.transformer.layer", embed="distilbert.embeddings.word_embeddings",
+    head_chain=("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector"),
+    encoder=_DISTILBERT_ENCODER, body="distilbert", unembed="vocab_projector",
+)
+
 #: model_type -> where its parts live.
 ARCHITECTURES: dict[str, ArchSpec] = {
     "gpt2": _GPT2,
@@ -216,6 +231,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "starcoder2": _STARCODER2,
     "bert": _BERT,
     "roberta": _ROBERTA,
+    "distilbert": _DISTILBERT,
     "xlm-roberta": _ROBERTA,
 }
 

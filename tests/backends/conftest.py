@@ -74,6 +74,10 @@ def extra_config(arch: str):
         return tf.GPTBigCodeConfig(n_embd=D, n_inner=FF, n_head=HEADS, n_layer=LAYERS, n_positions=POS,
                                    multi_query=True, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                    vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if arch == "distilbert":  # post-norm blocks, its MLM head computed inline
+        return tf.DistilBertConfig(dim=D, hidden_dim=FF, n_heads=HEADS, n_layers=LAYERS,
+                                   max_position_embeddings=POS, vocab_size=VOCAB, pad_token_id=0, dropout=0.0,
+                                   attention_dropout=0.0)
     if arch in ("roberta", "xlm-roberta"):  # BERT's blocks, positions offset past the padding id, lm_head
         cls = tf.RobertaConfig if arch == "roberta" else tf.XLMRobertaConfig
         return cls(hidden_size=D, intermediate_size=FF, num_attention_heads=HEADS, num_hidden_layers=LAYERS,

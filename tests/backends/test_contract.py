@@ -71,7 +71,7 @@ class Family:
 class MLMHead:
     """An MLM head: dense -> activation -> LayerNorm (the transform), then decoder + bias."""
 
-    head: str  # model-relative head module (its forward gives the logits)
+    head: str | None  # model-relative head module (its forward gives the logits); None: computed inline
     dense: str
     norm: str
     decoder: str
@@ -81,6 +81,8 @@ class MLMHead:
 _BERT_MLM = MLMHead("cls", "cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm",
                     "cls.predictions.decoder", "cls.predictions.bias")
 _ROBERTA_MLM = MLMHead("lm_head", "lm_head.dense", "lm_head.layer_norm", "lm_head.decoder", "lm_head.bias")
+_DISTILBERT_MLM = MLMHead(None, "vocab_transform", "vocab_layer_norm", "vocab_projector",
+                          "vocab_projector.bias")
 
 _LLAMA = Family("model.layers", "pre_norm", "input_layernorm", "post_attention_layernorm", "self_attn",
                 ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "mlp.gate_proj",
@@ -143,6 +145,9 @@ HF = {
                    ln_out="output.LayerNorm", causal=False, mlm=_BERT_MLM),
     "roberta": _ROBERTA,
     "xlm-roberta": _ROBERTA,
+    "distilbert": Family("distilbert.transformer.layer", "post_norm", None, "sa_layer_norm", "attention",
+                         ("attention.q_lin", "attention.k_lin", "attention.v_lin"), "ffn.lin1", "ffn.lin2",
+                         "ffn", "activation", ln_out="output_layer_norm", causal=False, mlm=_DISTILBERT_MLM),
 }
 HF["gemma3_text"] = dataclasses.replace(HF["gemma2"], qk_norm=("self_attn.q_norm", "self_attn.k_norm"))
 
@@ -466,8 +471,19 @@ def head_log_probs(adapter, h: torch.Tensor) -> torch.Tensor:
         net = (adapter.model.decoder.output_layer(h), None)
         return adapter.model.get_normalized_probs(net, log_probs=True).float()
     mlm = None if is_fairseq(adapter) else family(adapter).mlm
+    if mlm is not None and mlm.head is None:  # the MLM head computed inline by the model class (DistilBERT)
+        return torch.log_softmax(mlm_by_hand(adapter, mlm, h).float(), dim=-1)
     head = adapter.model.get_submodule(mlm.head) if mlm else adapter.model.get_output_embeddings()
     return torch.log_softmax(softcapped(adapter, head(h).float()), dim=-1)
+
+
+def mlm_by_hand(adapter, mlm: MLMHead, h: torch.Tensor) -> torch.Tensor:
+    """decoder(norm(act(dense(h)))), the activation named by the family's config attribute."""
+    from transformers.activations import ACT2FN
+
+    part = adapter.model.get_submodule
+    act = ACT2FN[getattr(adapter.model.config, family(adapter).act)]
+    return part(mlm.decoder)(part(mlm.norm)(act(part(mlm.dense)(h))))
 
 
 def softcapped(adapter, logits: torch.Tensor) -> torch.Tensor:
@@ -528,16 +544,17 @@ def test_output_embeddings_give_the_models_logits(adapter):
         elif family(adapter).mlm is not None:
             mlm = family(adapter).mlm
             part = model.get_submodule
-            head_bias = part(mlm.head).get_parameter(mlm.bias.split(".", 1)[1])
+            head_bias = model.get_parameter(mlm.bias)
             logits, transformed = logits_and_output_of(model, part(mlm.norm), ids)
             torch.testing.assert_close(transformed @ E.T + head_bias, logits, **TOL)
             h = torch.randn(5, adapter.d_model, generator=torch.Generator().manual_seed(0))
             from transformers.activations import ACT2FN
 
-            act = ACT2FN[model.config.hidden_act]  # the transform by hand, then the head's own decoder module
+            act = ACT2FN[getattr(model.config, family(adapter).act)]  # the transform by hand, the decoder
             t = part(mlm.norm)(act(part(mlm.dense)(h)))
             torch.testing.assert_close(part(mlm.decoder)(t), t @ E.T + head_bias, **TOL)
-            torch.testing.assert_close(part(mlm.head)(h), t @ E.T + head_bias, **TOL)
+            if mlm.head is not None:
+                torch.testing.assert_close(part(mlm.head)(h), t @ E.T + head_bias, **TOL)
             assert adapter.output_embeddings_kind == "MLM decoder"
             return
         else:
@@ -934,7 +951,8 @@ def test_sizes_match_the_model_config(adapter):
                 cfg.max_target_positions)
     else:
         cfg = adapter.model.config
-        d_ff = getattr(cfg, "intermediate_size", None) or cfg.n_inner
+        d_ff = (getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None)
+                or cfg.hidden_dim)  # DistilBERT
         positions = cfg.max_position_embeddings
         if family(adapter).mlm is _ROBERTA_MLM:  # RoBERTa's position ids start after the padding id
             positions -= cfg.pad_token_id + 1

@@ -258,3 +258,25 @@ def test_phi3_key_edits_reach_the_gate_half_only():
     torch.testing.assert_close(c["mlp_key", layer], seen["gate"])
     torch.testing.assert_close(got, want)
     assert not torch.allclose(got, plain)
+
+
+def test_distilbert_with_and_without_its_mlm_head(tmp_path, tiny_gpt2_dir):
+    """DistilBERT's MLM head is computed inline by its model class: ``project`` of the last block's output
+    equals the masked-LM logits; a checkpoint saved without the head loads as the encoder variant, whose
+    ``project`` is a one-line error."""
+    import transformers as tf
+
+    from fflayers.backends.hf import load_hf_lm
+    from tests.backends.conftest import hf_model
+
+    model = hf_model("distilbert")
+    adapter = HFAdapter(model, device="cpu")
+    ids = torch.randint(5, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = torch.log_softmax(model(input_ids=ids).logits, -1)
+        torch.testing.assert_close(adapter.project(adapter.run(ids)), want)
+    tf.DistilBertModel(model.config).save_pretrained(tmp_path / "encoder")
+    encoder = load_hf_lm(str(tmp_path / "encoder"), device="cpu", tokenizer_path=str(tiny_gpt2_dir))
+    assert encoder.spec.body is None and encoder.n_layers == adapter.n_layers
+    with pytest.raises(ModelError, match="no output head"):
+        encoder.project(torch.zeros(1, encoder.d_model))
