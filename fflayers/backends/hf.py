@@ -70,7 +70,8 @@ class HFAdapter(LMAdapter):
 
     @property
     def d_ff(self) -> int:
-        return self.ffn_keys(0).shape[0]
+        # from the parameter's shape (an offloaded one keeps its shape on the meta device): nothing is loaded
+        return self._keys_of(_get(self.blocks[0], self.spec.fc_in).weight).shape[0]
 
     @property
     def vocab_size(self) -> int:
@@ -150,15 +151,15 @@ class HFAdapter(LMAdapter):
         if final_norm and self.spec.final_norm is not None:
             h = _get(self.model, self.spec.final_norm)(h)
         if self.spec.head_chain:  # an MLM head the model class computes inline (DistilBERT)
-            head = nn.Sequential(*(_get(self.model, path) for path in self.spec.head_chain))
-        elif self.spec.head is not None:
-            head = _get(self.model, self.spec.head)
+            logits = h
+            for path in self.spec.head_chain:
+                logits = _get(self.model, path)(logits)
         else:
-            head = self.model.get_output_embeddings()
-        if head is None:
-            raise ModelError(f"this {self.family} model has no output head; "
-                               "load a checkpoint with its LM/MLM head")
-        logits = head(h)
+            head = _get(self.model, self.spec.head) if self.spec.head else self.model.get_output_embeddings()
+            if head is None:
+                raise ModelError(f"this {self.family} model has no output head; "
+                                 "load a checkpoint with its LM/MLM head")
+            logits = head(h)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
         config, spec = self.model.config, self.spec
@@ -175,11 +176,14 @@ class HFAdapter(LMAdapter):
         block = self.blocks[self.check_layer(layer)]
         return read_tensor(block, _get(block, path))
 
-    def ffn_keys(self, layer: int) -> torch.Tensor:
-        w = self._weight(layer, self.spec.fc_in)
+    def _keys_of(self, w: torch.Tensor) -> torch.Tensor:
+        """The key rows ``[d_ff, d]`` of the key projection's weight ``w`` (a view)."""
         if self.spec.gate_up:  # the gate rows of a fused gate | up projection
             w = w[: w.shape[0] // 2]
         return w.T if self.spec.conv1d else w
+
+    def ffn_keys(self, layer: int) -> torch.Tensor:
+        return self._keys_of(self._weight(layer, self.spec.fc_in))
 
     def write_ffn_values(self, layer: int, index, rows: torch.Tensor) -> None:
         if is_offloaded(_get(self.blocks[self.check_layer(layer)], self.spec.fc_out).weight):
